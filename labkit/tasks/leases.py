@@ -1,0 +1,6 @@
+"""Tasks: leases (filled in by its owner)."""
+
+from __future__ import annotations
+
+TASKS: list = []
+COLLECTION = None

@@ -1,0 +1,6 @@
+"""Tasks: nodes (filled in by its owner)."""
+
+from __future__ import annotations
+
+TASKS: list = []
+COLLECTION = None

@@ -1,0 +1,6 @@
+"""Tasks: sync (filled in by its owner)."""
+
+from __future__ import annotations
+
+TASKS: list = []
+COLLECTION = None
