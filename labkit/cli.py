@@ -12,3 +12,7 @@ program = Program(namespace=namespace, name="labkit", binary="labkit", version=_
 
 def main() -> None:
     program.run()
+
+
+if __name__ == "__main__":
+    main()
