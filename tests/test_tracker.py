@@ -1,0 +1,547 @@
+"""Dirty-page tracker (labkit/payloads/tracker.py) against ground truth from real processes.
+
+The ground-truth target here is our own small C program (independent of the workload payload):
+it writes exactly the pages it is told to, with values never stored before (so the compare
+backend sees changes too), and acknowledges; rounds are driven by steps, not time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from labkit.payloads import pagemap as pm
+from labkit.payloads import tracker as tr
+
+PAGE = pm.PAGE
+PAYLOADS = Path(tr.__file__).parent
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
+                                reason="x86_64 Linux only")
+
+DIRTIER_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static char *region;
+static long npages;
+static uint64_t counter = 1;
+static int nthreads;
+static long *todo;
+static long ntodo;
+static pthread_barrier_t b1, b2;
+static char *extra[64];
+static long extra_n[64];
+static int nextra;
+
+static void write_page(long idx, uint64_t c) {
+    volatile uint64_t *p = (volatile uint64_t *)(region + idx * 4096L);
+    p[c % 512] = c;  /* a value never stored before anywhere: the content really changes */
+}
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    for (;;) {
+        pthread_barrier_wait(&b1);
+        for (long j = id; j < ntodo; j += nthreads) write_page(todo[j], counter + j);
+        pthread_barrier_wait(&b2);
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    npages = atol(argv[1]);
+    nthreads = argc > 2 ? atoi(argv[2]) : 0;
+    region = mmap(NULL, npages * 4096L, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (region == MAP_FAILED) return 2;
+    for (long i = 0; i < npages; i += 2) ((volatile char *)region)[i * 4096L] = 0; /* half populated */
+    todo = calloc(npages + 1, sizeof(long));
+    if (nthreads) {
+        pthread_barrier_init(&b1, NULL, nthreads + 1);
+        pthread_barrier_init(&b2, NULL, nthreads + 1);
+        for (long i = 0; i < nthreads; i++) {
+            pthread_t t;
+            pthread_create(&t, NULL, worker, (void *)i);
+        }
+    }
+    printf("%lx %ld\n", (unsigned long)region, npages);
+    fflush(stdout);
+    char cmd[16];
+    while (scanf("%15s", cmd) == 1) {
+        if (!strcmp(cmd, "w")) {
+            if (scanf("%ld", &ntodo) != 1) return 3;
+            for (long j = 0; j < ntodo; j++)
+                if (scanf("%ld", &todo[j]) != 1) return 3;
+            if (nthreads) {
+                pthread_barrier_wait(&b1);
+                pthread_barrier_wait(&b2);
+            } else {
+                for (long j = 0; j < ntodo; j++) write_page(todo[j], counter + j);
+            }
+            counter += ntodo;
+            printf("ok\n");
+        } else if (!strcmp(cmd, "m")) {          /* new mapping, every page written */
+            long n;
+            if (scanf("%ld", &n) != 1) return 3;
+            char *p = mmap(NULL, n * 4096L, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            for (long i = 0; i < n; i++) p[i * 4096L] = (char)(i + 1);
+            extra[nextra] = p;
+            extra_n[nextra++] = n;
+            printf("%lx\n", (unsigned long)p);
+        } else if (!strcmp(cmd, "u")) {          /* unmap the last new mapping */
+            nextra--;
+            munmap(extra[nextra], extra_n[nextra] * 4096L);
+            printf("ok\n");
+        } else if (!strcmp(cmd, "r")) {          /* replace the region: munmap + mmap, same address */
+            munmap(region, npages * 4096L);
+            char *p = mmap(region, npages * 4096L, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+            printf(p == region ? "ok\n" : "fail\n");
+        } else if (!strcmp(cmd, "q")) {
+            return 0;
+        }
+        fflush(stdout);
+    }
+    return 0;
+}
+"""
+
+# A program that is not ours: threads doing deterministic work (busy loop, sleeping, writing
+# memory) while the main thread sits in read(); prints a checksum at the end.
+BUSY_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+#define N (8L << 20)
+static uint64_t result[4];
+static volatile int stop;
+
+static void *writer(void *arg) {
+    long id = (long)arg;
+    uint64_t *buf = malloc(N);
+    uint64_t x = 88172645463325252ULL + id, sum = 0;
+    for (long it = 0; it < 40; it++) {
+        for (long i = 0; i < N / 8; i += 64) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            buf[(x >> 3) % (N / 8)] = x;
+        }
+        for (long i = 0; i < N / 8; i += 512) sum += buf[i];
+        if (id == 1) { struct timespec ts = {0, 2000000}; nanosleep(&ts, NULL); }
+    }
+    result[id] = sum;
+    return NULL;
+}
+
+int main(void) {
+    pthread_t t[4];
+    for (long i = 0; i < 4; i++) pthread_create(&t[i], NULL, writer, (void *)i);
+    printf("ready\n");
+    fflush(stdout);
+    char line[64];
+    if (!fgets(line, sizeof line, stdin)) return 4;   /* main thread blocked in read() */
+    for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
+    printf("%s %016llx %016llx %016llx %016llx\n", line[0] == 'g' ? "go" : "??",
+           (unsigned long long)result[0], (unsigned long long)result[1],
+           (unsigned long long)result[2], (unsigned long long)result[3]);
+    return 0;
+}
+"""
+
+# A plain Python program writing memory in a loop, with threads; prints a digest at the end.
+PY_TARGET = textwrap.dedent("""
+    import hashlib, sys, threading
+    bufs = [bytearray(4 << 20) for _ in range(3)]
+    out = [None] * 3
+    def work(k, iters):
+        b = bufs[k]
+        h = hashlib.sha256()
+        n = len(b) // 4096
+        x = 12345 + k
+        for i in range(iters):
+            x = (x * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+            off = (x >> 20) % n * 4096
+            b[off:off + 8] = x.to_bytes(8, "little")
+            if i % 64 == 0:
+                h.update(b[off:off + 64])
+        out[k] = h.hexdigest()[:16] + hashlib.sha256(b).hexdigest()[:16]
+    ts = [threading.Thread(target=work, args=(k, 60000)) for k in range(3)]
+    print("ready", flush=True)
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    print(" ".join(out), flush=True)
+""")
+
+
+def _build(src: str, tmp: Path, name: str) -> Path:
+    c = tmp / f"{name}.c"
+    c.write_text(src)
+    exe = tmp / name
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(c)], check=True)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def bins(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trackerbins")
+    return {"dirtier": _build(DIRTIER_C, tmp, "dirtier"), "busy": _build(BUSY_C, tmp, "busy")}
+
+
+class Dirtier:
+    """Drives the C ground-truth target: write exactly these pages, then ack."""
+
+    def __init__(self, exe: Path, npages: int, threads: int = 0):
+        self.p = subprocess.Popen([str(exe), str(npages), str(threads)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, bufsize=1)
+        base, n = self.p.stdout.readline().split()
+        self.base = int(base, 16)
+        self.npages = int(n)
+        self.pid = self.p.pid
+
+    @property
+    def range(self) -> tuple[int, int]:
+        return self.base, self.base + self.npages * PAGE
+
+    def cmd(self, line: str) -> str:
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def write(self, idx: list[int]) -> set[int]:
+        assert self.cmd(f"w {len(idx)} " + " ".join(map(str, idx))) == "ok"
+        return {self.base + i * PAGE for i in idx}
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write("q\n")
+            self.p.stdin.flush()
+        except OSError:
+            pass
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def dirtier(bins):
+    made = []
+
+    def make(npages=2048, threads=0):
+        d = Dirtier(bins["dirtier"], npages, threads)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def patterns(npages: int, rounds: int, seed: int = 7):
+    """Per-round page lists for the three patterns (varying sizes; includes empty rounds)."""
+    rng = random.Random(seed)
+    hot = rng.sample(range(npages), max(1, npages // 10))
+    cursor = 0
+    out = {"uniform": [], "hotset": [], "sequential": []}
+    for r in range(rounds):
+        k = [0, 1, 37, 300, 1000][r % 5]
+        out["uniform"].append(rng.sample(range(npages), k))
+        out["hotset"].append([rng.choice(hot) if rng.random() < 0.9 else rng.randrange(npages)
+                              for _ in range(k)])
+        seq = [(cursor + i) % npages for i in range(k)]
+        cursor = (cursor + k) % npages
+        out["sequential"].append(seq)
+    return out
+
+
+_PROBE: dict = {}
+
+
+def available(backend: str) -> None:
+    """Skip (with the probe's reason) when the backend does not work on this machine."""
+    if not _PROBE:
+        p = subprocess.Popen(["sleep", "30"])
+        try:
+            _PROBE.update(tr.probe(p.pid))
+        finally:
+            p.kill()
+            p.wait()
+    if not _PROBE[backend]["ok"]:
+        pytest.skip(f"{backend} unavailable here: {_PROBE[backend]['reason']}")
+
+
+def in_range(pages, lo, hi) -> set[int]:
+    return {int(a) for a in pages if lo <= a < hi}
+
+
+@pytest.mark.parametrize("backend", ["uffd", "compare", "softdirty"])
+@pytest.mark.parametrize("pattern", ["uniform", "hotset", "sequential"])
+def test_exact_per_round(dirtier, backend, pattern):
+    available(backend)
+    d = dirtier(2048)
+    lists = patterns(d.npages, 10, seed=hash(pattern) & 0xFFFF)[pattern]
+    with tr.open_tracker(d.pid, backend, ranges=[d.range]) as t:
+        assert t.backend == backend
+        t.start()
+        assert len(t.scan().pages) == 0
+        for rnd, idx in enumerate(lists):
+            expected = d.write(idx)
+            r = t.scan()
+            got = [int(a) for a in r.pages]
+            assert got == sorted(got) and len(got) == len(set(got))
+            assert set(got) == expected, f"round {rnd}: {len(got)} vs {len(expected)}"
+            assert sum(r.per_mapping.values()) == len(expected)
+            assert r.new_mappings == 0 and r.dropped_mappings == 0
+
+
+@pytest.mark.parametrize("backend", ["uffd", "compare"])
+def test_exact_threads_whole_process(dirtier, backend):
+    """4 writer threads; the tracker follows all writable mappings (ranges=None): inside the
+    region the set is exact, and new mappings appear (wholly dirty) and vanish."""
+    available(backend)
+    d = dirtier(1024, threads=4)
+    lo, hi = d.range
+    with tr.open_tracker(d.pid, backend) as t:
+        t.start()
+        t.scan()
+        lists = patterns(d.npages, 6, seed=3)["uniform"]
+        for idx in lists:
+            expected = d.write(idx)
+            r = t.scan()
+            assert in_range(r.pages, lo, hi) == expected
+        # a new mapping mid-run: counted wholly dirty, labelled, then followed like the rest
+        addr = int(d.cmd("m 64"), 16)
+        r = t.scan()
+        assert r.new_mappings >= 1
+        assert in_range(r.pages, addr, addr + 64 * PAGE) == {addr + i * PAGE for i in range(64)}
+        assert r.per_mapping.get(f"[anon@{addr:x}]") == 64
+        r = t.scan()
+        assert in_range(r.pages, addr, addr + 64 * PAGE) == set()
+        expected = d.write([1, 2, 3])
+        r = t.scan()
+        assert in_range(r.pages, lo, hi) == expected
+        assert d.cmd("u") == "ok"
+        r = t.scan()
+        assert r.dropped_mappings >= 1
+        assert in_range(r.pages, addr, addr + 64 * PAGE) == set()
+
+
+def test_uffd_replaced_mapping_is_rearmed(dirtier):
+    """munmap + mmap at the same address loses the uffd registration; the tracker notices (EPERM
+    from CHECK_WPASYNC), re-registers, counts the region wholly dirty, then is exact again."""
+    available("uffd")
+    d = dirtier(512)
+    with tr.open_tracker(d.pid, "uffd", ranges=[d.range]) as t:
+        t.start()
+        d.write([5, 6])
+        assert d.cmd("r") == "ok"
+        r = t.scan()
+        assert set(map(int, r.pages)) == {d.base + i * PAGE for i in range(d.npages)}
+        assert r.new_mappings >= 1
+        for idx in ([], [0, 511], list(range(100, 140))):
+            expected = d.write(idx)
+            assert set(map(int, t.scan().pages)) == expected
+
+
+def test_auto_picks_uffd_and_probe_reasons(dirtier):
+    d = dirtier(64)
+    p = tr.probe(d.pid)
+    assert set(p) == {"uffd", "softdirty", "compare"}
+    for v in p.values():
+        assert isinstance(v["ok"], bool) and v["reason"]
+    assert p["compare"]["ok"]
+    with tr.open_tracker(d.pid) as t:
+        best = next(b for b in tr.BACKENDS if p[b]["ok"])
+        assert t.backend == best
+    gone = tr.probe(2**22 + 12345)
+    assert not any(v["ok"] for v in gone.values())
+
+
+def test_close_is_safe_when_target_died(dirtier):
+    d = dirtier(64)
+    t = tr.open_tracker(d.pid, "uffd" if tr.probe(d.pid)["uffd"]["ok"] else "compare")
+    t.start()
+    d.p.kill()
+    d.p.wait()
+    with pytest.raises(tr.TargetGone):
+        t.scan()
+    t.close()
+    t.close()
+
+
+def _run_busy(exe: Path, track: bool) -> tuple[str, list]:
+    p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    rounds = []
+    if track:
+        with tr.open_tracker(p.pid, "uffd") as t:
+            t.start()
+            for _ in range(5):
+                time.sleep(0.03)
+                rounds.append(t.scan())
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0
+    return out.strip(), rounds
+
+
+def test_uffd_foreign_c_program_continues_correctly(bins):
+    """A multi-threaded C program (busy loop, nanosleep, main thread in read()) registered from
+    outside: its result is unaffected and its writes are seen."""
+    available("uffd")
+    base, _ = _run_busy(bins["busy"], track=False)
+    out, rounds = _run_busy(bins["busy"], track=True)
+    assert out == base and out.startswith("go ")
+    assert sum(len(r.pages) for r in rounds) > 100
+
+
+def test_uffd_foreign_python_program_continues_correctly(tmp_path):
+    available("uffd")
+    script = tmp_path / "target.py"
+    script.write_text(PY_TARGET)
+
+    def run(track: bool):
+        p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        seen = 0
+        if track:
+            with tr.open_tracker(p.pid, "uffd") as t:
+                t.start()
+                for _ in range(6):
+                    time.sleep(0.05)
+                    r = t.scan()
+                    seen += len(r.pages)
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        return out.strip(), seen
+
+    base, _ = run(False)
+    out, seen = run(True)
+    assert out == base
+    assert seen > 50
+
+
+def test_cli_probe_track_dirty_rate(dirtier):
+    """The CLI runs as a plain script (python3 tracker.py), stdlib-only path included."""
+    d = dirtier(256)
+    script = str(PAYLOADS / "tracker.py")
+    out = subprocess.run([sys.executable, script, "probe", "--pid", str(d.pid)],
+                         capture_output=True, text=True, check=True).stdout
+    probe = json.loads(out)
+    assert probe["compare"]["ok"] and "reason" in probe["uffd"]
+    backend = "uffd" if probe["uffd"]["ok"] else "compare"
+    lo, hi = d.range
+    p = subprocess.Popen([sys.executable, script, "track", "--pid", str(d.pid), "--backend", backend,
+                          "--rounds", "3", "--stdin", "--addresses", "--range", f"{lo:x}-{hi:x}"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    head = json.loads(p.stdout.readline())
+    assert head["round"] == 0 and head["backend"] == backend and head["tracked_pages"] == 256
+    for k, idx in enumerate(([1, 2, 3], [], list(range(10, 60)))):
+        expected = d.write(idx)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        line = json.loads(p.stdout.readline())
+        assert line["round"] == k + 1 and line["pages"] == len(expected)
+        assert {int(a, 16) for a in line["addresses"]} == expected
+        assert {"per_mapping", "mib_per_s", "scan_ms"} <= set(line)
+    p.stdin.close()
+    assert p.wait(10) == 0
+    # dirty-rate over a window in which a known number of distinct pages is written
+    p = subprocess.Popen([sys.executable, script, "dirty-rate", "--pid", str(d.pid), "--seconds", "1",
+                          "--backend", backend, "--range", f"{lo:x}-+{256 * PAGE:#x}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stderr.readline())["armed"]  # tracking is armed: the window has begun
+    d.write(list(range(0, 200, 2)) + list(range(0, 200, 4)))  # 100 distinct pages
+    rate = json.loads(p.communicate(timeout=10)[0])
+    assert rate["pages"] == 100 and rate["method"] == "exact"
+    assert rate["mib_per_s"] == pytest.approx(100 * PAGE / 2**20 / rate["seconds"], rel=1e-2)
+
+
+def test_cli_reports_gone_target():
+    out = subprocess.run([sys.executable, str(PAYLOADS / "tracker.py"), "track", "--pid",
+                          str(2**22 + 12345), "--backend", "compare", "--rounds", "1"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "error" in json.loads(out.stdout)
+
+
+def test_payload_imports_no_labkit():
+    """Payloads must run on nodes without labkit: run them with a clean path, numpy hidden."""
+    code = (f"import sys; sys.modules['numpy'] = None; sys.path.insert(0, {str(PAYLOADS)!r}); "
+            "import tracker, pagemap, ptrace_inject; assert pagemap.np is None; "
+            "assert not any(m.startswith('labkit') for m in sys.modules); print('ok')")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+NONUMPY_DRIVER = textwrap.dedent("""
+    import sys, json
+    sys.modules['numpy'] = None
+    sys.path.insert(0, sys.argv[1])
+    import tracker
+    pid, lo, hi, backend = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    t = tracker.open_tracker(pid, backend, ranges=[(lo, hi)])
+    t.start()
+    for line in sys.stdin:
+        r = t.scan()
+        print(json.dumps([int(a) for a in r.pages]), flush=True)
+    t.close()
+""")
+
+
+@pytest.mark.parametrize("backend", ["uffd", "compare"])
+def test_exact_without_numpy(dirtier, tmp_path, backend):
+    """The stdlib fallback paths (array('Q') decode, ctypes memcmp) are exact too."""
+    available(backend)
+    d = dirtier(1024)
+    drv = tmp_path / "drv.py"
+    drv.write_text(NONUMPY_DRIVER)
+    lo, hi = d.range
+    p = subprocess.Popen([sys.executable, "-I", str(drv), str(PAYLOADS), str(d.pid), str(lo), str(hi),
+                          backend], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        for pattern, lists in patterns(d.npages, 5, seed=11).items():
+            for idx in lists:
+                expected = d.write(idx)
+                p.stdin.write("\n")
+                p.stdin.flush()
+                assert set(json.loads(p.stdout.readline())) == expected, pattern
+    finally:
+        p.stdin.close()
+        p.wait(10)
+
+
+def test_uffd_many_regions_walk_end(dirtier):
+    """More dirty regions than the PAGEMAP_SCAN buffer holds: resumed walks lose nothing."""
+    available("uffd")
+    d = dirtier(8192)
+    with tr.open_tracker(d.pid, "uffd", ranges=[d.range]) as t:
+        t.scanner.close()
+        t.scanner = pm.PagemapScanner(d.pid, vec_len=64)  # force many resumptions
+        t.start()
+        idx = list(range(0, 8192, 2))  # 4096 separate regions
+        expected = d.write(idx)
+        assert set(map(int, t.scan().pages)) == expected
+        assert t.scanner.calls >= 4096 // 64
+        assert len(t.scan().pages) == 0
