@@ -68,11 +68,17 @@ def finish(outcomes: list[Outcome], *, as_json: bool = False, columns: Sequence[
 def labtask(*args: Any, **kwargs: Any):
     """``@task`` plus labkit's error contract: a LabkitError becomes ``error: <one line>`` on
     stderr and its exit code; no traceback for anything the user can fix."""
-    kwargs.setdefault("help", {})
-    for k, v in HELP.items():
-        kwargs["help"].setdefault(k, v)
-
     def wrap(fn: Callable) -> Any:
+        # Invoke refuses help for options a task lacks: only add help for parameters it has.
+        import inspect
+
+        params = inspect.signature(fn).parameters
+        help_ = dict(kwargs.get("help") or {})
+        for k, v in HELP.items():
+            if k in params:
+                help_.setdefault(k, v)
+        kwargs["help"] = help_
+
         @functools.wraps(fn)
         def body(*a: Any, **kw: Any) -> Any:
             try:
