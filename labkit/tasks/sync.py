@@ -1,6 +1,55 @@
-"""Tasks: sync (filled in by its owner)."""
+"""Task: ``sync`` — stash, pull, re-apply, never losing local work (logic in labkit/sync.py)."""
 
 from __future__ import annotations
 
-TASKS: list = []
+import json as jsonlib
+import os
+
+from invoke import Context
+from invoke.exceptions import Exit
+
+from labkit import sync as syncmod
+from labkit.errors import UserError
+from labkit.tasks.common import finish, lab, labtask
+
+
+@labtask(help={
+    "repo": "the checkout to sync (default: config labkit.research_tree, else the current "
+            "directory's repository; with --nodes: a path on each node, relative to its login dir, "
+            "same default, else the login dir itself)",
+    "dry_run": "say what would happen; changes nothing but remote-tracking refs (it fetches)",
+    "no_fetch": "with --dry-run: do not even fetch, use the last fetched upstream",
+    "rebase": "rebase local commits onto the upstream instead of fast-forward only",
+    "merge": "merge the upstream (may create a merge commit) instead of fast-forward only",
+    "json": "print the report (or the per-node array) as JSON",
+    "nodes": "sync the checkout on these nodes over SSH instead of the local one",
+})
+def sync(ctx: Context, repo: str | None = None, dry_run: bool = False, json: bool = False,
+         nodes: str | None = None, inventory: str | None = None, rebase: bool = False,
+         merge: bool = False, no_fetch: bool = False) -> None:
+    """git stash -u, pull (fast-forward only by default), stash apply --index; never loses work."""
+    if rebase and merge:
+        raise UserError("give at most one of --rebase and --merge")
+    if no_fetch and not dry_run:
+        raise UserError("--no-fetch only makes sense with --dry-run (a sync must fetch)")
+    mode = "rebase" if rebase else "merge" if merge else "ff-only"
+    lab_ = lab(ctx, inventory)
+    tree = repo or lab_.settings.research_tree or None
+    if nodes is not None:
+        selected = lab_.inventory(check_secrets=False).select(nodes)
+        outcomes = syncmod.sync_nodes(lab_, selected, tree, mode=mode, dry_run=dry_run,
+                                      fetch=not no_fetch)
+        finish(outcomes, as_json=json, columns=("status", "before", "after", "pulled",
+                                                "stashed", "conflicts"))
+        return
+    if tree:
+        tree = os.path.expanduser(tree)
+    rep = syncmod.sync_repo(tree, mode=mode, dry_run=dry_run, fetch=not no_fetch,
+                            timeout=lab_.settings.command_timeout)
+    print(jsonlib.dumps(rep.to_json(), indent=2) if json else syncmod.format_report(rep))
+    if rep.exit_code:
+        raise Exit(code=rep.exit_code)
+
+
+TASKS = [sync]
 COLLECTION = None

@@ -1,0 +1,589 @@
+"""``sync``: bring a research checkout up to date with its upstream without ever losing local work.
+
+The seed's recipe was ``git stash; git pull; git stash apply``. Each step can go wrong in a way
+that loses or buries work (a pull that conflicts half-way, a stash that no longer applies and
+gets dropped anyway, a mid-rebase tree stashed on top of). This module runs the same recipe with
+every failure handled:
+
+1. Refuse before touching anything when the repository is in a state a stash would make worse:
+   mid-merge / rebase / cherry-pick / revert / bisect, unmerged index entries, detached HEAD,
+   no commits yet, no upstream configured. (exit 2)
+2. ``git fetch`` the upstream's remote first, on its own. A network failure therefore happens
+   before the working tree is touched, and we know the incoming commits (and, for the default
+   fast-forward-only mode, whether a fast-forward is possible) before stashing anything.
+3. Nothing incoming -> done, nothing stashed.
+4. ``git stash push --include-untracked`` (only when there is something to stash), then at once
+   ``git update-ref refs/labkit/sync-backup/<time> <stash>``: even if this process is killed
+   from here on, the stash commit is reachable from a ref that no ``git stash drop`` removes.
+5. Integrate: ``git merge --ff-only @{u}`` (default), ``git rebase @{u}`` (``--rebase``) or
+   ``git merge --no-edit @{u}`` (``--merge``). This is exactly what ``git pull`` does after its
+   fetch; we do not honour ``pull.rebase`` / ``pull.ff`` from the user's config — a sync that
+   silently creates a merge commit is a surprise, so the default is fast-forward only and
+   anything else is asked for by name. If it fails, it is aborted, HEAD is put back, the stash
+   is re-applied and dropped: the tree is exactly as before. (exit 1)
+6. ``git stash apply --index <stash>`` (retry without ``--index`` when only the staged/unstaged
+   split cannot be rebuilt; said in the report). Clean -> drop the stash. Conflict -> the stash
+   is KEPT, the conflicted files are listed with the commands to finish or to go back. (exit 1)
+
+Dry run (``dry_run=True``): steps 1-2 only (the fetch updates remote-tracking refs, nothing
+else — that is how it knows how far behind the branch is; ``fetch=False`` skips even that), then
+it says what it would stash, which commits it would bring in, and which locally changed files the
+incoming commits also touch (where the re-apply could conflict).
+
+ONE implementation for the controller and the nodes: this module imports only the standard
+library at module level, so ``sync --nodes`` ships this very file to each node and runs it as
+``python3 - ARGS`` (script on stdin), which prints the report as JSON. The controller-side
+fan-out (``sync_nodes``) imports labkit lazily, inside the function, for the same reason.
+
+Exit codes: 0 up to date / synced / dry run that would succeed; 1 an operation failed (network,
+pull conflict, apply conflict — nothing lost, the report says where everything is); 2 refused
+before touching anything (not a repository, mid-merge, detached HEAD, no upstream, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("ff-only", "rebase", "merge")
+BACKUP_PREFIX = "refs/labkit/sync-backup/"
+KEEP_BACKUPS = 20        # older backup refs are pruned after a sync that needed none of them
+MAX_COMMITS_LISTED = 20  # the report's oneline list is truncated beyond this
+
+OK, FAILED, REFUSED = 0, 1, 2
+
+
+@dataclass
+class SyncReport:
+    """What happened (or would happen), for a person (``format_report``) and for ``--json``."""
+
+    repo: str
+    status: str = "error"   # up-to-date | synced | would-sync | refused | pull-failed |
+    #                         apply-conflict | error
+    exit_code: int = FAILED
+    message: str = ""
+    dry_run: bool = False
+    mode: str = "ff-only"
+    branch: str | None = None
+    upstream: str | None = None
+    before: str | None = None          # full sha of HEAD before
+    after: str | None = None           # full sha of HEAD after (== before when nothing changed)
+    ahead: int = 0                     # local commits not upstream
+    behind: int = 0                    # upstream commits not local
+    commits: list[str] = field(default_factory=list)   # oneline, newest first, truncated
+    commits_total: int = 0
+    stashed: list[str] = field(default_factory=list)   # porcelain "XY path" lines
+    stash: str | None = None           # sha of the stash commit, when one was made
+    stash_kept: str | None = None      # "stash@{N}" when the stash is still there (conflict)
+    backup_ref: str | None = None
+    restored: bool = False             # local changes are back in the working tree
+    index_restored: bool = True        # staged changes are staged again
+    conflicts: list[str] = field(default_factory=list)
+    overlap: list[str] = field(default_factory=list)   # dry run: changed here and upstream
+    recovery: list[str] = field(default_factory=list)  # commands, when something is left to do
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    """Ends the run with the report's status set; carries nothing (the report does)."""
+
+
+class Git:
+    """``git -C repo`` with a predictable environment: C locale (we parse a few messages), no
+    prompts (a sync must never sit waiting for a password), no editor, stdin closed."""
+
+    def __init__(self, repo: Path, timeout: float):
+        self.repo = repo
+        self.timeout = timeout
+        env = dict(os.environ)
+        for k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+            env.pop(k, None)
+        env.update(LC_ALL="C", LANGUAGE="", GIT_TERMINAL_PROMPT="0", GIT_MERGE_AUTOEDIT="no",
+                   GIT_EDITOR="true", GIT_SEQUENCE_EDITOR="true")
+        self.env = env
+
+    def __call__(self, *args: str, check: bool = True, network: bool = False,
+                 extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        env = self.env if not extra_env else {**self.env, **extra_env}
+        argv = ["git", "-C", str(self.repo), *args]
+        # Network commands get the configured budget and their own process group, so a hung
+        # ssh under git is killed with it; local commands are bounded generously.
+        timeout = self.timeout if network else max(self.timeout, 120.0)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            out, err = p.communicate()
+            raise GitFailed(f"git {args[0]} timed out after {timeout:.0f}s", -1, "") from None
+        r = subprocess.CompletedProcess(argv, p.returncode, out.decode(errors="replace"),
+                                        err.decode(errors="replace"))
+        if check and r.returncode != 0:
+            raise GitFailed(f"git {' '.join(args[:2])} failed: {last_line(r.stderr)}",
+                            r.returncode, r.stderr)
+        return r
+
+    def out(self, *args: str, **kw: Any) -> str:
+        return self(*args, **kw).stdout.strip()
+
+    def ok(self, *args: str) -> bool:
+        return self(*args, check=False).returncode == 0
+
+
+class GitFailed(Exception):
+    def __init__(self, message: str, code: int, stderr: str):
+        super().__init__(message)
+        self.code = code
+        self.stderr = stderr
+
+
+def last_line(text: str) -> str:
+    """The most telling line of git's stderr: the last 'fatal:'/'error:' line, else the last."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith(("fatal:", "error:")):
+            return ln
+    return lines[-1] if lines else "(no message)"
+
+
+def status_entries(git: Git) -> list[str]:
+    """Everything ``git stash -u`` would take: porcelain ``XY path`` lines (untracked included,
+    ignored files excluded — stash leaves those alone, and so do we)."""
+    raw = git("status", "--porcelain=v1", "-z", "--untracked-files=all").stdout
+    parts = raw.split("\0")
+    entries: list[str] = []
+    i = 0
+    while i < len(parts):
+        item = parts[i]
+        i += 1
+        if not item:
+            continue
+        entries.append(item)
+        if item[0] in "RC":  # rename/copy: the next field is the source path
+            i += 1
+    return entries
+
+
+def in_progress(git_dir: Path) -> str | None:
+    """The operation the repository is in the middle of, if any."""
+    checks = (("MERGE_HEAD", "a merge"), ("rebase-merge", "a rebase"),
+              ("rebase-apply", "a rebase or am"), ("CHERRY_PICK_HEAD", "a cherry-pick"),
+              ("REVERT_HEAD", "a revert"), ("BISECT_LOG", "a bisect"))
+    for name, what in checks:
+        if (git_dir / name).exists():
+            return what
+    return None
+
+
+def _committer_env(git: Git) -> dict[str, str]:
+    """``git stash`` makes commits and so needs an identity; a node's checkout often has none.
+    Fall back to a neutral one for the stash only (it is ours, not the user's history)."""
+    if git.ok("var", "GIT_COMMITTER_IDENT") and git.ok("var", "GIT_AUTHOR_IDENT"):
+        return {}
+    return {"GIT_AUTHOR_NAME": "labkit sync", "GIT_AUTHOR_EMAIL": "labkit@localhost",
+            "GIT_COMMITTER_NAME": "labkit sync", "GIT_COMMITTER_EMAIL": "labkit@localhost"}
+
+
+def _net_env(git: Git) -> dict[str, str]:
+    """Make ssh fail instead of prompting, unless the user chose their own ssh command."""
+    if os.environ.get("GIT_SSH_COMMAND") or os.environ.get("GIT_SSH") or git.ok(
+            "config", "core.sshCommand"):
+        return {}
+    return {"GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
+
+
+def _short(sha: str | None) -> str:
+    return sha[:10] if sha else "-"
+
+
+def sync_repo(repo: str | os.PathLike | None = None, *, mode: str = "ff-only",
+              dry_run: bool = False, fetch: bool = True, timeout: float = 600.0) -> SyncReport:
+    """Sync one checkout (``repo`` or the current directory's repository); never raises for a
+    git-level problem — the report's ``status``/``exit_code``/``message`` say what happened."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    start = Path(repo) if repo else Path.cwd()
+    rep = SyncReport(repo=str(start), mode=mode, dry_run=dry_run)
+    try:
+        _sync(rep, start, mode, dry_run, fetch, timeout)
+    except _Stop:
+        pass
+    except GitFailed as e:  # an unexpected git failure outside the handled steps
+        rep.status, rep.exit_code = "error", FAILED
+        rep.message = str(e) + (" — " + rep.message if rep.message else "")
+    return rep
+
+
+def _refuse(rep: SyncReport, message: str) -> None:
+    rep.status, rep.exit_code, rep.message = "refused", REFUSED, message
+    raise _Stop
+
+
+def _sync(rep: SyncReport, start: Path, mode: str, dry_run: bool, fetch: bool,
+          timeout: float) -> None:
+    if not start.is_dir():
+        _refuse(rep, f"{start}: no such directory")
+    probe = Git(start, timeout)
+    top = probe("rev-parse", "--show-toplevel", check=False)
+    if top.returncode != 0 or not top.stdout.strip():
+        _refuse(rep, f"{start}: not inside a git working tree ({last_line(top.stderr)})")
+    repo = Path(top.stdout.strip())
+    rep.repo = str(repo)
+    git = Git(repo, timeout)
+    git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+
+    # -- 1. refuse states a stash would make worse; nothing has been touched yet --
+    what = in_progress(git_dir)
+    if what:
+        _refuse(rep, f"{repo}: the repository is in the middle of {what}; finish or abort it "
+                     "first (see git status) — nothing was changed")
+    if git.out("ls-files", "--unmerged"):
+        _refuse(rep, f"{repo}: there are unresolved conflicts (git status shows them); resolve "
+                     "them first — nothing was changed")
+    sym = git("symbolic-ref", "-q", "HEAD", check=False)
+    if sym.returncode != 0:
+        _refuse(rep, f"{repo}: detached HEAD (not on a branch); check out a branch first "
+                     "— nothing was changed")
+    rep.branch = sym.stdout.strip().removeprefix("refs/heads/")
+    head = git("rev-parse", "-q", "--verify", "HEAD^{commit}", check=False)
+    if head.returncode != 0:
+        _refuse(rep, f"{repo}: branch {rep.branch} has no commits yet — nothing was changed")
+    rep.before = rep.after = head.stdout.strip()
+    up = git("rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}", check=False)
+    if up.returncode != 0:
+        _refuse(rep, f"{repo}: branch {rep.branch} has no upstream configured; set one with "
+                     f"git branch --set-upstream-to=origin/{rep.branch} — nothing was changed")
+    rep.upstream = up.stdout.strip()
+    remote = git("config", f"branch.{rep.branch}.remote", check=False).stdout.strip() or "."
+
+    # -- 2. fetch on its own: a network failure happens before anything local is touched --
+    if fetch and remote != ".":
+        try:
+            git("fetch", "--quiet", remote, network=True, extra_env=_net_env(git))
+        except GitFailed as e:
+            rep.status, rep.exit_code = "pull-failed", FAILED
+            rep.message = (f"fetch from {remote} failed, nothing was changed: "
+                           f"{last_line(e.stderr) if e.stderr else e}")
+            raise _Stop from None
+    elif not fetch:
+        rep.notes.append(f"not fetched: using {rep.upstream} as last fetched")
+    upstream_sha = git.out("rev-parse", "@{upstream}^{commit}")
+    counts = git.out("rev-list", "--left-right", "--count", "HEAD...@{upstream}").split()
+    rep.ahead, rep.behind = int(counts[0]), int(counts[1])
+    if rep.behind:
+        log_lines = git.out("log", "--format=%h %s", f"-{MAX_COMMITS_LISTED}",
+                            "HEAD..@{upstream}").splitlines()
+        rep.commits, rep.commits_total = log_lines, rep.behind
+    entries = status_entries(git)
+
+    if rep.behind == 0:
+        rep.status, rep.exit_code = "up-to-date", OK
+        rep.message = (f"{rep.branch} is up to date with {rep.upstream}"
+                       + (f" ({rep.ahead} local commit(s) not pushed)" if rep.ahead else "")
+                       + "; nothing stashed, nothing changed")
+        raise _Stop
+    if mode == "ff-only" and rep.ahead:
+        rep.status, rep.exit_code = "pull-failed", FAILED
+        rep.message = (f"{rep.branch} has diverged from {rep.upstream} ({rep.ahead} local, "
+                       f"{rep.behind} upstream commit(s)); a fast-forward is impossible — "
+                       "nothing was changed; use --rebase or --merge")
+        raise _Stop
+
+    if dry_run:
+        rep.stashed = entries
+        changed_up = set(git.out("diff", "--name-only", "HEAD", upstream_sha).splitlines())
+        local_paths = {e[3:] for e in entries}
+        rep.overlap = sorted(local_paths & changed_up)
+        verb = {"ff-only": "fast-forward", "rebase": f"rebase {rep.ahead} local commit(s) onto",
+                "merge": "merge"}[mode]
+        parts = [f"would {verb} {rep.upstream} ({rep.behind} commit(s))"]
+        if entries:
+            parts.insert(0, f"would stash {len(entries)} local change(s)")
+            parts.append("re-apply them" + (f" (may conflict in: {', '.join(rep.overlap)})"
+                                             if rep.overlap else ""))
+        rep.status, rep.exit_code, rep.message = "would-sync", OK, ", ".join(parts)
+        raise _Stop
+
+    _apply_sync(rep, git, mode, entries, upstream_sha)
+
+
+def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
+                upstream_sha: str) -> None:
+    before = rep.before
+    assert before is not None
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    stash: str | None = None
+
+    # -- 4. stash, and pin it under our own ref at once --
+    if entries:
+        ident = _committer_env(git)
+        msg = f"labkit sync {stamp}: local changes before pulling {rep.upstream}"
+        r = git("stash", "push", "--include-untracked", "-m", msg, check=False, extra_env=ident)
+        stash_sha = git("rev-parse", "-q", "--verify", "refs/stash", check=False).stdout.strip()
+        if r.returncode != 0 or not stash_sha or msg not in git.out(
+                "log", "-1", "--format=%s", stash_sha):
+            rep.status, rep.exit_code = "error", FAILED
+            rep.message = f"git stash failed, nothing pulled: {last_line(r.stderr)}"
+            left = status_entries(git)
+            if left != entries:
+                rep.message += " (the tree changed; see git status and git stash list)"
+            raise _Stop
+        stash = rep.stash = stash_sha
+        rep.stashed = entries
+        rep.backup_ref = BACKUP_PREFIX + stamp
+        git("update-ref", "-m", "labkit sync backup", rep.backup_ref, stash)
+        left = status_entries(git)
+        if left:
+            # stash push left something behind (e.g. a path it could not remove): we will
+            # not pull on top of what we could not set aside. The stash stays (and the backup
+            # ref) rather than re-applying over the leftovers.
+            rep.status, rep.exit_code = "error", FAILED
+            rep.stash_kept = _stash_name(git, stash) or stash
+            rep.message = (f"git stash left {len(left)} change(s) in the tree; nothing pulled; "
+                           f"the rest is in {rep.stash_kept} — restore with "
+                           f"git stash pop --index {rep.stash_kept}")
+            raise _Stop
+
+    # -- 5. integrate the fetched upstream, exactly what git pull does after its fetch --
+    if mode == "ff-only":
+        cmd = ["merge", "--ff-only", "--quiet", upstream_sha]
+    elif mode == "rebase":
+        cmd = ["rebase", "--quiet", upstream_sha]
+    else:
+        cmd = ["merge", "--no-edit", "--quiet", upstream_sha]
+    r = git(*cmd, check=False)
+    if r.returncode != 0:
+        conflicts = git.out("diff", "--name-only", "--diff-filter=U").splitlines()
+        _abort_integration(git, before)
+        why = (f"conflicts in {', '.join(conflicts)}" if conflicts
+               else last_line(r.stderr + r.stdout))
+        failed = (f"git {cmd[0]} of {rep.upstream} failed ({why}); aborted, {rep.branch} is "
+                  f"back at {_short(before)}")
+        if stash:
+            _reapply(rep, git, stash, after_pull=False)
+            if not rep.restored:  # kept in the stash; _reapply said where and how
+                rep.message = failed + "; " + rep.message
+                raise _Stop
+        rep.conflicts = conflicts
+        rep.status, rep.exit_code = "pull-failed", FAILED
+        rep.message = failed + (", local changes restored" if stash else "") + \
+            " — nothing was lost"
+        raise _Stop
+    rep.after = git.out("rev-parse", "HEAD")
+
+    # -- 6. re-apply; drop only after a clean apply --
+    if stash:
+        _reapply(rep, git, stash, after_pull=True)
+        if rep.status == "apply-conflict":
+            raise _Stop
+    rep.status, rep.exit_code = "synced", OK
+    pulled = f"pulled {rep.behind} commit(s) from {rep.upstream}"
+    rep.message = (f"{pulled}: {_short(before)} -> {_short(rep.after)}"
+                   + (f"; {len(entries)} local change(s) restored" if stash else ""))
+    _prune_backups(git)
+
+
+def _abort_integration(git: Git, before: str) -> None:
+    """Undo a failed merge/rebase so HEAD and the (stashed, hence clean) tree are as before."""
+    git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+    if (git_dir / "rebase-merge").exists() or (git_dir / "rebase-apply").exists():
+        git("rebase", "--abort", check=False)
+    if (git_dir / "MERGE_HEAD").exists():
+        git("merge", "--abort", check=False)
+    if git.out("rev-parse", "HEAD") != before or status_entries(git):
+        # Safe only because every local change is in the stash (and our backup ref): the tree
+        # holds nothing but what the failed integration wrote.
+        git("reset", "--quiet", "--hard", before)
+        git("clean", "-fdq")
+
+
+def _stash_name(git: Git, stash: str) -> str | None:
+    for i, sha in enumerate(git.out("stash", "list", "--format=%H").splitlines()):
+        if sha == stash:
+            return f"stash@{{{i}}}"
+    return None
+
+
+def _reapply(rep: SyncReport, git: Git, stash: str, *, after_pull: bool) -> None:
+    """``git stash apply --index``; without ``--index`` if only the index split cannot be
+    rebuilt (and nothing was written); drop the stash after a clean apply, keep it otherwise."""
+    r = git("stash", "apply", "--index", "--quiet", stash, check=False)
+    if r.returncode != 0 and not status_entries(git) and not git.out("ls-files", "--unmerged"):
+        # Nothing written: typically "conflicts in index. Try without --index."
+        r2 = git("stash", "apply", "--quiet", stash, check=False)
+        if r2.returncode == 0 or status_entries(git):
+            rep.index_restored = False
+            rep.notes.append("staged changes could not be re-staged on the new commits; they "
+                             "are back as unstaged changes (git add them again)")
+        r = subprocess.CompletedProcess(r2.args, r2.returncode, r2.stdout,
+                                        r.stderr + r2.stderr)
+    unmerged = git.out("diff", "--name-only", "--diff-filter=U").splitlines()
+    collisions = re.findall(r"^(.+) already exists, no checkout$", r.stderr + r.stdout, re.M)
+    if r.returncode == 0 and not unmerged:
+        name = _stash_name(git, stash)
+        if name:
+            git("stash", "drop", "--quiet", name, check=False)
+        rep.restored = True
+        return
+    # Conflict: never drop. Say where everything is and how to get back.
+    rep.conflicts = sorted(set(unmerged) | set(collisions)) or [
+        e[3:] for e in status_entries(git)]
+    name = _stash_name(git, stash) or stash
+    rep.stash_kept = name
+    rep.status, rep.exit_code = "apply-conflict", FAILED
+    where = f"on {_short(rep.after)} after pulling" if after_pull else \
+        f"on the unchanged {_short(rep.before)} after the pull failed"
+    rep.message = (f"re-applying local changes conflicted {where} in: "
+                   f"{', '.join(rep.conflicts) or '(see git status)'}; they are kept in "
+                   f"{name} ({_short(stash)}) and {rep.backup_ref} — nothing was lost")
+    rep.recovery = [
+        f"resolve: edit the conflicted files, `git add` them, then `git stash drop {name}`",
+        f"or go back to exactly before the sync: `git reset --hard {_short(rep.before)} && "
+        f"git clean -fd && git stash apply --index {_short(stash)}`"
+        + (" (the pull itself is then undone too)" if after_pull else ""),
+        f"your changes stay in `git stash show -p --include-untracked {name}` and in "
+        f"{rep.backup_ref} until you delete them",
+    ]
+
+
+def _prune_backups(git: Git) -> None:
+    """Keep the newest KEEP_BACKUPS backup refs; they are cheap but should not pile up."""
+    refs = git.out("for-each-ref", "--sort=-refname", "--format=%(refname)",
+                   BACKUP_PREFIX).splitlines()
+    for ref in refs[KEEP_BACKUPS:]:
+        git("update-ref", "-d", ref, check=False)
+
+
+# --- presentation ------------------------------------------------------------------------
+
+def format_report(rep: SyncReport) -> str:
+    """A few lines a person reads after ``invoke sync``."""
+    lines = [("dry run: " if rep.dry_run else "") + rep.message]
+    if rep.branch:
+        lines.append(f"  repo      {rep.repo}  ({rep.branch} <- {rep.upstream or '-'}, "
+                     f"mode {rep.mode})")
+    if rep.before:
+        lines.append(f"  revision  {_short(rep.before)}"
+                     + (f" -> {_short(rep.after)}" if rep.after != rep.before else " (unchanged)"))
+    if rep.commits:
+        what = "pulled  " if rep.after != rep.before else "incoming"
+        lines.append(f"  {what}  {rep.commits_total} commit(s):")
+        lines += [f"    {c}" for c in rep.commits]
+        if rep.commits_total > len(rep.commits):
+            lines.append(f"    ... and {rep.commits_total - len(rep.commits)} more")
+    if rep.stashed:
+        verb = "would stash" if rep.dry_run else ("stashed and restored" if rep.restored
+                                                 else "stashed")
+        lines.append(f"  {verb} {len(rep.stashed)} change(s): "
+                     + ", ".join(e[3:] for e in rep.stashed[:15])
+                     + (" ..." if len(rep.stashed) > 15 else ""))
+    if rep.overlap:
+        lines.append(f"  also changed upstream: {', '.join(rep.overlap)}")
+    if rep.conflicts:
+        lines.append(f"  conflicts: {', '.join(rep.conflicts)}")
+    if rep.backup_ref and not rep.dry_run:
+        lines.append(f"  backup    {rep.backup_ref} -> {_short(rep.stash)} "
+                     "(the stash commit; safe to delete with git update-ref -d)")
+    lines += [f"  note: {n}" for n in rep.notes]
+    if rep.recovery:
+        lines.append("  to finish:")
+        lines += [f"    {c}" for c in rep.recovery]
+    return "\n".join(lines)
+
+
+# --- standalone: the same code on a node, as `python3 - ARGS` with this file on stdin ------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="labkit-sync")
+    ap.add_argument("--repo", default=None)
+    ap.add_argument("--mode", choices=MODES, default="ff-only")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--no-fetch", action="store_true")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    repo = os.path.expanduser(a.repo) if a.repo else None
+    rep = sync_repo(repo, mode=a.mode, dry_run=a.dry_run, fetch=not a.no_fetch,
+                    timeout=a.timeout)
+    print(json.dumps(rep.to_json()) if a.json else format_report(rep))
+    return rep.exit_code
+
+
+def remote_command(repo: str | None, *, mode: str, dry_run: bool, fetch: bool,
+                   timeout: float) -> str:
+    """The command line run on a node; this module's source goes on its stdin."""
+    import shlex
+
+    args = ["python3", "-", "--json", "--mode", mode, "--timeout", str(timeout)]
+    if repo:
+        args += ["--repo", repo]
+    if dry_run:
+        args.append("--dry-run")
+    if not fetch:
+        args.append("--no-fetch")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def sync_nodes(lab_: Any, nodes: list, repo: str | None, *, mode: str = "ff-only",
+               dry_run: bool = False, fetch: bool = True) -> list:
+    """``sync --nodes``: run this very module on each node over SSH (``python3 -`` with the
+    source on stdin) through THE fan-out; one Outcome per node carrying its report."""
+    from labkit.errors import NodeError
+    from labkit.ssh import ConnectionPool
+
+    source = Path(__file__).read_bytes()
+    settings = lab_.settings
+    cmd = remote_command(repo, mode=mode, dry_run=dry_run, fetch=fetch,
+                         timeout=settings.command_timeout)
+
+    class SyncFailed(NodeError):
+        def __init__(self, message: str, value: dict[str, Any]):
+            super().__init__(message)
+            self.value = value
+
+    pool = ConnectionPool(settings)
+
+    def action(node: Any) -> dict[str, Any]:
+        client = pool.get(node)
+        r = client.run(cmd, input=source, timeout=settings.command_timeout + settings.ssh_timeout)
+        try:
+            data = json.loads(r.stdout.decode(errors="replace").strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            err = last_line(r.stderr.decode(errors="replace"))
+            why = "timed out" if r.timed_out else f"exit code {r.exit_code}"
+            raise NodeError(f"sync script failed on the node ({why}): {err}") from None
+        value = {"status": data.get("status"), "before": _short(data.get("before")),
+                 "after": _short(data.get("after")), "pulled": data.get("commits_total", 0),
+                 "stashed": len(data.get("stashed") or []),
+                 "conflicts": ",".join(data.get("conflicts") or []) or None, "report": data}
+        if data.get("exit_code", 1) != 0:
+            msg = data.get("message") or "sync failed"
+            if data.get("recovery"):
+                msg += " | " + " | ".join(data["recovery"])
+            raise SyncFailed(msg, value)
+        return value
+
+    try:
+        return lab_.fan_out(nodes, action, label="sync")
+    finally:
+        pool.close_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
