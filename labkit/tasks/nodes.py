@@ -12,6 +12,7 @@ from typing import Any
 
 from invoke import Context
 
+from labkit import leases
 from labkit.errors import UserError
 from labkit.fanout import Outcome
 from labkit.ssh import CommandFailed, ConnectionPool, RunResult
@@ -89,7 +90,7 @@ def run_on_nodes(lab_: Any, nodes: list, command: str, *, timeout: float | None,
     "json": "print a JSON array with exit_code, stdout, stderr per node (no streaming)",
 })
 def run(ctx: Context, nodes: str | None = None, inventory: str | None = None,
-        timeout: str | None = None, json: bool = False) -> None:
+        timeout: str | None = None, json: bool = False, force: bool = False) -> None:
     """Run a shell command on nodes in parallel: invoke run -n SEL -- CMD..."""
     command = (getattr(ctx, "remainder", "") or "").strip()
     if not command:
@@ -104,6 +105,7 @@ def run(ctx: Context, nodes: str | None = None, inventory: str | None = None,
             seconds = -1.0
         if not seconds > 0:
             raise UserError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+    leases.check(selected, lab_.settings, force)
     cancel = threading.Event()
     # Ctrl-C: tell every node's run loop to kill its remote processes, then interrupt the main
     # thread; the fan-out waits for the workers, which now return within a round trip.
