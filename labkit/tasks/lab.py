@@ -1,6 +1,180 @@
-"""Tasks: lab (filled in by its owner)."""
+"""Tasks: lab.up, lab.down, lab.status, lab.fault — the embedded fake lab.
+
+The work lives in labkit.fake.lab (process management, generated inventories) and
+labkit.fake.control (the control socket); these tasks parse options and print."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, Context
+
+from labkit import inventory as inv
+from labkit.errors import LabkitError, UserError
+from labkit.fanout import Outcome
+from labkit.tasks.common import finish, labtask
+
+STATUS_COLUMNS = ("power", "pending", "phase", "ssh", "bootdev", "bmc", "faults")
+FAULT_COLUMNS = ("drop", "busy", "hang", "refuse_password", "down", "power_delay")
+DEFAULT_STATE = Path(".lab")
+
+
+def _state_dir(inventory: str | None) -> Path:
+    """The state folder of --inventory / $LABKIT_INVENTORY / ./inventory.yaml, or ./.lab when
+    there is no inventory at all (a generated lab)."""
+    from labkit.fake.lab import state_dir_of
+
+    try:
+        path = inv.find_inventory(inventory)
+    except UserError:
+        if inventory:
+            raise
+        return DEFAULT_STATE.resolve()
+    return state_dir_of(inv.load(path, check_secrets=False))
+
+
+def _faults_text(f: dict[str, Any]) -> str:
+    active = []
+    for k, v in f.items():
+        if v in (None, False, 0, 0.0):
+            continue
+        active.append(k if v is True else f"{k}={v}")
+    return ",".join(active) or "-"
+
+
+@labtask(help={"count": "generate a lab of N nodes on free ports in ./.lab (writes "
+                        ".lab/inventory.yaml) instead of serving the inventory",
+               "power_on": "with --count: nodes start powered on"})
+def up(c: Context, inventory: str | None = None, count: int = 0, power_on: bool = False) -> None:
+    """Start the fake lab in the background (idempotent); print its inventory path."""
+    from labkit.fake import lab as fake
+
+    if count < 0:
+        raise UserError("--count must be >= 1")
+    if count:
+        state = DEFAULT_STATE.resolve()
+        if fake._pid(state) is not None:
+            raise UserError(f"a fake lab already runs in {state}; run lab.down first")
+        path = fake.generate(count, state, power_on=power_on)
+    else:
+        path = inv.find_inventory(inventory).resolve()
+    info = fake.up(path)
+    word = "started" if info["started"] else "already running"
+    print(f"fake lab {word}: pid {info['pid']}, state {info['state_dir']}")
+    print(path)
+
+
+@labtask
+def down(c: Context, inventory: str | None = None) -> None:
+    """Stop the fake lab and every process its nodes started."""
+    from labkit.fake import lab as fake
+
+    state = _state_dir(inventory)
+    print("fake lab stopped" if fake.down(state_dir=state) else "fake lab was not running")
+
+
+@labtask
+def status(c: Context, inventory: str | None = None, json: bool = False) -> None:
+    """Per-node power, boot phase, SSH and fault state, as the fake lab sees it."""
+    from labkit.fake.control import LabControl
+
+    nodes = LabControl(_state_dir(inventory)).status()
+    outcomes = []
+    for name, st in nodes.items():
+        value = {k: st.get(k) for k in STATUS_COLUMNS if k != "faults"}
+        value["faults"] = st.get("faults") if json else _faults_text(st.get("faults") or {})
+        if json:
+            value.update({k: st[k] for k in ("sol", "sessions", "reachable") if k in st})
+        outcomes.append(Outcome(name, True, value))
+    finish(outcomes, as_json=json, columns=STATUS_COLUMNS)
+
+
+@labtask(help={
+    "drop": "drop this fraction (0-1) of packets reaching the BMC",
+    "busy": "answer 0xC0 (busy) to the next N chassis commands",
+    "hang": "power requests are accepted but never land",
+    "no_hang": "let hung power requests land",
+    "refuse_password": "every login fails as with a wrong password",
+    "cold_reset": "cold-reset the BMC: sessions dropped, unreachable ~1 s",
+    "down": "the BMC ignores every packet (until --clear)",
+    "clear": "clear every fault (applied before the other options)",
+    "power_delay": "LO,HI seconds for power changes to land (e.g. 0.5,2)",
+})
+def fault(c: Context, inventory: str | None = None, nodes: str | None = None,
+          drop: str | None = None, busy: int = -1, hang: bool = False, no_hang: bool = False,
+          refuse_password: bool = False, cold_reset: bool = False, down: bool = False,
+          clear: bool = False,
+          power_delay: str | None = None, json: bool = False) -> None:
+    """Inject (or clear) faults in fake BMCs; prints the resulting fault state."""
+    from labkit.fake.control import LabControl
+
+    if hang and no_hang:
+        raise UserError("--hang and --no-hang contradict each other")
+    change: dict[str, Any] = {}
+    if clear:
+        change["clear"] = True
+    if drop is not None:
+        try:
+            fraction = float(drop)
+        except ValueError:
+            raise UserError(f"--drop {drop!r}: want a fraction between 0 and 1") from None
+        if not 0.0 <= fraction <= 1.0:
+            raise UserError("--drop must be between 0 and 1")
+        change["drop"] = fraction
+    if busy != -1:
+        if busy < 0:
+            raise UserError("--busy must be >= 0")
+        change["busy"] = busy
+    if hang or no_hang:
+        change["hang"] = hang
+    if refuse_password:
+        change["refuse_password"] = True
+    if down:
+        change["down"] = True
+    if power_delay is not None:
+        try:
+            parts = [float(x) for x in power_delay.split(",")]
+        except ValueError:
+            raise UserError(f"--power-delay {power_delay!r}: want LO,HI seconds") from None
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2 or parts[0] < 0 or parts[0] > parts[1]:
+            raise UserError(f"--power-delay {power_delay!r}: want LO,HI with 0 <= LO <= HI")
+        change["power_delay"] = parts
+    if not change and not cold_reset:
+        raise UserError("nothing to do: give a fault option (see --help) or --clear")
+    state = _state_dir(inventory)
+    control = LabControl(state)
+    try:
+        path: Path | None = inv.find_inventory(inventory)
+    except UserError:
+        if inventory:
+            raise
+        path = None  # a generated lab without inventory at hand: names go to the lab as is
+    if path is not None:
+        names = [n.name for n in inv.load(path, check_secrets=False).select(nodes)]
+    else:
+        names = nodes.split(",") if nodes else []
+    target = ",".join(names) if nodes else "*"
+    result = control.fault(target, **change) if change else {
+        "nodes": {n: None for n in names}}
+    if cold_reset:
+        control.cold_reset(target)
+    outcomes = []
+    faults = result["nodes"]
+    if any(v is None for v in faults.values()):
+        st = control.status()
+        faults = {n: st[n]["faults"] for n in faults}
+    for name, f in faults.items():
+        value = dict(f)
+        if cold_reset:
+            value["cold_reset"] = True
+        outcomes.append(Outcome(name, True, value))
+    if not outcomes:
+        raise LabkitError("no fake BMC matched")
+    finish(outcomes, as_json=json, columns=FAULT_COLUMNS)
+
+
 TASKS: list = []
-COLLECTION = None
+COLLECTION = Collection("lab", up, down, status, fault)

@@ -1,0 +1,175 @@
+"""The fake BMC against independent IPMI implementations: ipmitool (lanplus, suite 3) and
+freeipmi (ipmipower, ipmiconsole). Each test is skipped with the reason when its tool is
+missing. The password goes by file (ipmitool -f, freeipmi --config-file), never argv."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.interop
+FAST = {"power_delay": (0.05, 0.2), "boot_delay": 0.3}
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} not installed (apt-get install "
+                    f"{'ipmitool' if tool == 'ipmitool' else 'freeipmi-tools'})")
+    return path
+
+
+def ipmitool_argv(lab, node: str, *args: str) -> list[str]:
+    host, port = lab.bmc(node)
+    return [need("ipmitool"), "-I", "lanplus", "-C", "3", "-H", host, "-p", str(port),
+            "-U", "admin", "-f", str(lab.password_file), *args]
+
+
+def ipmitool(lab, node: str, *args: str) -> str:
+    r = subprocess.run(ipmitool_argv(lab, node, *args), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r.stdout
+
+
+def freeipmi_config(lab, tmp_path: Path) -> Path:
+    cfg = tmp_path / "freeipmi.conf"
+    fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"username admin\npassword " + lab.password() + b"\n")
+    return cfg
+
+
+def test_ipmitool_power_cycle_of_states(make_fake_lab):
+    lab = make_fake_lab(count=1, **FAST)
+    assert ipmitool(lab, "node1", "chassis", "power", "status") == "Chassis Power is off\n"
+    assert "Up/On" in ipmitool(lab, "node1", "chassis", "power", "on")
+    lab.wait("node1", phase="up", ssh=True, timeout=10)
+    assert ipmitool(lab, "node1", "chassis", "power", "status") == "Chassis Power is on\n"
+    assert "Reset" in ipmitool(lab, "node1", "chassis", "power", "reset")
+    deadline = time.monotonic() + 15  # let the reset land and boot before cycling
+    while lab.control.console("node1").count("node1 login: ") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "Cycle" in ipmitool(lab, "node1", "chassis", "power", "cycle")
+    lab.wait("node1", power="off", timeout=5)
+    lab.wait("node1", phase="up", timeout=10)
+    assert "Soft" in ipmitool(lab, "node1", "chassis", "power", "soft")
+    lab.wait("node1", power="off", ssh=False, timeout=5)
+    assert "Down/Off" in ipmitool(lab, "node1", "chassis", "power", "off")
+    assert "System Power         : off" in ipmitool(lab, "node1", "chassis", "status")
+    text = lab.control.console("node1")
+    assert text.count("Linux version") == 3 and "reboot: Power down" in text
+
+
+def test_ipmitool_bootdev(make_fake_lab):
+    lab = make_fake_lab(count=1, ssh=False, **FAST)
+    assert "Set Boot Device to pxe" in ipmitool(lab, "node1", "chassis", "bootdev", "pxe")
+    assert lab.status("node1")["bootdev"] == "pxe"
+    assert "Force PXE" in ipmitool(lab, "node1", "chassis", "bootparam", "get", "5")
+    ipmitool(lab, "node1", "chassis", "bootdev", "disk", "options=persistent")
+    st = lab.status("node1")
+    assert st["bootdev"] == "disk" and st["persistent"] is True
+    ipmitool(lab, "node1", "chassis", "bootdev", "bios")
+    assert lab.status("node1")["bootdev"] == "bios"
+
+
+def test_ipmitool_wrong_password_fails_cleanly(make_fake_lab, tmp_path):
+    lab = make_fake_lab(count=1, ssh=False, **FAST)
+    bad = tmp_path / "bad"
+    bad.write_text("not-the-password\n")
+    host, port = lab.bmc("node1")
+    r = subprocess.run([need("ipmitool"), "-I", "lanplus", "-C", "3", "-H", host, "-p",
+                        str(port), "-U", "admin", "-f", str(bad), "chassis", "power", "status"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "Chassis Power" not in r.stdout
+
+
+def read_until(fd: int, needle: bytes, timeout: float, buf: bytearray) -> bool:
+    deadline = time.monotonic() + timeout
+    while needle not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return needle in buf
+
+
+def test_ipmitool_sol_shows_boot_log(make_fake_lab):
+    lab = make_fake_lab(count=1, power_delay=(0.05, 0.1), boot_delay=0.5)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(ipmitool_argv(lab, "node1", "sol", "activate"), stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    buf = bytearray()
+    try:
+        assert read_until(master, b"SOL Session operational", 10, buf), bytes(buf)
+        lab.control.power("node1", "on")
+        assert read_until(master, b"node1 login: ", 15, buf), bytes(buf[-500:])
+        assert b"Linux version" in buf and b"BIOS" in buf
+        os.write(master, b"root\r")
+        assert read_until(master, b"Password: ", 5, buf), bytes(buf[-200:])
+        os.write(master, b"\r~.")
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert proc.returncode == 0
+    time.sleep(0.2)
+    assert lab.status("node1")["sol"] is False  # ~. deactivated the payload
+
+
+def test_ipmipower_status_and_on(make_fake_lab, tmp_path):
+    tool = need("ipmipower")
+    lab = make_fake_lab(count=2, ssh=False, **FAST)
+    cfg = freeipmi_config(lab, tmp_path)
+    hosts = ",".join(f"{h}:{p}" for h, p in (lab.bmc(n) for n in lab.nodes))
+    base = [tool, "--config-file", str(cfg), "-D", "LAN_2_0", "-h", hosts]
+    r = subprocess.run(base + ["--stat"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(": off") == 2, r.stdout
+    r = subprocess.run(base + ["--on"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.count(": ok") == 2, (r.stdout, r.stderr)
+    for n in lab.nodes:
+        lab.wait(n, power="on", timeout=5)
+    r = subprocess.run(base + ["--stat"], capture_output=True, text=True, timeout=30)
+    assert r.stdout.count(": on") == 2, r.stdout
+
+
+def test_ipmiconsole_activates_sol(make_fake_lab, tmp_path):
+    tool = need("ipmiconsole")
+    lab = make_fake_lab(count=1, power_delay=(0.05, 0.1), boot_delay=0.5)
+    cfg = freeipmi_config(lab, tmp_path)
+    host, port = lab.bmc("node1")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([tool, "--config-file", str(cfg), "-h", f"{host}:{port}"],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    buf = bytearray()
+    try:
+        ok = read_until(master, b"SOL established", 10, buf)
+        if b"hostname invalid" in buf:
+            pytest.skip("this ipmiconsole cannot address a BMC on a port other than 623")
+        assert ok, bytes(buf)
+        lab.control.power("node1", "on")
+        assert read_until(master, b"node1 login: ", 15, buf), bytes(buf[-500:])
+        os.write(master, b"&.")  # ipmiconsole's escape: &.
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
