@@ -25,6 +25,10 @@ DEFAULTS: dict[str, Any] = {
     "lease_dir": "",           # empty: per-user state folder (~/.local/state/labkit/leases)
     "progress": "auto",        # auto | always | never
     "research_tree": "",       # default --repo for `sync`
+    # read by labkit.deploy straight from the config (None = unset; listed here so that
+    # INVOKE_LABKIT_PAYLOADS / INVOKE_LABKIT_DEPLOY_BUILD reach them from the environment)
+    "payloads": None,          # list of paths to deploy (default: inventory payloads:, else labkit's own)
+    "deploy_build": None,      # build command run in a new release (None: python compile check)
 }
 
 

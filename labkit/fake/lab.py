@@ -398,10 +398,20 @@ def status(inventory_path: str | os.PathLike) -> dict[str, Any] | None:
 
 # --- generated labs --------------------------------------------------------------------------
 
+_handed_out: set[tuple[int, int]] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port the kernel says is free now, never the same one twice per process: the kernel
+    happily hands a just-closed ephemeral port out again, which gave two nodes one BMC port."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (kind, port) not in _handed_out:
+            _handed_out.add((kind, port))
+            return port
+    raise OSError("no free port found")
 
 
 def generate(count: int, state_dir: str | os.PathLike, *, bmc_base: int | None = None,

@@ -509,7 +509,7 @@ class _Session:
                 if not data:
                     break
                 stdin.write(data)
-        except OSError:
+        except (OSError, EOFError):  # EOFError: the connection dropped mid-read
             pass
         try:
             stdin.close()
@@ -518,7 +518,8 @@ class _Session:
         # Client EOF is normal; a closed channel or dead connection while the process still
         # runs means the controller went away: nothing may survive it.
         while self.p.poll() is None:
-            if self.ch.closed or not self.ch.get_transport().is_active():
+            transport = self.ch.get_transport()
+            if self.ch.closed or transport is None or not transport.is_active():
                 self._kill()
                 return
             time.sleep(0.1)

@@ -1,6 +1,44 @@
-"""Tasks: deploy (filled in by its owner)."""
+"""Task: deploy — ship the payload bundle to nodes (delta upload, build, atomic switch), check
+drift, or roll back. The logic lives in labkit.deploy; this only wires options to it."""
 
 from __future__ import annotations
 
-TASKS: list = []
+import sys
+
+from invoke import Context
+
+from labkit.errors import UserError
+from labkit.tasks.common import finish, lab, labtask
+
+HELP = {
+    "check": "report drift per node (missing / stale / modified on node / in sync); "
+             "changes nothing; exit 1 if any node is not in sync",
+    "rollback": "switch each node back to its previous release",
+}
+
+
+
+
+@labtask(help=dict(HELP))
+def deploy(c: Context, inventory: str | None = None, nodes: str | None = None,
+           check: bool = False, rollback: bool = False, json: bool = False) -> None:
+    """Deploy the payloads (inventory `payloads:` / config labkit.payloads; default labkit's
+    own) to nodes: upload only what changed into a new release, build (labkit.deploy_build,
+    default a python compile check), switch `current` atomically, keep `previous`."""
+    from labkit import deploy as dp
+
+    if check and rollback:
+        raise UserError("--check and --rollback exclude each other")
+    action = "check" if check else "rollback" if rollback else "deploy"
+    lab_ = lab(c, inventory)
+    selected = lab_.select(nodes)
+    cfg = c.config.get("labkit", {}) if hasattr(c, "config") else {}
+    deployer = dp.deployer_for(lab_.settings, cfg, lab_.inventory(), action)
+    if deployer.bundle is not None and not json:
+        print(dp.describe_bundle(deployer.bundle), file=sys.stderr)
+    outcomes = deployer.run(selected, action)
+    finish(outcomes, as_json=json, columns=dp.columns_for(action))
+
+
+TASKS = [deploy]
 COLLECTION = None

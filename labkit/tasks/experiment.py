@@ -1,6 +1,119 @@
-"""Tasks: experiment (filled in by its owner)."""
+"""Tasks: migrate-test (pre-copy live migration, verified) and dirty-rate (exact dirty rate of a
+process on a node). Parsing and printing only: the work is in labkit.experiment."""
 
 from __future__ import annotations
 
-TASKS: list = []
+import json as jsonlib
+import shlex
+
+from invoke import Context
+from invoke.exceptions import Exit
+
+from labkit.errors import UserError
+from labkit.tasks.common import lab, labtask
+
+MIGRATE_HELP = {
+    "src": "node the workload starts on",
+    "dst": "node it migrates to",
+    "size": "workload region size (64M, 256M, 1G)",
+    "rate": "pages/s the workload dirties",
+    "pattern": "uniform | hotset | sequential",
+    "hot_fraction": "hotset: fraction of pages that get most writes",
+    "tracker": "auto | uffd | softdirty | compare",
+    "max_rounds": "stop rule: pre-copy rounds at most (p.haul: 8)",
+    "min_pages": "stop rule: freeze once a round dirties this few pages (p.haul: 64)",
+    "max_growth": "stop rule: freeze when a round grows by more than this %% (p.haul: 10)",
+    "seed": "workload RNG seed",
+    "verify_resume": "after the migration, run both copies STEPS steps and compare hashes",
+    "steps_per_round": "drive the workload by steps (deterministic rounds) instead of time",
+    "no_stop_and_copy": "skip the stop-and-copy baseline",
+    "matrix": "grid, e.g. 'size=64M,256M rate=1000,20000 pattern=uniform,hotset'",
+    "no_deploy": "do not deploy payloads (fail if the nodes differ)",
+}
+
+
+@labtask(help=MIGRATE_HELP, name="migrate-test", auto_shortflags=False)
+def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
+                 dst: str = "node2", size: str = "256M", rate: str = "5000",
+                 pattern: str = "uniform", hot_fraction: str = "0.1", tracker: str = "auto",
+                 max_rounds: str = "8", min_pages: str = "64", max_growth: str = "10",
+                 seed: str = "1", verify_resume: str = "0", steps_per_round: str = "0",
+                 no_stop_and_copy: bool = False, matrix: str = "", no_deploy: bool = False,
+                 json: bool = False) -> None:
+    """Migrate a memory-dirtying workload between two nodes by pre-copy; verify; report."""
+    from labkit.experiment import build_config, parse_matrix, run_matrix, run_migrate_test
+
+    # every argument is checked before anything is started
+    cfg = build_config(src=src, dst=dst, size=size, rate=rate, pattern=pattern,
+                       hot_fraction=hot_fraction, seed=seed, tracker=tracker,
+                       max_rounds=max_rounds, min_pages=min_pages, max_growth=max_growth,
+                       verify_resume=verify_resume, steps_per_round=steps_per_round,
+                       stop_and_copy=not no_stop_and_copy)
+    cells = parse_matrix(matrix) if matrix else None
+    if cells is not None:
+        from labkit.experiment.config import apply_cell
+
+        for cell in cells:
+            apply_cell(cfg, cell)
+    lab_ = lab(c, inventory)
+    inv = lab_.inventory()
+    for name in (cfg.src, cfg.dst):
+        inv.node(name)  # unknown node -> UserError now
+    if cells is not None:
+        folder, rows = run_matrix(inv, lab_.settings, cfg, cells, deploy=not no_deploy,
+                                  out=print)
+        if json:
+            print(jsonlib.dumps(rows, indent=2, default=str))
+        print(f"matrix results: {folder}")
+        if not all(r.get("ok") for r in rows):
+            raise Exit(code=1)
+        return
+    result = run_migrate_test(inv, lab_.settings, cfg, deploy=not no_deploy)
+    if json:
+        print(jsonlib.dumps({**result.to_json(), "folder": str(result.folder)}, indent=2))
+    else:
+        print(result.summary())
+
+
+@labtask(name="dirty-rate", help={"pid": "process id on the node",
+                                  "seconds": "measurement window",
+                                  "tracker": "auto | uffd | softdirty | compare"})
+def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = None,
+               pid: int = 0, seconds: str = "5", tracker: str = "auto",
+               json: bool = False) -> None:
+    """Exact dirty rate (MiB/s of distinct pages written) of a process on nodes (-n)."""
+    from labkit.experiment.config import TRACKERS
+    from labkit.experiment.migrate import payload_dir
+    from labkit.tasks.common import finish
+
+    if pid <= 0:
+        raise UserError("--pid: give the process id on the node")
+    try:
+        secs = float(seconds)
+    except ValueError:
+        raise UserError(f"--seconds {seconds!r}: expected a number") from None
+    if secs <= 0:
+        raise UserError(f"--seconds {seconds}: must be > 0")
+    if tracker not in TRACKERS:
+        raise UserError(f"--tracker {tracker!r}: one of {', '.join(TRACKERS)}")
+    lab_ = lab(c, inventory)
+    selected = lab_.select(nodes)
+
+    def act(node):
+        from labkit.ssh import SshClient
+
+        with SshClient.connect(node, lab_.settings) as client:
+            cmd = (f"cd {shlex.quote(payload_dir(node))} && exec python3 tracker.py dirty-rate "
+                   f"--pid {int(pid)} --seconds {secs} --backend {tracker}")
+            r = client.check(cmd, timeout=secs + lab_.settings.command_timeout)
+        out = jsonlib.loads(r.stdout.decode().strip().splitlines()[-1])
+        return out
+
+    outcomes = lab_.fan_out(selected, act, label="dirty-rate")
+    finish(outcomes, as_json=json, columns=("backend", "seconds", "pages", "mib_per_s"))
+
+
+
+
+TASKS = [migrate_test, dirty_rate]
 COLLECTION = None

@@ -74,8 +74,15 @@ def run_on_nodes(lab_: Any, nodes: list, command: str, *, timeout: float | None,
                     p.flush()
         value = r.to_json()
         if not r.ok:
-            msg = (f"timed out after {r.seconds:.1f}s, remote processes killed" if r.timed_out
-                   else f"exit code {r.exit_code}")
+            if r.timed_out:
+                msg = f"timed out after {r.seconds:.1f}s, remote processes killed"
+            elif r.exit_code is not None:
+                msg = f"exit code {r.exit_code}"
+            elif not client.active:
+                msg = (f"connection lost after {r.seconds:.1f}s (node powered off or "
+                       f"rebooted?); no exit status")
+            else:
+                msg = "no exit status (the command was killed by a signal?)"
             raise CommandFailed(msg, value)
         return value
 

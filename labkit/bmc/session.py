@@ -1,0 +1,222 @@
+"""One IPMI-over-LAN (RMCP+) session per BMC, over pyghmi, with a hard deadline.
+
+Why not ``pyghmi.ipmi.command.Command`` as shipped (see /work/shared/facts/ipmi.md):
+- the stock session shares one UDP socket and one I/O thread among up to 64 BMCs, takes two
+  global locks in opposite orders (deadlocks with many threads) and toggles blocking mode on the
+  shared socket from several threads; it tops out around 1,500 ops/s and can freeze;
+- ``command.select_simplesession()`` (one socket per session, no I/O thread, ~3,300 ops/s) is a
+  process-wide switch, and its session has no retransmission and no timeout at all: one lost
+  UDP packet during login or a command blocks the caller forever;
+- a call to a BMC that restarted hangs ~28 s and leaves the Command dead.
+
+So :class:`LabSession` subclasses pyghmi's *simple* session (for its RMCP+/RAKP/AES code, one
+socket per session, nothing global) and adds what it lacks: retransmission of the outstanding
+packet after pyghmi's initial timeout (0.5-1 s, +0.5 s per retry, capped), and a hard deadline
+(``settings.bmc_timeout``) after which the caller gets :class:`BmcTimeout`. No process-wide
+switch is flipped, so other pyghmi users in the process are unaffected. A session that failed
+in any way is thrown away and a new one is logged in (the caller does this; see
+``labkit.bmc.power``).
+
+Credentials are passed to pyghmi as bytes (with str, a second session to the same BMC hangs and
+re-login raises TypeError). Errors are translated into labkit errors here, once, so that every
+BMC user classifies "busy", "timeout", "bad password" the same way.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import Any
+
+from pyghmi.exceptions import IpmiException
+from pyghmi.ipmi.private import constants
+from pyghmi.ipmi.private import simplesession as _simple
+
+from labkit.errors import NodeError, RetryableError
+
+# Completion codes a BMC uses to say "not now": retried inside the retry window.
+RETRYABLE_CODES = {
+    0xC0: "node busy",
+    0xC3: "timeout while processing command",
+    0xC4: "out of space",
+    0xCE: "command response could not be provided",
+    0xD2: "BMC initialization in progress",
+    0xFF: "unspecified error",
+}
+# Login failures that more attempts will not fix: fail at once.
+AUTH_MARKERS = ("Incorrect password", "Unauthorized name", "Unauthorized role",
+                "Invalid RAKP4 integrity", "Unauthorized GUID", "Invalid role")
+# Login/session failures that a new session may fix.
+RETRYABLE_MARKERS = ("Insufficient resources", "Session no longer connected", "timeout",
+                     "Invalid Session ID", "Inactive Session ID", "Session Disconnected",
+                     "Session failed to initialize")
+
+MAX_RETRANSMIT_INTERVAL = 2.0
+
+
+class BmcError(NodeError):
+    """A BMC operation failed for good (bad reply, unsupported command)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class BmcRetryable(BmcError, RetryableError):
+    """Busy, restarting, out of sessions, dropped session: try again with a new session."""
+
+
+class BmcTimeout(BmcRetryable):
+    """No (complete) answer before the deadline."""
+
+
+class BmcAuthError(BmcError):
+    """Wrong user or password: retrying cannot help and may lock the account."""
+
+
+def where(node: str, host: str, port: int) -> str:
+    return f"{node}: BMC {host}:{port}"
+
+
+def translate(e: BaseException, node: str, host: str, port: int, user: str) -> BaseException:
+    """Map a pyghmi/socket exception to a labkit error naming the node; others pass through."""
+    if isinstance(e, BmcError):
+        return e
+    at = where(node, host, port)
+    if isinstance(e, IpmiException):
+        text = str(e.args[0]) if e.args and e.args[0] else ""
+        if any(m in text for m in AUTH_MARKERS):
+            return BmcAuthError(f"{at}: login refused for user {user!r} ({text}); "
+                                "check the inventory's password source")
+        if not text or any(m in text for m in RETRYABLE_MARKERS):
+            return BmcRetryable(f"{at}: {text or 'no answer to login'}")
+        return BmcError(f"{at}: {text}")
+    if isinstance(e, socket.gaierror):
+        return BmcError(f"{at}: cannot resolve host ({e.strerror})")
+    if isinstance(e, OSError):
+        return BmcRetryable(f"{at}: {e.strerror or e}")
+    return e
+
+
+def is_retryable(e: BaseException) -> bool:
+    """The retry predicate for every BMC operation (used with labkit.retry.RetryPolicy)."""
+    return isinstance(e, RetryableError)
+
+
+class LabSession(_simple.Session):
+    """pyghmi's simple (one socket, no I/O thread) RMCP+ session plus retransmission and a hard
+    deadline. Not thread-safe: one thread at a time (the power client holds a lock per BMC).
+
+    ``deadline`` (time.monotonic()) bounds login and each later call; the owner moves it forward
+    before every operation."""
+
+    def __init__(self, host: str, port: int, user: bytes, password: bytes, deadline: float):
+        self.deadline = deadline
+        self._resend_at: float | None = None
+        self.socket = None
+        try:
+            super().__init__(bmc=host, userid=user, password=password, port=port)
+        except BaseException:
+            self.close()
+            raise
+        # pyghmi registers every session in a class-level keepalive table that only its own
+        # event loop services; we keep sessions alive by using them, so drop the reference.
+        with _simple.util.protect(_simple.KEEPALIVE_SESSIONS):
+            _simple.Session.keepalive_sessions.pop(self, None)
+
+    # -- the event loop pyghmi's simple session is missing --------------------------------------
+
+    def wait_for_rsp(self, timeout: float | None = None, callout: bool = True) -> None:
+        """Wait for a packet (or until ``timeout``); retransmit when the outstanding request is
+        overdue; raise BmcTimeout at the deadline. pyghmi calls this in all its wait loops."""
+        now = time.monotonic()
+        left = self.deadline - now
+        if left <= 0:
+            phase = "command" if self.logged else "login"
+            raise BmcTimeout(f"timeout: no answer to {phase} before the deadline")
+        wait = left if timeout is None else max(0.0, min(left, timeout))
+        if self.lastpayload is not None and self._resend_at is not None:
+            wait = max(0.0, min(wait, self._resend_at - now))
+        if self.socket is None:
+            raise BmcTimeout("session closed")
+        ready = select.select([self.socket], [], [], wait)[0]
+        if ready:
+            self.process_pktqueue()
+        elif (self.lastpayload is not None and self._resend_at is not None
+              and time.monotonic() >= self._resend_at):
+            self._timedout()
+
+    def awaitresponse(self, retry: bool) -> None:  # replaces a 30 s select with no retransmit
+        while retry and self.lastresponse is None and self.logged:
+            self.wait_for_rsp()
+
+    def _xmit_packet(self, retry: bool = True, delay_xmit: Any = None,
+                     timeout: Any = None) -> None:
+        super()._xmit_packet(retry, delay_xmit=delay_xmit, timeout=timeout)
+        if retry:
+            self._resend_at = time.monotonic() + self.timeout
+
+    def _timedout(self) -> None:
+        """pyghmi's retransmit logic minus its own give-up rule (our deadline decides)."""
+        if not self.lastpayload:
+            return
+        self.timeout = min(self.timeout + 0.5, MAX_RETRANSMIT_INTERVAL)
+        self.nowait = True
+        try:
+            if self.sessioncontext == "FAILED":
+                self.lastpayload = None
+            elif self.sessioncontext == "OPENSESSION":
+                self.lastpayload = None
+                self._open_rmcpplus_request()
+            elif self.sessioncontext in ("EXPECTINGRAKP2", "EXPECTINGRAKP4"):
+                # BMCs dislike a repeated RAKP1/RAKP3: start the login over (pyghmi does too)
+                self.lastpayload = None
+                self._relog()
+            else:
+                self.hasretried = 1
+                self.send_payload()
+        finally:
+            self.nowait = False
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def command(self, netfn: int, cmd: int, data: tuple[int, ...] | list[int] = ()) -> bytes:
+        """One request/response; returns the response data. A non-zero completion code raises
+        BmcRetryable (busy & co.) or BmcError."""
+        rsp = self.raw_command(netfn=netfn, command=cmd, data=data)
+        code = rsp.get("code", 0) if rsp else 0
+        if rsp and "error" in rsp and not code:
+            raise IpmiException(rsp["error"])
+        if code == 0xFFFF:  # pyghmi's own "gave up waiting" marker
+            raise BmcTimeout(f"timeout waiting for netfn 0x{netfn:02X} cmd 0x{cmd:02X}")
+        if code:
+            text = constants.ipmi_completion_codes.get(code) or rsp.get("error") or "error"
+            msg = f"completion code 0x{code:02X} ({text}) to netfn 0x{netfn:02X} cmd 0x{cmd:02X}"
+            if code in RETRYABLE_CODES:
+                raise BmcRetryable(msg, code)
+            raise BmcError(msg, code)
+        return bytes(rsp.get("data", b""))
+
+    def close(self, logout: bool = True) -> None:
+        """Log out (one packet, no wait: frees the BMC's session slot) and close the socket."""
+        sock = self.socket
+        if sock is None:
+            return
+        if logout and getattr(self, "logged", 0):
+            try:
+                self.logout()
+            except Exception:  # noqa: S110 - best effort, the BMC times the session out anyway
+                pass
+        with _simple.util.protect(_simple.KEEPALIVE_SESSIONS):
+            _simple.Session.keepalive_sessions.pop(self, None)
+        self.socket = None
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def open_session(host: str, port: int, user: bytes, password: bytes, deadline: float) -> LabSession:
+    """Log in to one BMC or raise (pyghmi's IpmiException for refusals, BmcTimeout)."""
+    return LabSession(host, port, user, password, deadline)

@@ -1,0 +1,168 @@
+"""migrate-test configuration: one validated dataclass, built from task flags or a matrix cell.
+Every bad value is a one-line UserError (exit 2) raised before anything is started."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from labkit.errors import UserError
+from labkit.experiment.rules import StopRules
+
+PATTERNS = ("uniform", "hotset", "sequential")
+TRACKERS = ("auto", "uffd", "softdirty", "compare")
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+MATRIX_KEYS = {"size", "rate", "pattern", "tracker", "hot_fraction", "seed", "steps_per_round"}
+
+
+def parse_size(text: str | int, what: str = "--size") -> int:
+    """'256M' -> bytes (K/M/G/T are binary). Whole pages, at least 2 of them."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = SIZE_RE.match(str(text))
+        if not m:
+            raise UserError(f"{what} {text!r}: expected a size such as 64M, 256M, 1G")
+        mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+        value = int(float(m.group(1)) * mult)
+    if value < 2 * 4096:
+        raise UserError(f"{what} {text!r}: must be at least 8K (a header page and a data page)")
+    if value % 4096:
+        raise UserError(f"{what} {text!r}: must be a whole number of 4 KiB pages")
+    return value
+
+
+def human_size(n: int) -> str:
+    for unit, m in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= m and n % m == 0:
+            return f"{n // m}{unit}"
+    return str(n)
+
+
+@dataclass
+class MigrateConfig:
+    src: str = "node1"
+    dst: str = "node2"
+    size: int = 256 << 20
+    rate: float = 5000.0           # pages/s the workload dirties (timed mode)
+    pattern: str = "uniform"
+    hot_fraction: float = 0.1
+    seed: int = 1
+    tracker: str = "auto"
+    rules: StopRules = field(default_factory=StopRules)
+    verify_resume: int = 0         # steps both copies run after the migration (0: off)
+    steps_per_round: int = 0       # >0: the workload is stepped, not timed (deterministic rounds)
+    stop_and_copy: bool = True     # also measure a stop-and-copy of the frozen source
+    slot: int = 0
+    corrupt: str = ""              # test hook passed to the source agent (LABKIT_AGENT_CORRUPT)
+    label: str = ""
+
+    def validate(self) -> MigrateConfig:
+        if not self.src or not self.dst:
+            raise UserError("--src and --dst name the two nodes")
+        if self.src == self.dst:
+            raise UserError(f"--src and --dst are both {self.src!r}: migrate between two nodes")
+        if self.rate < 0:
+            raise UserError(f"--rate {self.rate:g}: must be >= 0 pages/s")
+        if self.pattern not in PATTERNS:
+            raise UserError(f"--pattern {self.pattern!r}: one of {', '.join(PATTERNS)}")
+        if self.tracker not in TRACKERS:
+            raise UserError(f"--tracker {self.tracker!r}: one of {', '.join(TRACKERS)}")
+        if not 0 < self.hot_fraction <= 1:
+            raise UserError(f"--hot-fraction {self.hot_fraction}: must be in (0, 1]")
+        if self.rules.max_rounds < 1:
+            raise UserError(f"--max-rounds {self.rules.max_rounds}: must be >= 1")
+        if self.rules.min_pages < 0:
+            raise UserError(f"--min-pages {self.rules.min_pages}: must be >= 0")
+        if self.rules.max_growth < 0:
+            raise UserError(f"--max-growth {self.rules.max_growth}: must be >= 0 (percent)")
+        if self.verify_resume < 0:
+            raise UserError(f"--verify-resume {self.verify_resume}: must be >= 0 steps")
+        if self.steps_per_round < 0:
+            raise UserError(f"--steps-per-round {self.steps_per_round}: must be >= 0")
+        if self.corrupt and not re.match(r"^(round|truncate):(\d+|final)$", self.corrupt):
+            raise UserError(f"corrupt hook {self.corrupt!r}: expected round:N or truncate:N")
+        return self
+
+    @property
+    def batch(self) -> int:
+        return max(1, int(self.rate // 100))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size_h"] = human_size(self.size)
+        d["batch"] = self.batch
+        return d
+
+    def name(self) -> str:
+        return self.label or f"{human_size(self.size)}-{self.rate:g}-{self.pattern}"
+
+
+def build_config(*, src: str, dst: str, size: str | int = "256M", rate: float | str = 5000,
+                 pattern: str = "uniform", hot_fraction: float | str = 0.1, seed: int | str = 1,
+                 tracker: str = "auto", max_rounds: int | str = 8, min_pages: int | str = 64,
+                 max_growth: float | str = 10, verify_resume: int | str = 0,
+                 steps_per_round: int | str = 0, stop_and_copy: bool = True,
+                 corrupt: str = "") -> MigrateConfig:
+    """From task flags (strings allowed) to a validated config."""
+    def num(value: Any, kind: type, flag: str) -> Any:
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{flag} {value!r}: expected a number") from None
+
+    cfg = MigrateConfig(
+        src=src, dst=dst, size=parse_size(size), rate=num(rate, float, "--rate"),
+        pattern=pattern, hot_fraction=num(hot_fraction, float, "--hot-fraction"),
+        seed=num(seed, int, "--seed"), tracker=tracker,
+        rules=StopRules(num(max_rounds, int, "--max-rounds"), num(min_pages, int, "--min-pages"),
+                        num(max_growth, float, "--max-growth")),
+        verify_resume=num(verify_resume, int, "--verify-resume"),
+        steps_per_round=num(steps_per_round, int, "--steps-per-round"),
+        stop_and_copy=stop_and_copy, corrupt=corrupt)
+    return cfg.validate()
+
+
+def parse_matrix(spec: str) -> list[dict[str, Any]]:
+    """'size=64M,256M rate=1000,20000 pattern=uniform,hotset' -> the grid's cells (dicts of
+    overrides), in a stable order (first key varies slowest)."""
+    axes: list[tuple[str, list[str]]] = []
+    for item in re.split(r"[\s;]+", spec.strip()):
+        if not item:
+            continue
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values:
+            raise UserError(f"--matrix item {item!r}: expected key=v1,v2")
+        if key not in MATRIX_KEYS:
+            raise UserError(f"--matrix key {key!r}: one of {', '.join(sorted(MATRIX_KEYS))}")
+        if any(k == key for k, _ in axes):
+            raise UserError(f"--matrix key {key!r} given twice")
+        axes.append((key, [v for v in values.split(",") if v]))
+    if not axes:
+        raise UserError("--matrix is empty")
+    return [dict(zip([k for k, _ in axes], combo))
+            for combo in itertools.product(*[v for _, v in axes])]
+
+
+def apply_cell(base: MigrateConfig, cell: dict[str, Any]) -> MigrateConfig:
+    changes: dict[str, Any] = {}
+    for k, v in cell.items():
+        if k == "size":
+            changes[k] = parse_size(v, "--matrix size")
+        elif k in ("rate", "hot_fraction"):
+            try:
+                changes[k] = float(v)
+            except ValueError:
+                raise UserError(f"--matrix {k}={v!r}: expected a number") from None
+        elif k in ("seed", "steps_per_round"):
+            try:
+                changes[k] = int(v)
+            except ValueError:
+                raise UserError(f"--matrix {k}={v!r}: expected an integer") from None
+        else:
+            changes[k] = v
+    label = "-".join(f"{k}={v}" for k, v in cell.items())
+    return replace(base, label=label, **changes).validate()
