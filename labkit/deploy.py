@@ -882,6 +882,9 @@ def _decode(node: Node, res: Any, what: str) -> dict[str, Any]:
         raise err
     if res.exit_code != 0 or not isinstance(data, dict):
         tail = res.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [text[-200:]]
+        if res.exit_code is None:
+            raise NodeError(f"{what} interrupted: connection lost after {res.seconds:.1f}s "
+                            "(node powered off or rebooted?); the node keeps its previous release")
         hint = " (is python3 installed on the node?)" if res.exit_code == 127 else ""
         raise NodeError(f"{what} failed (exit {res.exit_code}){hint}: {tail[0] if tail else ''}")
     return data

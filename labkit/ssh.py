@@ -9,10 +9,13 @@ host-key policy, window sizes and every timeout are ours:
   Never Fabric's auto-add.
 * ``~/.ssh/config`` is honoured (Host aliases, HostName, User, Port, IdentityFile, ProxyJump,
   UserKnownHostsFile); the inventory's ``ssh:`` block wins where it says something.
-* Remote commands run as ``exec env LABKIT_RUN=<id> ... /bin/sh -c CMD``. The id is the handle
-  to kill the command later: a timeout or Ctrl-C sends a second exec that SIGKILLs every process
-  whose environment carries the id, plus their process groups — which also catches children that
-  ``setsid`` away from the group. Works on real nodes, PythonSshNode and OpenSshNode alike.
+* Remote commands run as ``exec env LABKIT_RUN=<id> LABKIT_CTL=<host>:<pid>:<start> ...
+  /bin/sh -c CMD``. The id is the handle to kill the command later: a timeout or Ctrl-C sends a
+  second exec that SIGKILLs every process whose environment carries the id, plus their process
+  groups — which also catches children that ``setsid`` away from the group. Works on real nodes,
+  PythonSshNode and OpenSshNode alike. LABKIT_CTL names the controller process that started it
+  (host, pid, and the pid's start time so a reused pid does not look alive): after a controller
+  SIGKILL a real sshd leaves such processes running, and ``labkit.janitor`` finds them by it.
 * Windows of 64 MiB and 256 KiB packets: the migrate-test streams memory images through
   ``open_exec`` channels and deploy pushes tens of MiB; paramiko's defaults cap that at a few
   tens of MiB/s.
@@ -54,6 +57,7 @@ CHUNK = 256 * 1024
 SFTP_CHUNK = 128 * 1024   # below OpenSSH sftp-server's 256 KiB message cap, 4x paramiko's 32 KiB
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 RUN_VAR = "LABKIT_RUN"
+CTL_VAR = "LABKIT_CTL"
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 
@@ -639,10 +643,37 @@ class RemoteProcess:
         self.close()
 
 
+_ctl: tuple[int, str] | None = None
+
+
+def proc_start_time(pid: int | str = "self") -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None (no such
+    process, or no /proc: then only the pid can be checked)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after its last ')'
+    fields = data[data.rfind(b")") + 2:].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def controller_tag() -> str:
+    """``host:pid:start`` of this controller process (LABKIT_CTL). Recomputed after a fork."""
+    global _ctl
+    pid = os.getpid()
+    if _ctl is None or _ctl[0] != pid:
+        host = socket.gethostname() or "localhost"
+        _ctl = (pid, f"{host}:{pid}:{proc_start_time() or 0}")
+    return _ctl[1]
+
+
 def _wrap(cmd: str, run_id: str, env: dict[str, str] | None) -> str:
-    """``exec env LABKIT_RUN=ID K=V /bin/sh -c CMD``: env vars without needing the server to
-    AcceptEnv, and a marker in every descendant's environment for ``_kill_run``."""
-    assigns = [f"{RUN_VAR}={run_id}"]
+    """``exec env LABKIT_RUN=ID LABKIT_CTL=HOST:PID:START K=V /bin/sh -c CMD``: env vars without
+    needing the server to AcceptEnv, a marker in every descendant's environment for
+    ``_kill_run``, and who started it, for ``labkit.janitor``."""
+    assigns = [f"{RUN_VAR}={run_id}", shlex.quote(f"{CTL_VAR}={controller_tag()}")]
     for k, v in (env or {}).items():
         if not k.replace("_", "a").isalnum() or k[0].isdigit():
             raise LabkitError(f"bad environment variable name {k!r}")

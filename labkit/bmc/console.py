@@ -337,6 +337,10 @@ def capture(node: Node, settings: Settings, seconds: float, log: str | os.PathLi
         (path.parent / "run.json").write_text(json.dumps({
             "task": "console", "node": node.name, "seconds": seconds, "started": started,
             "bytes": out.bytes, "connections": con.connects, "log": path.name}, indent=2) + "\n")
+    if con.connects == 0:
+        # nothing was recorded and retrying will not help (bad credentials, BMC down): fail
+        raise NodeError(f"{node.name}: console capture never got an SOL session"
+                        + (f" ({con.last_error})" if con.last_error else "") + f"; log: {path}")
     return path
 
 

@@ -57,7 +57,7 @@ STALE_SESSION_AFTER = 3.0  # budget of one command on a reused session before re
 
 def normalize_wait(wait: bool | str | None) -> str | None:
     """``--wait`` is a flag or a value: False/None -> None, True/"power" -> "power", "ssh"."""
-    if wait is None or wait is False or wait == "":
+    if wait is None or wait is False:
         return None
     if wait is True:
         return "power"

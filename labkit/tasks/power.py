@@ -126,6 +126,8 @@ def console(c: Context, node: str, inventory: str | None = None, capture: float 
     from labkit.bmc import console as sol
 
     _positional("console", node)
+    if capture < 0:
+        raise UserError(f"--capture: seconds must be >= 0, got {capture:g}")
     lab_ = lab(c, inventory)
     target = lab_.inventory().node(node)
     if capture:

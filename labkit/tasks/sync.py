@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import os
+import sys
 
 from invoke import Context
 from invoke.exceptions import Exit
@@ -46,6 +47,10 @@ def sync(ctx: Context, repo: str | None = None, dry_run: bool = False, json: boo
         tree = os.path.expanduser(tree)
     rep = syncmod.sync_repo(tree, mode=mode, dry_run=dry_run, fetch=not no_fetch,
                             timeout=lab_.settings.command_timeout)
+    if rep.exit_code == 2 and not json:
+        # a refusal is a usage error: one line on stderr, like every other task
+        print(f"error: {('dry run: ' if rep.dry_run else '') + rep.message}", file=sys.stderr)
+        raise Exit(code=2)
     print(jsonlib.dumps(rep.to_json(), indent=2) if json else syncmod.format_report(rep))
     if rep.exit_code:
         raise Exit(code=rep.exit_code)
