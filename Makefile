@@ -27,6 +27,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/power_fanout.py
+	$(BIN)/python bench/deploy.py
+	$(BIN)/python bench/tracker.py
+	$(BIN)/python bench/migrate.py
 
 lab-down: $(STAMP)
 	$(BIN)/invoke lab.down
