@@ -87,16 +87,17 @@ def test_busy_multithreaded_target_computes_the_same():
         print("ready", flush=True)
         for t in ts:
             t.join()
+        sys.stdin.readline()  # stay alive until the test is done injecting, however fast we are
         print(" ".join(out[k] for k in range(3)), flush=True)
     """
     base = _spawn(code)
-    expected = base.communicate(timeout=60)[0].strip()
+    expected = base.communicate("\n", timeout=60)[0].strip()
     p = _spawn(code)
     try:
         for _ in range(20):
             assert pti.inject_syscall(p.pid, pti.SYS_getpid) == p.pid
             time.sleep(0.005)
-        assert p.communicate(timeout=60)[0].strip() == expected
+        assert p.communicate("\n", timeout=60)[0].strip() == expected
     finally:
         p.kill()
         p.wait()
