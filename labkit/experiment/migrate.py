@@ -2,7 +2,8 @@
 
 Shape of a run (every step also lands in events.jsonl):
   prepare   both nodes, through THE fan-out: power on (if they have a BMC) and wait for SSH,
-            deploy the payloads (a no-op when already in sync) — so both run the same release —
+            sweep what a SIGKILLed earlier controller left running (labkit.janitor; reported on
+            stderr, in events.jsonl and the result's leftovers_cleaned), deploy the payloads (a no-op when already in sync) — so both run the same release —
             and record uname/python.
   start     the workload on src (its JSON ready line names pid/addr/size), the source agent
             attached to it (tracker armed on round 0), the restore agent on dst.
@@ -27,6 +28,7 @@ import json
 import os
 import queue
 import shlex
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,6 +264,7 @@ class Result:
     restored_sha256: str | None = None
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs, per node
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -272,6 +275,7 @@ class Result:
             "verify_resume": self.verify_resume, "throughput_mib_s": self.throughput_mib_s,
             "tracker_backend": self.backend, "source_sha256": self.source_sha256,
             "restored_sha256": self.restored_sha256, "rounds": len(self.rounds),
+            "leftovers_cleaned": self.cleaned,
         }
 
     def summary(self) -> str:
@@ -353,7 +357,28 @@ class MigrateRun:
             return self.prepared
         self.prepared = prepare_nodes([self.src_node, self.dst_node], self.settings, self.pool,
                                       deploy=self.deploy, power=self.power, events=self.events)
+        self._report_leftovers(self.prepared)
         return self.prepared
+
+    def _report_leftovers(self, info: dict[str, Any]) -> None:
+        """Say (stderr, events.jsonl, the result) what the sweep cleaned on each node."""
+        from labkit.janitor import describe
+
+        for name, facts in sorted(info.get("nodes", {}).items()):
+            if facts.get("leftovers_error"):
+                line = f"{name}: could not check for leftovers of an interrupted run: " \
+                       f"{facts['leftovers_error']}"
+                self.events.emit("leftovers-error", node=name, error=facts["leftovers_error"])
+            else:
+                cleaned = facts.get("leftovers") or []
+                line = describe(name, cleaned)
+                if line is None:
+                    continue
+                self.events.emit("leftovers-cleaned", node=name, message=line,
+                                 processes=[c for c in cleaned if c["kind"] == "process"],
+                                 files=[c["path"] for c in cleaned if c["kind"] == "files"])
+            self.result.cleaned.append(line)
+            print(line, file=sys.stderr, flush=True)
 
     def _start(self, node: Node, script: str, args: str, label: str, *,
                env: dict[str, str] | None = None, raw: bool = False) -> Remote:
@@ -633,10 +658,13 @@ def _version() -> str:
 
 
 def prepare_nodes(nodes: list[Node], settings: Settings, pool: Any, *, deploy: bool = True,
-                  power: bool = True, events: res.Events | None = None) -> dict[str, Any]:
-    """Power on + wait for SSH, deploy (in sync -> nothing sent), node facts. Fails with one
-    line naming the node(s) that could not be prepared."""
-    from labkit.deploy import Deployer, bundle_paths, collect_bundle
+                  power: bool = True, events: res.Events | None = None,
+                  sweep: bool = True) -> dict[str, Any]:
+    """Power on + wait for SSH, sweep what a SIGKILLed controller left (``labkit.janitor``:
+    processes of dead controllers of this host, their temp folders), deploy (in sync ->
+    nothing sent), node facts. Fails with one line naming the node(s) that could not be
+    prepared."""
+    from labkit.deploy import Deployer, bundle_paths, collect_bundle, remote_workdir
 
     bundle = collect_bundle(bundle_paths(None, [])) if deploy else None
     deployer = Deployer(settings, bundle, connect=lambda n: pool.get(n)) if bundle else None
@@ -649,6 +677,13 @@ def prepare_nodes(nodes: list[Node], settings: Settings, pool: Any, *, deploy: b
             with PowerClient(settings) as pc:
                 out["power"] = pc.on(node, wait="ssh")
         client = pool.get(node)
+        if sweep:
+            from labkit import janitor
+
+            try:
+                out["leftovers"] = janitor.sweep(client, workdir=remote_workdir(node))
+            except Exception as e:  # noqa: BLE001 - a failed sweep is reported, not fatal
+                out["leftovers_error"] = str(e)
         if deployer is not None:
             d = deployer.deploy_node(node)
             out["release"] = d.get("release")
