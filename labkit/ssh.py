@@ -788,7 +788,12 @@ def console_tail(path: Path | None, lines: int = 5, max_chars: int = 400) -> str
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return tail_text(text, lines, max_chars)
+
+
+def tail_text(text: str, lines: int = 5, max_chars: int = 400) -> str:
+    """The last non-empty lines of console output as one ``|``-joined line."""
+    kept = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-lines:]
     return " | ".join(kept)[-max_chars:]
 
 

@@ -220,3 +220,27 @@ def test_power_on_wait_ssh_hands_over_to_labkit_ssh(make_fake_lab):
     out = rows(r)
     assert all(out[n]["ok"] and out[n]["ssh"] is True for n in lab.nodes)
     assert all(lab.status(n)["ssh"] for n in lab.nodes)
+
+
+def test_node_that_never_answers_ssh_fails_with_its_console_tail(make_fake_lab):
+    """--wait=ssh on a node whose SSH never comes up (here: an inventory that points node1 at a
+    port nobody listens on) fails that node inside ssh_wait, and the error carries what the
+    node printed on its serial console (recorded over SOL while it booted); node2 is fine."""
+    from labkit.fake.lab import free_port
+
+    lab = make_fake_lab(count=2, ssh=True, power_delay=(0.1, 0.2), boot_delay=0.3)
+    text = lab.inventory_path.read_text()
+    port = lab.ssh("node1")[1]
+    assert text.count(f"port: {port}") == 1
+    broken = lab.inventory_path.parent / "broken.yaml"  # beside it: relative paths stay valid
+    broken.write_text(text.replace(f"port: {port}", f"port: {free_port()}"))
+    r = subprocess.run(
+        [sys.executable, "-m", "labkit.cli", "power-on", "--wait=ssh", "--json",
+         "--inventory", str(broken)], capture_output=True, text=True, timeout=90,
+        env={**os.environ, **FAST_ENV, "INVOKE_LABKIT_SSH_WAIT": "3"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = rows(r)
+    assert out["node2"]["ok"] and out["node2"]["ssh"] is True
+    err = out["node1"]["error"]
+    assert "node1: SSH did not come up" in err and "console:" in err, err
+    assert "node1 login:" in out["node1"]["console_tail"], out["node1"]["console_tail"]

@@ -35,7 +35,7 @@ from labkit.bmc.session import (
     translate,
 )
 from labkit.config import Settings
-from labkit.errors import NodeError, UserError
+from labkit.errors import LabkitError, NodeError, UserError
 from labkit.inventory import Node
 from labkit.retry import MinInterval, RetryPolicy
 
@@ -67,6 +67,41 @@ def normalize_wait(wait: bool | str | None) -> str | None:
     if value not in WAIT_CHOICES:
         raise UserError(f"--wait: expected one of {', '.join(WAIT_CHOICES)}, got {wait!r}")
     return value
+
+
+class BootWatch:
+    """Records a node's serial console (SOL) while we wait for it to boot, so that a node that
+    never answers SSH fails with the last lines it printed. Best effort and polite: it does not
+    take over an SOL session someone else holds, and a BMC without SOL just records nothing."""
+
+    KEEP = 16384
+
+    def __init__(self, node: Node, settings: Settings):
+        from labkit.bmc.console import SolConsole
+
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._con: SolConsole | None = None
+        try:
+            self._con = SolConsole(node, settings, force=False, on_data=self._data).open()
+        except LabkitError:
+            self._con = None
+
+    def _data(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+            if len(self._buf) > self.KEEP:
+                del self._buf[:-self.KEEP]
+
+    def tail(self) -> str:
+        from labkit.ssh import tail_text
+
+        with self._lock:
+            return tail_text(self._buf.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close(timeout=2.0)
 
 
 class PowerClient:
@@ -118,18 +153,31 @@ class PowerClient:
         """Power on (no command when already on). ``wait``: True/"power" waits for the BMC to
         report on within settings.power_wait; "ssh" also waits for SSH (labkit.ssh.wait_ssh)."""
         mode = normalize_wait(wait)
-        changed = self._ensure(node, "on", _CHASSIS_ON)
-        result: dict[str, object] = {"power": "on", "changed": changed,
-                                     "confirmed": not changed}
-        if mode and changed:
-            self.wait_for(node, "on", time.monotonic() + self.settings.power_wait)
-            result["confirmed"] = True
-        if mode == "ssh":
-            from labkit.ssh import wait_ssh  # written alongside; imported only when asked for
+        watch = BootWatch(node, self.settings) if mode == "ssh" else None
+        try:
+            changed = self._ensure(node, "on", _CHASSIS_ON)
+            result: dict[str, object] = {"power": "on", "changed": changed,
+                                         "confirmed": not changed}
+            if mode and changed:
+                self.wait_for(node, "on", time.monotonic() + self.settings.power_wait)
+                result["confirmed"] = True
+            if watch is not None:
+                from labkit.ssh import SshUnreachable, wait_ssh
 
-            wait_ssh(node, self.settings, time.monotonic() + self.settings.ssh_wait)
-            result["ssh"] = True
-        return result
+                try:
+                    wait_ssh(node, self.settings, time.monotonic() + self.settings.ssh_wait)
+                except SshUnreachable as e:
+                    tail = watch.tail()
+                    if not tail or "console:" in str(e):
+                        raise
+                    err = SshUnreachable(f"{e}; console: {tail}")
+                    err.value = {"console_tail": tail}  # type: ignore[attr-defined]
+                    raise err from None
+                result["ssh"] = True
+            return result
+        finally:
+            if watch is not None:
+                watch.close()
 
     def off(self, node: Node, wait: bool = False) -> dict[str, object]:
         """Hard power off (no command when already off)."""
