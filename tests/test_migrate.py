@@ -115,3 +115,29 @@ def test_bad_arguments_exit_2_before_anything_starts(lab):
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
     assert leftovers(lab) == []
+
+
+def test_matrix_runs_the_grid_and_summarises(lab, tmp_path):
+    """--matrix through the CLI: every cell migrates and verifies, each in its own folder, and
+    the matrix folder gets summary.csv (one row per cell) and summary.png."""
+    import csv
+
+    results = tmp_path / "results"
+    r = subprocess.run(
+        [sys.executable, "-m", "labkit.cli", "migrate-test", "--inventory",
+         str(lab.inventory_path), "--src", "node1", "--dst", "node2", "--no-stop-and-copy",
+         "--matrix", "size=8M,16M rate=2000 pattern=uniform,hotset"],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "INVOKE_LABKIT_RESULTS_DIR": str(results)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    (folder,) = [p for p in results.iterdir() if p.name.endswith("migrate-matrix")]
+    with open(folder / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert {(row["size"], row["pattern"]) for row in rows} == {
+        ("8388608", "uniform"), ("8388608", "hotset"), ("16777216", "uniform"),
+        ("16777216", "hotset")}
+    assert all(row["ok"] == "True" and row["verified"] == "True" for row in rows), rows
+    assert (folder / "summary.png").stat().st_size > 1000
+    assert all((folder / row["folder"] / "rounds.csv").exists() for row in rows)
+    assert leftovers(lab) == []
