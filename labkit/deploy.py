@@ -965,7 +965,7 @@ def _exec_streaming(client: Any, command: str, chunks: Iterator[bytes],
                 if not b:
                     break
                 rep.feed(b)
-        except OSError:
+        except (OSError, EOFError):  # paramiko raises EOFError when the connection is gone
             pass
         finally:
             rep.finish()
@@ -993,7 +993,7 @@ def _exec_streaming(client: Any, command: str, chunks: Iterator[bytes],
                     break  # the node stopped early (its answer says why), or the deadline
             else:
                 ch.shutdown_write()
-        except OSError:
+        except (OSError, EOFError):
             pass  # the channel went away: the node's answer (or its absence) says why
         reader.join(max(0.0, deadline - time.monotonic()))
         if reader.is_alive():

@@ -40,6 +40,8 @@ def error_text(e: BaseException) -> str:
     their type so 'timeout' and 'refused' stay distinguishable."""
     if isinstance(e, LabkitError):
         text = str(e)
+    elif isinstance(e, EOFError):  # paramiko's way of saying the peer went away
+        text = "connection closed unexpectedly (EOF)"
     else:
         msg = str(e) or "(no message)"
         text = f"{type(e).__name__}: {msg}"

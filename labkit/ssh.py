@@ -432,7 +432,11 @@ class SshClient:
             feeder = threading.Thread(target=feed, daemon=True, name=f"stdin-{self.node}")
             feeder.start()
         else:
-            ch.shutdown_write()  # like `ssh -n`: the command reads EOF, never hangs on stdin
+            try:
+                ch.shutdown_write()  # like `ssh -n`: the command reads EOF, never hangs on stdin
+            except (OSError, EOFError, paramiko.SSHException):
+                proc.close()
+                raise SshError(f"{self.node}: connection lost while starting {cmd!r}") from None
         out: list[bytes] = []
         err: list[bytes] = []
         timed_out = False
