@@ -55,10 +55,13 @@ def env_for(lab: FakeLabHandle) -> dict[str, str]:
             "INVOKE_LABKIT_POWER_WAIT": "30", "INVOKE_LABKIT_SSH_WAIT": "30"}
 
 
-def marked(prefix: str, exact: bool = False) -> dict[int, dict[str, Any]]:
+def marked(prefix: str, exact: bool = False,
+           under: Path | None = None) -> dict[int, dict[str, Any]]:
     """Processes (the nodes are local) whose LABKIT_CTL starts with ``prefix`` (or, ``exact``,
-    is it)."""
+    is it); with ``under``, only those of nodes whose root lies there (this test's lab, not
+    whatever else runs on the machine)."""
     want = f"LABKIT_CTL={prefix}".encode()
+    root = f"LABKIT_NODE_ROOT={Path(under).resolve()}".encode() if under else None
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -66,6 +69,8 @@ def marked(prefix: str, exact: bool = False) -> dict[int, dict[str, Any]]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
         except OSError:
+            continue
+        if root is not None and not any(e.startswith(root) for e in env):
             continue
         if any(e == want if exact else e.startswith(want) for e in env):
             node = next((e.split(b"=", 1)[1].decode() for e in env
@@ -146,7 +151,7 @@ def test_sigkill_leftovers_cleaned_on_real_sshd(lab: FakeLabHandle, tmp_path: Pa
     assert cleaned and wl[0] in [p["pid"] for p in cleaned[0]["processes"]]
     assert all(p["controller"].startswith(prefix) for p in cleaned[0]["processes"])
     assert marked(prefix) == {}, "leftovers of the dead controller survived the next run"
-    assert marked(f"{HOST}:") == {}, "the next run left processes behind"
+    assert marked(f"{HOST}:", under=lab.state_dir) == {}, "the next run left processes behind"
 
 
 def test_sweep_spares_live_foreign_and_unmarked(lab: FakeLabHandle, monkeypatch) -> None:

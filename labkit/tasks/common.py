@@ -89,6 +89,13 @@ def labtask(*args: Any, **kwargs: Any):
             except KeyboardInterrupt:
                 print("interrupted", file=sys.stderr)
                 raise Exit(code=130) from None
+            except BrokenPipeError:
+                # output piped into `head` and friends: stop quietly, like any Unix tool
+                import os
+
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                raise Exit(code=141) from None
         return task(body, **kwargs)
 
     if args and callable(args[0]) and len(args) == 1 and not kwargs.get("pre"):
