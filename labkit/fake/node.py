@@ -211,8 +211,9 @@ def _username() -> str:
 
 # --- the pure-Python node ------------------------------------------------------------------
 
-class PythonSshNode:
-    """A fake node served by paramiko in the lab process. Thread-safe; start/stop idempotent."""
+class _FakeNode:
+    """What both kinds of fake node share: identity, paths and the environment marker by which
+    everything started through the node is found and killed at power-off."""
 
     def __init__(self, name: str, root: Path, host: str, port: int, host_key: Path,
                  authorized_keys: Path, log: logging.Logger):
@@ -225,6 +226,14 @@ class PythonSshNode:
         self.log = log
         self.marker = f"{ENV_ROOT}={self.root}".encode()
         self._lock = threading.RLock()
+
+
+class PythonSshNode(_FakeNode):
+    """A fake node served by paramiko in the lab process. Thread-safe; start/stop idempotent."""
+
+    def __init__(self, name: str, root: Path, host: str, port: int, host_key: Path,
+                 authorized_keys: Path, log: logging.Logger):
+        super().__init__(name, root, host, port, host_key, authorized_keys, log)
         self._listener: socket.socket | None = None
         self._transports: set[paramiko.Transport] = set()
         self._procs: set[subprocess.Popen] = set()
@@ -753,7 +762,7 @@ def sshd_path() -> str | None:
     return SSHD if os.access(SSHD, os.X_OK) else shutil.which("sshd")
 
 
-class OpenSshNode:
+class OpenSshNode(_FakeNode):
     """A fake node served by a real OpenSSH ``sshd -D`` (one per node, own config in the state
     folder beside the host key). A ForceCommand wrapper puts every session — commands, shells and
     the sftp subsystem — in the node root with HOME and the LABKIT_* markers set, so the node
@@ -762,16 +771,8 @@ class OpenSshNode:
 
     def __init__(self, name: str, root: Path, host: str, port: int, host_key: Path,
                  authorized_keys: Path, log: logging.Logger):
-        self.name = name
-        self.root = Path(root).resolve()
-        self.host = host
-        self.port = port
-        self.host_key_path = Path(host_key)
-        self.authorized_keys = Path(authorized_keys)
-        self.log = log
-        self.marker = f"{ENV_ROOT}={self.root}".encode()
+        super().__init__(name, root, host, port, host_key, authorized_keys, log)
         self.conf_dir = self.host_key_path.parent / f"{name}.sshd"
-        self._lock = threading.RLock()
         self._proc: subprocess.Popen | None = None
         self._closed = False
 
