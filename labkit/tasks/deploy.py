@@ -22,9 +22,12 @@ HELP = {
 @labtask(help=dict(HELP))
 def deploy(c: Context, inventory: str | None = None, nodes: str | None = None,
            check: bool = False, rollback: bool = False, json: bool = False) -> None:
-    """Deploy the payloads (inventory `payloads:` / config labkit.payloads; default labkit's
-    own) to nodes: upload only what changed into a new release, build (labkit.deploy_build,
-    default a python compile check), switch `current` atomically, keep `previous`."""
+    """Ship payloads to nodes: delta upload, build, atomic switch (--check, --rollback).
+
+    The payloads are the inventory's `payloads:` or config labkit.payloads, default labkit's
+    own. Only what changed is uploaded, into a new release; the build (labkit.deploy_build,
+    default a python compile check) runs before `current` is switched atomically; `previous`
+    is kept for --rollback."""
     from labkit import deploy as dp
 
     if check and rollback:
