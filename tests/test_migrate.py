@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,121 @@ def test_matrix_runs_the_grid_and_summarises(lab, tmp_path):
     assert (folder / "summary.png").stat().st_size > 1000
     assert all((folder / row["folder"] / "rounds.csv").exists() for row in rows)
     assert leftovers(lab) == []
+
+
+# --- the controller's event pump, without nodes -------------------------------------------------
+class _Chan:
+    """A stand-in for an SSH channel: recv() hands out queued chunks (b"" = EOF), sendall()
+    calls a hook (the "destination" answering what it was sent)."""
+
+    def __init__(self, on_send=None):
+        import queue
+
+        self.chunks: queue.Queue = queue.Queue()
+        self.on_send = on_send
+
+    def recv(self, n):
+        return self.chunks.get()
+
+    def sendall(self, data):
+        if self.on_send:
+            self.on_send(data)
+
+    def recv_stderr_ready(self):
+        return False
+
+
+class _Rem:
+    def __init__(self, node, ch):
+        import queue
+
+        self.node, self.ch, self.lines = node, ch, queue.Queue()
+
+    def stderr_tail(self):
+        return "no stderr"
+
+
+def _pump(tmp_path, on_send=None):
+    from labkit.experiment import results as res
+    from labkit.experiment.migrate import Pump
+
+    src, dst = _Rem("node1", _Chan()), _Rem("node2", _Chan(on_send))
+    return Pump(src, dst, res.Events(tmp_path / "events.jsonl"), "t"), src, dst
+
+
+def _frame(ftype, obj, seq=0):
+    import zlib
+
+    from labkit.payloads import stream as st
+
+    payload = json.dumps(obj).encode()
+    return st.pack_header(ftype, len(payload), seq, zlib.crc32(payload)) + payload
+
+
+def test_pump_keeps_answers_that_overtake_the_frame_they_answer(tmp_path):
+    """The destination may answer a frame ("applied", "resumed", "restored") before the relay
+    has queued that frame: the answers must wait for the next wait, not be thrown away (that
+    hung --matrix runs forever in "waiting for the restored workload")."""
+    from labkit.payloads import stream as st
+
+    pump, src, dst = _pump(tmp_path)
+    for ev in ({"event": "applied", "round": 3}, {"event": "resumed", "pid": 7},
+               {"event": "restored", "sha256": "ab"}):
+        dst.lines.put(ev)
+    time.sleep(0.1)  # the answers are queued first
+    src.ch.chunks.put(_frame(st.ROUND_END, {"round": 3, "final": True}))
+    assert pump.wait(5, "the final round", src_type=st.ROUND_END)["round"] == 3
+    assert pump.wait(1, "the restored workload", dst_event="resumed")["pid"] == 7
+    assert pump.wait(1, "the hash", dst_event="restored")["sha256"] == "ab"
+    pump.wait_applied(3, 1)
+    src.ch.chunks.put(_frame(st.VERIFY, {"sha256": "ab"}, seq=1))
+    dst.lines.put({"event": "verified", "match": True})
+    assert pump.wait(5, "the source hash", src_type=st.VERIFY)["sha256"] == "ab"
+    assert pump.wait(1, "the verification", dst_event="verified")["match"] is True
+
+
+def test_pump_queues_a_frame_before_the_destination_sees_it(tmp_path):
+    """The relay queues a control frame before forwarding it, so the destination's answer is
+    always behind it in the queue (events.jsonl reads in causal order)."""
+    from labkit.payloads import stream as st
+
+    holder = {}
+
+    def answer(data):  # the destination answers at once, and its line reaches the queue
+        holder["dst"].lines.put({"event": "applied", "round": 0})
+        time.sleep(0.2)
+
+    pump, src, dst = _pump(tmp_path, on_send=answer)
+    holder["dst"] = dst
+    src.ch.chunks.put(_frame(st.ROUND_END, {"round": 0}))
+    kind, ftype, _ = pump.q.get(timeout=5)
+    assert (kind, ftype) == ("src", st.ROUND_END)
+    assert pump.q.get(timeout=5)[0] == "dst"
+
+
+def test_pump_fails_fast_and_names_what_it_waited_for(tmp_path):
+    from labkit.payloads import stream as st
+
+    pump, src, dst = _pump(tmp_path)
+    with pytest.raises(MigrationFailed, match=r"timed out after 0s waiting for the final round "
+                                              r"\(source agent on node1, restore agent on node2"):
+        pump.wait(0.2, "the final round", src_type=st.ROUND_END)
+    src.ch.chunks.put(b"")  # the source agent died
+    with pytest.raises(MigrationFailed, match="node1: source agent exited while we waited for "
+                                              "the source hash"):
+        pump.wait(5, "the source hash", src_type=st.VERIFY)
+    dst.lines.put({"event": "eof"})  # and the restore agent too
+    with pytest.raises(MigrationFailed, match="node2: restore agent exited"):
+        pump.wait(5, "the restored workload", dst_event="resumed")
+    with pytest.raises(MigrationFailed, match="node2: restore agent exited"):  # at once, again
+        pump.wait(5, "the verification", dst_event="verified")
+
+
+def test_wait_budget_follows_size_and_command_timeout():
+    from labkit.experiment.migrate import wait_budget
+
+    s = Settings()
+    assert wait_budget(s, 16 << 20) == pytest.approx(3 * s.ssh_timeout + 4)
+    assert wait_budget(s, 64 << 30) == s.command_timeout
+    assert wait_budget(Settings(command_timeout=20), 1 << 30) == 20
+    assert wait_budget(Settings(command_timeout=0), 4 << 30) == pytest.approx(30 + 1024)

@@ -44,6 +44,8 @@ from labkit.inventory import Inventory, Node
 from labkit.payloads import stream as st
 
 RELAY_CHUNK = 1 << 20
+# slower than this (bytes/s, end to end: relay, apply, hash) a stream counts as stuck
+MIN_STREAM_RATE = 4 << 20
 
 
 class MigrationFailed(LabkitError):
@@ -141,7 +143,13 @@ class Remote:
 
 class Pump:
     """One migration stream: source agent -> (relay here) -> restore agent, with one queue of
-    everything the run waits for: control frames from the source, JSON lines from the dst."""
+    everything the run waits for: control frames from the source, JSON lines from the dst.
+
+    Nothing that arrives is dropped: an event nobody is waiting for yet goes to a backlog, and
+    every ``wait`` first takes the oldest matching event from there. The two sides race — the
+    destination can answer (``applied``, ``resumed``, ``verified``) before the relay thread has
+    queued the source frame that caused it — so "throw away what I am not waiting for" loses
+    exactly the event the *next* wait needs, and that wait then hangs."""
 
     def __init__(self, src: Remote, dst: Remote, events: res.Events, tag: str):
         self.src, self.dst, self.events, self.tag = src, dst, events, tag
@@ -149,6 +157,9 @@ class Pump:
         self.scanner = st.FrameScanner()
         self.bytes = 0
         self.applied: dict[int, tuple[float, dict]] = {}
+        self.backlog: list[tuple[str, int, dict]] = []  # arrived, not yet taken by a wait
+        self.src_closed: tuple[str, dict] | None = None  # the source stream ended (kind, info)
+        self.dst_closed = False  # the restore agent's stdout ended
         self.relay = threading.Thread(target=self._relay, daemon=True, name=f"relay-{tag}")
         self.relay.start()
         threading.Thread(target=self._dst_lines, daemon=True, name=f"dst-{tag}").start()
@@ -160,19 +171,29 @@ class Pump:
                 data = src.recv(RELAY_CHUNK)
                 if not data:
                     break
+                # Queue the control frames *before* the destination can see them, so that its
+                # answer to a frame is always queued after the frame itself.
                 try:
-                    dst.sendall(data)
-                except OSError:
-                    pass  # the restore agent died: its own error line says why
-                self.bytes += len(data)
-                for ftype, obj in self.scanner.feed(data):
+                    frames = self.scanner.feed(data)
+                except st.StreamError as e:
+                    self._forward(dst, data)  # the restore agent's own complaint is precise
+                    self.q.put(("src-bad", 0, {"error": str(e)}))
+                    return
+                for ftype, obj in frames:
                     self.q.put(("src", ftype, obj))
-        except st.StreamError as e:
-            self.q.put(("src-bad", 0, {"error": str(e)}))
+                self._forward(dst, data)
+                self.bytes += len(data)
         except OSError as e:
             self.q.put(("src-eof", 0, {"error": str(e)}))
             return
         self.q.put(("src-eof", 0, {"boundary": self.scanner.at_boundary}))
+
+    @staticmethod
+    def _forward(dst: Any, data: bytes) -> None:
+        try:
+            dst.sendall(data)
+        except OSError:
+            pass  # the restore agent died: its own error line says why
 
     def _dst_lines(self) -> None:
         while True:
@@ -181,60 +202,105 @@ class Pump:
             if obj.get("event") == "eof":
                 return
 
+    @staticmethod
+    def _matches(item: tuple[str, int, dict], src_type: int | None, dst_event: str | None,
+                 dst_reply: bool) -> bool:
+        kind, ftype, obj = item
+        if kind == "src":
+            return src_type is not None and ftype == src_type
+        return (dst_event is not None and obj.get("event") == dst_event) or (
+            dst_reply and "ok" in obj)
+
+    def _take(self, src_type: int | None, dst_event: str | None,
+              dst_reply: bool) -> dict | None:
+        for i, item in enumerate(self.backlog):
+            if self._matches(item, src_type, dst_event, dst_reply):
+                del self.backlog[i]
+                return item[2]
+        return None
+
     def wait(self, timeout: float, what: str, *, src_type: int | None = None,
              dst_event: str | None = None, dst_reply: bool = False) -> dict:
-        """Pull events until the wanted one; any error from either side fails the run."""
+        """The oldest not yet taken event that matches (a source frame of ``src_type``, a
+        destination line with ``dst_event`` or, with ``dst_reply``, a command reply); any error
+        from either side fails the run, and so does the wanted event not coming in time."""
         end = time.monotonic() + timeout
         while True:
-            left = end - time.monotonic()
-            try:
-                kind, ftype, obj = self.q.get(timeout=max(0.0, left))
-            except queue.Empty:
-                raise MigrationFailed(f"no {what} within {timeout:.0f}s") from None
-            now = self.events.now()
-            if kind == "src":
-                if ftype == st.ERROR:
-                    raise MigrationFailed(f"{self.src.node}: source agent: {obj.get('error')}")
-                if ftype == st.ROUND_END:
-                    self.events.emit("round-end", stream=self.tag, **_small(obj))
-                if src_type is not None and ftype == src_type:
-                    return obj
-                continue
-            if kind in ("src-eof", "src-bad"):
-                if kind == "src-eof" and src_type is None and (dst_event or dst_reply):
-                    continue  # the source is done (quit); we wait for the destination only
-                self._drain_dst_errors()  # the dst's complaint is the precise one: prefer it
-                if kind == "src-bad":
-                    raise MigrationFailed(f"stream from {self.src.node} is corrupted: "
-                                          f"{obj['error']}")
-                raise MigrationFailed(f"{self.src.node}: source agent exited while we waited "
-                                      f"for {what} ({self.src.stderr_tail()})")
-            # dst
-            ev = obj.get("event")
-            if ev == "eof":
+            got = self._take(src_type, dst_event, dst_reply)
+            if got is not None:
+                return got
+            if self.dst_closed:
                 raise MigrationFailed(f"{self.dst.node}: restore agent exited while we waited "
                                       f"for {what} ({self.dst.stderr_tail()})")
-            if ev == "error" or obj.get("ok") is False:
-                raise MigrationFailed(f"{self.dst.node}: restore refused: {obj.get('error')}")
-            if ev == "applied":
-                self.applied[int(obj["round"])] = (now, obj)
-            if ev:
-                self.events.emit(f"dst-{ev}", stream=self.tag, **_small(obj))
-            if (dst_event is not None and ev == dst_event) or (dst_reply and "ok" in obj):
-                return obj
+            if self.src_closed is not None and src_type is not None:
+                self._src_gone(*self.src_closed, what)
+            left = end - time.monotonic()
+            try:
+                item = self.q.get(timeout=max(0.0, left))
+            except queue.Empty:
+                raise MigrationFailed(
+                    f"timed out after {timeout:.0f}s waiting for {what} (source agent on "
+                    f"{self.src.node}, restore agent on {self.dst.node}, stream "
+                    f"{self.tag!r}: {self.bytes} bytes relayed; a peer is stuck, or the "
+                    "budget (labkit.command_timeout) is too small)") from None
+            self._note(item, what, src_type=src_type, dst_event=dst_event, dst_reply=dst_reply)
+
+    def _note(self, item: tuple[str, int, dict], what: str, *, src_type: int | None,
+              dst_event: str | None, dst_reply: bool) -> None:
+        """Record one arrival: raise on errors/ends, log it, keep it in the backlog."""
+        kind, ftype, obj = item
+        now = self.events.now()
+        if kind == "src":
+            if ftype == st.ERROR:
+                raise MigrationFailed(f"{self.src.node}: source agent: {obj.get('error')}")
+            if ftype == st.ROUND_END:
+                self.events.emit("round-end", stream=self.tag, **_small(obj))
+            self.backlog.append(item)
+            return
+        if kind in ("src-eof", "src-bad"):
+            self.src_closed = (kind, obj)
+            if kind == "src-eof" and src_type is None and (dst_event or dst_reply):
+                return  # the source is done (quit); we wait for the destination only
+            self._src_gone(kind, obj, what)
+        # dst
+        ev = obj.get("event")
+        if ev == "eof":
+            self.dst_closed = True
+            raise MigrationFailed(f"{self.dst.node}: restore agent exited while we waited "
+                                  f"for {what} ({self.dst.stderr_tail()})")
+        if ev == "error" or obj.get("ok") is False:
+            raise MigrationFailed(f"{self.dst.node}: restore refused: {obj.get('error')}")
+        if ev == "applied":
+            self.applied[int(obj["round"])] = (now, obj)
+        if ev:
+            self.events.emit(f"dst-{ev}", stream=self.tag, **_small(obj))
+        self.backlog.append(item)
+
+    def _src_gone(self, kind: str, obj: dict, what: str) -> None:
+        self._drain_dst_errors()  # the dst's complaint is the precise one: prefer it
+        if kind == "src-bad":
+            raise MigrationFailed(f"stream from {self.src.node} is corrupted: {obj['error']}")
+        raise MigrationFailed(f"{self.src.node}: source agent exited while we waited "
+                              f"for {what} ({self.src.stderr_tail()})")
 
     def wait_applied(self, rnd: int, timeout: float) -> None:
         while rnd not in self.applied:
             self.wait(timeout, f"the destination to apply round {rnd}", dst_event="applied")
 
     def _drain_dst_errors(self) -> None:
+        if self.dst_closed:
+            return
         try:
             while True:
-                kind, _, obj = self.q.get(timeout=0.5)
+                item = self.q.get(timeout=0.5)
+                kind, _, obj = item
                 if kind == "dst" and (obj.get("event") == "error" or obj.get("ok") is False):
                     raise MigrationFailed(f"{self.dst.node}: restore refused: {obj.get('error')}")
                 if kind == "dst" and obj.get("event") == "eof":
+                    self.dst_closed = True
                     return
+                if kind in ("src", "dst"):
+                    self.backlog.append(item)
         except queue.Empty:
             return
 
@@ -308,6 +374,17 @@ def _ms(s: float | None) -> float | None:
     return None if s is None else round(s * 1000, 3)
 
 
+def wait_budget(settings: Settings, size: int) -> float:
+    """How long one wait of a run (a round, a hash, a reply) may take before the run fails
+    naming what it waited for: SSH slack plus the whole region moved and hashed at a floor
+    rate of MIN_STREAM_RATE, capped by ``labkit.command_timeout`` (0: no cap). A peer that dies
+    fails at once (its channel closes); this bounds one that is alive but stuck."""
+    budget = 3 * settings.ssh_timeout + size / MIN_STREAM_RATE
+    if settings.command_timeout and settings.command_timeout > 0:
+        budget = min(budget, settings.command_timeout)
+    return max(1.0, budget)
+
+
 def payload_dir(node: Node) -> str:
     from labkit.deploy import remote_workdir
 
@@ -345,9 +422,7 @@ class MigrateRun:
         self.prepared = prepared
         self.remotes: list[Remote] = []
         self.pids: dict[str, set[int]] = {config.src: set(), config.dst: set()}
-        # one wait (a round, a hash) may take this long; a stalled channel fails in minutes,
-        # not at the 10-minute command budget
-        self.timeout = max(30.0, min(settings.command_timeout, 300.0))
+        self.timeout = wait_budget(settings, config.size)
         self.result = Result(self.folder, False, config)
 
     # -- prepare ---------------------------------------------------------------------------
