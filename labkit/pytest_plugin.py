@@ -87,6 +87,22 @@ class FakeLabHandle:
         for n in self.nodes:
             self.control.wait(n, timeout=timeout, phase="up")
 
+    def processes(self) -> list[str]:
+        """Every process any node of this lab runs right now ("NODE pid PID: CMD"), found by
+        the node's environment marker, as its power-off does: for "nothing left running"."""
+        from labkit.fake.node import ENV_ROOT, marked_pids
+
+        found = []
+        for n in self.nodes:
+            root = (self.state_dir / "nodes" / n).resolve()
+            for pid in marked_pids(f"{ENV_ROOT}={root}".encode()):
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                found.append(f"{n} pid {pid}: {cmd.decode(errors='replace')[:100]}")
+        return found
+
     def stop(self) -> None:
         fake_lab_mod.down(state_dir=self.state_dir)
 

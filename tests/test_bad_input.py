@@ -12,7 +12,6 @@ the cases replayed one by one to name the culprit."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -127,18 +126,7 @@ def lab_snapshot(lab: FakeLabHandle) -> dict[str, Any]:
 
 
 def node_processes(lab: FakeLabHandle) -> list[str]:
-    roots = [f"LABKIT_NODE_ROOT={(lab.state_dir / 'nodes' / n).resolve()}".encode()
-             for n in lab.nodes]
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if any(r in env for r in roots):
-            found.append(f"{pid} {cmd.decode(errors='replace')[:120]}")
-    return found
+    return lab.processes()
 
 
 def run_case(lab: FakeLabHandle, case_dir: Path, argv: list[str]) -> dict[str, Any]:
