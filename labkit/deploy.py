@@ -877,9 +877,8 @@ def _decode(node: Node, res: Any, what: str) -> dict[str, Any]:
     if getattr(res, "timed_out", False):
         raise NodeError(f"{node.name}: {what} timed out after {res.seconds:.0f}s")
     if isinstance(data, dict) and data.get("error"):
-        err = NodeError(f"{data['error']}")
-        err.value = {k: v for k, v in data.items() if k != "error"}  # type: ignore[attr-defined]
-        raise err
+        raise NodeError(f"{data['error']}",
+                        value={k: v for k, v in data.items() if k != "error"})
     if res.exit_code != 0 or not isinstance(data, dict):
         tail = res.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [text[-200:]]
         if res.exit_code is None:
@@ -1133,10 +1132,9 @@ class Deployer:
                               "check", self.settings.command_timeout)
             value = check_state(self.bundle, probe)
             if value["state"] != "in sync":
-                err = NodeError(f"{value['state']}"
-                                + (f": {value['detail']}" if value.get("detail") else ""))
-                err.value = value  # type: ignore[attr-defined]
-                raise err
+                raise NodeError(f"{value['state']}"
+                                + (f": {value['detail']}" if value.get("detail") else ""),
+                                value=value)
             return value
 
         return self._with_client(node, act)

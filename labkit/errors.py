@@ -3,11 +3,22 @@ applies); it maps to exit code 2. Anything else that fails an operation maps to 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class LabkitError(Exception):
-    """An operation failed; the message is shown to the user as is (one line, no secrets)."""
+    """An operation failed; the message is shown to the user as is (one line, no secrets).
+
+    ``value`` is data for the report (a node's outcome fields, such as ``console_tail`` or the
+    results ``folder``): part of the error from construction, so a fan-out can print what a
+    failed node had to say beside its one-line message."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, value: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.value: dict[str, Any] = dict(value or {})
 
 
 class UserError(LabkitError):

@@ -96,8 +96,8 @@ def fan_out(items: Sequence[N], action: Callable[[N], dict[str, Any] | None], *,
             value = action(item) or {}
             return Outcome(name(item), True, value, None, time.monotonic() - t0)
         except Exception as e:  # one node's failure is that node's outcome, never the run's
-            value = getattr(e, "value", None) or {}
-            return Outcome(name(item), False, dict(value), error_text(e), time.monotonic() - t0)
+            value = dict(e.value) if isinstance(e, LabkitError) else {}
+            return Outcome(name(item), False, value, error_text(e), time.monotonic() - t0)
 
     if not items:
         return []

@@ -84,8 +84,7 @@ class CommandFailed(NodeError):
     the fan-out outcome keeps exit code and output."""
 
     def __init__(self, message: str, value: dict[str, Any]):
-        super().__init__(message)
-        self.value = value
+        super().__init__(message, value=value)
 
 
 # --- results -------------------------------------------------------------------------------
@@ -830,6 +829,4 @@ def wait_ssh(node: Node, settings: Settings, deadline: float, *,
         msg = f"{node.name}: SSH did not come up within {time.monotonic() - t0:.0f}s ({e})"
         if tail:
             msg += f"; console: {tail}"
-        err = SshUnreachable(msg)
-        err.value = {"console_tail": tail}  # type: ignore[attr-defined]
-        raise err from None
+        raise SshUnreachable(msg, value={"console_tail": tail}) from None

@@ -552,11 +552,6 @@ def sync_nodes(lab_: Any, nodes: list, repo: str | None, *, mode: str = "ff-only
     cmd = remote_command(repo, mode=mode, dry_run=dry_run, fetch=fetch,
                          timeout=settings.command_timeout)
 
-    class SyncFailed(NodeError):
-        def __init__(self, message: str, value: dict[str, Any]):
-            super().__init__(message)
-            self.value = value
-
     pool = ConnectionPool(settings)
 
     def action(node: Any) -> dict[str, Any]:
@@ -576,7 +571,7 @@ def sync_nodes(lab_: Any, nodes: list, repo: str | None, *, mode: str = "ff-only
             msg = data.get("message") or "sync failed"
             if data.get("recovery"):
                 msg += " | " + " | ".join(data["recovery"])
-            raise SyncFailed(msg, value)
+            raise NodeError(msg, value=value)
         return value
 
     try:

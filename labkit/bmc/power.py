@@ -170,9 +170,8 @@ class PowerClient:
                     tail = watch.tail()
                     if not tail or "console:" in str(e):
                         raise
-                    err = SshUnreachable(f"{e}; console: {tail}")
-                    err.value = {"console_tail": tail}  # type: ignore[attr-defined]
-                    raise err from None
+                    raise SshUnreachable(f"{e}; console: {tail}",
+                                         value={"console_tail": tail}) from None
                 result["ssh"] = True
             return result
         finally:

@@ -800,7 +800,7 @@ def run_migrate_test(inventory: Inventory, settings: Settings, config: MigrateCo
     try:
         return run.run()
     except LabkitError as e:
-        e.value = {"folder": str(run.folder)}  # type: ignore[attr-defined]
+        e.value["folder"] = str(run.folder)
         raise
 
 
