@@ -1,8 +1,9 @@
 """Many BMCs at once from one thread: every node's IPMI session is a small state machine and one
 selector loop drives them all, the way FreeIPMI's ipmipower does it.
 
-    outcomes = power_status(nodes, settings)                # -> [Outcome], the nodes' order
-    outcomes = run(nodes, settings, lambda n: ensure_op("on", 1), label="power-on")
+    outcomes = power_status(nodes, settings)            # -> [Outcome], in the nodes' order
+    outcomes = power_action(nodes, "off", settings, wait=True)
+    outcomes = Engine(settings).run(nodes, lambda n: ops.boot_device(n), label="boot")
 
 Why not threads (``labkit.fanout.fan_out`` + ``PowerClient``): a login is ~7 small UDP round
 trips and ~1 ms of Python; with one thread per BMC most of that millisecond went to thread start,
@@ -25,10 +26,11 @@ BMC call in labkit does is kept, step by step, from ``PowerClient._call``:
   way but a clean completion code is thrown away;
 - one ``Outcome`` per node (``labkit.fanout``'s type, error text and progress line).
 
-A node's work is an *op*: a generator that yields ``Cmd`` (one IPMI request: the engine sends
-it, retries it under the policy and sends back the response data) or ``Sleep``, and returns the
-node's result dict. A command whose retries are spent is thrown into the op, which may catch it
-(``wait_op`` keeps polling until its own deadline, as ``PowerClient.wait_for`` does).
+A node's work is an *op* (``labkit.bmc.ops``, shared with PowerClient): a generator that yields
+``Cmd`` (one IPMI request: the engine sends it, retries it under the policy and sends back the
+response data) or ``Sleep``, and returns the node's result dict. A command whose retries are
+spent is thrown into the op, which may catch it (``ops.wait_for`` keeps polling until its own
+deadline).
 
 The password is read from the node's Secret at login and handed to pyghmi in-process as bytes;
 it never appears in argv, environment, logs or error text.
@@ -41,16 +43,17 @@ import itertools
 import logging
 import selectors
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyghmi.exceptions import IpmiException
 from pyghmi.ipmi.private import simplesession as _simple
 
+from labkit.bmc import ops
+from labkit.bmc.ops import Cmd, Op, Sleep
 from labkit.bmc.session import (
+    STALE_SESSION_AFTER,
     BmcError,
-    BmcRetryable,
     BmcTimeout,
     Retransmit,
     check_reply,
@@ -58,34 +61,14 @@ from labkit.bmc.session import (
     translate,
 )
 from labkit.config import Settings
-from labkit.errors import LabkitError, NodeError
+from labkit.errors import LabkitError, NodeError, UserError
 from labkit.fanout import Outcome, Progress, error_text
 from labkit.inventory import Node
 from labkit.retry import MinInterval, RetryClock, RetryPolicy
 
 log = logging.getLogger("labkit.power")
 
-STALE_SESSION_AFTER = 3.0  # budget of one command on a reused session before re-login
-MIN_ATTEMPT = 0.2          # an attempt started at the end of the window still gets this long
-POLL_INTERVAL = 0.5        # seconds between state polls while waiting (as PowerClient.wait_for)
-
-
-@dataclass(frozen=True)
-class Cmd:
-    """One IPMI request. ``deadline`` (time.monotonic()) can shorten its retry window."""
-
-    netfn: int
-    cmd: int
-    data: tuple[int, ...] = ()
-    deadline: float | None = None
-
-
-@dataclass(frozen=True)
-class Sleep:
-    seconds: float
-
-
-Op = Generator["Cmd | Sleep", bytes, dict[str, Any]]
+MIN_ATTEMPT = 0.2  # an attempt started at the end of the window still gets this long
 
 
 # -- the session ------------------------------------------------------------------------------------
@@ -488,44 +471,35 @@ class Engine:
         self._bar.update(outcome.ok)
 
 
-# -- ops: what PowerClient's methods do, one node at a time, as generators -------------------------
-
-CHASSIS_STATUS = Cmd(0x00, 0x01)
-
-
-def power_of(data: bytes, node: str) -> str:
-    """'on' | 'off' from a Get Chassis Status reply."""
-    if not data:
-        raise BmcError(f"{node}: empty chassis status reply")
-    return "on" if data[0] & 0x01 else "off"
-
-
-def status_op(node: Node, deadline: float | None = None) -> Op:
-    data = yield Cmd(0x00, 0x01, (), deadline)
-    return {"power": power_of(data, node.name)}
-
-
-def wait_op(node: Node, state: str, deadline: float) -> Op:
-    """PowerClient.wait_for: poll until the BMC reports ``state``; NodeError at ``deadline``."""
-    last: str | None = None
-    t0 = time.monotonic()
-    while True:
-        try:
-            last = (yield from status_op(node, deadline))["power"]
-        except BmcRetryable:  # the retry window ran out, the wait has not: keep polling
-            if time.monotonic() >= deadline:
-                raise
-        if last == state:
-            return {"power": state}
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise NodeError(f"{node.name}: power still {last or 'unknown'} after "
-                            f"{time.monotonic() - t0:.0f} s (waiting for {state})")
-        yield Sleep(min(POLL_INTERVAL, left))
-
+# -- the verbs over many nodes ------------------------------------------------------------------------
 
 def power_status(nodes: Sequence[Node], settings: Settings | None = None, *,
                  label: str = "power-status", progress: str | None = None,
                  interval: MinInterval | None = None) -> list[Outcome]:
     """Every node's chassis power state, all BMCs at once: [Outcome(value={"power": ...})]."""
-    return Engine(settings, interval).run(nodes, status_op, label=label, progress=progress)
+    return Engine(settings, interval).run(nodes, ops.status_op, label=label, progress=progress)
+
+
+def power_action(nodes: Sequence[Node], action: str, settings: Settings | None = None, *,
+                 wait: bool = False, label: str | None = None, progress: str | None = None,
+                 interval: MinInterval | None = None) -> list[Outcome]:
+    """on | off | soft | reset | cycle over every node at once, with PowerClient's results
+    ({"power", "changed", "confirmed"}); ``wait`` waits for the BMC to report the new state
+    (waiting for SSH is above the BMC layer: PowerClient.on(wait="ssh"))."""
+    if action not in ops.ACTIONS:
+        raise UserError(f"power action {action!r}: expected one of {', '.join(ops.ACTIONS)}")
+    engine = Engine(settings, interval)
+    make = ops.ACTIONS[action]
+    return engine.run(nodes, lambda n: make(n, engine.settings, wait),
+                      label=label or f"power-{action}", progress=progress)
+
+
+def set_boot_device(nodes: Sequence[Node], device: str, settings: Settings | None = None, *,
+                    persistent: bool = False, label: str = "boot-device",
+                    progress: str | None = None,
+                    interval: MinInterval | None = None) -> list[Outcome]:
+    """The boot override on every node at once (see ops.set_boot_device)."""
+    ops.check_boot_device(device)  # a usage error before any BMC is touched
+    return Engine(settings, interval).run(
+        nodes, lambda n: ops.set_boot_device(n, device, persistent), label=label,
+        progress=progress)

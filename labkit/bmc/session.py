@@ -53,6 +53,7 @@ RETRYABLE_MARKERS = ("Insufficient resources", "Session no longer connected", "t
                      "Session failed to initialize")
 
 MAX_RETRANSMIT_INTERVAL = 2.0
+STALE_SESSION_AFTER = 3.0  # budget of one command on a reused session before re-login
 
 
 class BmcError(NodeError):
