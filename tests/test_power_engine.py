@@ -18,7 +18,8 @@ from labkit.bmc import engine, ops
 from labkit.bmc.ops import Cmd, Sleep
 from labkit.config import Settings
 from labkit.errors import UserError
-from labkit.inventory import Node
+from labkit.inventory import BmcSpec, Node
+from labkit.retry import MinInterval, RetryPolicy
 
 NEEDS_SIM = pytest.mark.skipif(shutil.which("ipmi_sim") is None,
                                reason="OpenIPMI ipmi_sim not installed (apt install openipmi)")
@@ -28,6 +29,58 @@ FAST = Settings(bmc_timeout=1.0, retry_window=3.0, retry_first_delay=0.1, retry_
 
 def nodes_of(lab: Any) -> list[Node]:
     return list(lab.inventory().nodes.values())
+
+
+# -- pure logic: the policy without sleeping, and the ops as scripts -----------------------------
+
+def test_retry_clock_is_the_policy_without_the_sleeping():
+    policy = RetryPolicy(window=0.3, first_delay=0.05, max_delay=0.1, jitter=0.0)
+    clock = policy.clock()
+    assert [clock.next_delay() for _ in range(3)] == [0.05, 0.1, 0.1]
+    time.sleep(0.31)
+    assert clock.next_delay() is None  # the window is spent
+    assert policy.clock(deadline=time.monotonic()).next_delay() is None
+    late = policy.clock(deadline=time.monotonic() + 0.02).next_delay()
+    assert late is not None and late <= 0.02  # never past the deadline
+
+
+def test_min_interval_reserve_hands_out_slots_per_key():
+    gap = MinInterval(0.5)
+    assert gap.reserve("a") == 0.0
+    assert 0.45 < gap.reserve("a") <= 0.5
+    assert 0.95 < gap.reserve("a") <= 1.0  # slots queue up
+    assert gap.reserve("b") == 0.0
+    assert MinInterval(0.0).reserve("a") == 0.0
+
+
+def drive(op: ops.Op, replies: list[bytes]) -> tuple[list[Any], Any]:
+    """Run an op against scripted replies; returns the steps it yielded and its result."""
+    steps: list[Any] = []
+    value: Any = None
+    try:
+        while True:
+            step = op.send(value)
+            steps.append(step)
+            value = replies.pop(0) if isinstance(step, Cmd) else None
+    except StopIteration as stop:
+        return steps, stop.value
+
+
+def test_ops_send_only_what_the_state_needs():
+    node = Node("n1", bmc=BmcSpec(host="h"), ssh=None)
+    settings = replace(FAST, cycle_delay=0.25)
+    steps, result = drive(ops.on(node, settings), [b"\x01"])  # already on
+    assert steps == [Cmd(0x00, 0x01)] and result == {"power": "on", "changed": False,
+                                                     "confirmed": True}
+    steps, result = drive(ops.off(node, settings), [b"\x01", b""])
+    assert steps == [Cmd(0x00, 0x01), Cmd(0x00, 0x02, (0,))] and result["changed"] is True
+    steps, result = drive(ops.cycle(node, settings, wait=True),
+                          [b"\x00", b"", b"\x00", b"\x01"])  # off already: sleep, on, poll
+    assert steps[:3] == [Cmd(0x00, 0x01), Sleep(0.25), Cmd(0x00, 0x02, (1,))]
+    assert steps[3].netfn == 0 and steps[3].cmd == 1 and steps[3].deadline is not None
+    assert steps[4] == Sleep(ops.POLL_INTERVAL) and result["confirmed"] is True
+    steps, result = drive(ops.boot_device(node), [b"\x01\x05\xc0\x04"])
+    assert result == {"device": "pxe", "persistent": True}
 
 
 def test_status_of_every_node_in_order(make_fake_lab):
