@@ -217,13 +217,16 @@ def main(argv: list[str] | None = None) -> int:
             x = r["labkit"] / r["ipmipower"]
             print(f"    labkit whole process / ipmipower            {x:7.2f}x"
                   f"{'  target <= 2.5x: ' + verdict(x <= 2.5) if count >= 256 else ''}")
-            print(f"    labkit in-process engine / ipmipower        "
-                  f"{r['engine'] / r['ipmipower']:7.2f}x")
+            if "engine" in r:
+                print(f"    labkit in-process engine / ipmipower        "
+                      f"{r['engine'] / r['ipmipower']:7.2f}x")
             if "before" in r:
                 print(f"    before whole process / ipmipower            "
                       f"{r['before'] / r['ipmipower']:7.2f}x")
-        print(f"    threads / engine (in-process)               {r['threads'] / r['engine']:7.1f}x")
-        if "before" in r:
+        if "threads" in r and "engine" in r:
+            print(f"    threads / engine (in-process)               "
+                  f"{r['threads'] / r['engine']:7.1f}x")
+        if "before" in r and "labkit" in r:
             print(f"    before / labkit (whole process)             {r['before'] / r['labkit']:7.1f}x")
     return 0
 
