@@ -6,7 +6,10 @@ login, per-BMC minimum interval, re-login after a BMC restart, per-node outcomes
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -231,6 +234,15 @@ def test_many_bmcs_at_once_and_capped(make_fake_lab):
     for parallel in (None, 7):
         out = engine.Engine(FAST).run(nodes, ops.status_op, parallel=parallel)
         assert len(out) == 64 and all(o.ok for o in out), [o.error for o in out if not o.ok]
+    # one socket per session in flight: a low open-files limit queues nodes, it fails none
+    code = ("import sys; from labkit import inventory; from labkit.bmc.engine import "
+            "power_status, _socket_budget; out = power_status(inventory.load(sys.argv[1])"
+            ".select(None)); print(_socket_budget(), sum(o.ok for o in out))")
+    r = subprocess.run([sys.executable, "-c", code, str(lab.inventory_path)],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (60, 60)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["16", "64"]  # 64 sockets at once would not fit under 60
 
 
 @NEEDS_SIM

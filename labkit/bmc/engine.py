@@ -366,6 +366,20 @@ class _Job:
             self._rearm()
 
 
+def _socket_budget() -> int:
+    """Sessions in flight that the open-files limit allows (one socket each), leaving room for
+    everything else the process holds; a run over more nodes queues the rest."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 16
+    return max(16, soft - 128)
+
+
 # -- the loop -------------------------------------------------------------------------------------------
 
 class Engine:
@@ -398,7 +412,7 @@ class Engine:
         self._timers = []
         pending = list(enumerate(nodes))
         pending.reverse()
-        cap = max(1, parallel or len(nodes))
+        cap = max(1, min(parallel or len(nodes), _socket_budget()))
         jobs: list[_Job] = []
         try:
             while pending or self._running:
