@@ -138,18 +138,21 @@ class AsyncSession(Retransmit, _simple.Session):
         self.raw_command(netfn=netfn, command=cmd, data=data, callback=self._reply_to(callback))
 
     def on_readable(self) -> None:
-        """Read every queued datagram without blocking (pyghmi selects once per packet)."""
-        while self.socket is not None:
-            try:
-                data, addr = self.socket.recvfrom(3000)
-            except BlockingIOError:
-                return
-            pkt = bytearray(data)
-            if len(pkt) > 4 and pkt[0] == 6 and pkt[2:4] == b"\xff\x07":
-                self._handle_ipmi_packet(pkt, sockaddr=addr)
-            while self._later:
-                fn, response = self._later.pop(0)
-                fn(response)
+        """Handle one datagram, read without blocking. One per call: a session rarely has two
+        queued, and the (level-triggered) selector reports the socket again if it has; reading
+        until EAGAIN cost a failed syscall and an exception per packet."""
+        if self.socket is None:
+            return
+        try:
+            data, addr = self.socket.recvfrom(3000)
+        except BlockingIOError:
+            return
+        pkt = bytearray(data)
+        if len(pkt) > 4 and pkt[0] == 6 and pkt[2:4] == b"\xff\x07":
+            self._handle_ipmi_packet(pkt, sockaddr=addr)
+        while self._later:
+            fn, response = self._later.pop(0)
+            fn(response)
 
     def close(self, logout: bool = True) -> None:
         """Log out (one packet, no wait: frees the BMC's session slot) and close the socket."""
