@@ -127,3 +127,17 @@ def test_cleanup_says_what_survived(lab: FakeLabHandle, run: MigrateRun,
     assert failed["node"] == "node1" and "4242" in failed["error"]
     err = capsys.readouterr().err
     assert "node1: could not end every process of this run: processes 4242 survived" in err
+
+
+def test_run_failure_keeps_the_cause_and_adds_the_folder(tmp_path: Path) -> None:
+    """What a failed run raises: the cause's message, exit code and report data, plus the
+    results folder, all given at construction."""
+    from labkit.errors import LabkitError, UserError
+    from labkit.experiment import MigrationFailed, RunFailed
+
+    cause = UserError("--size: bad", value={"node": "node1"})
+    e = RunFailed(cause, tmp_path)
+    assert isinstance(e, MigrationFailed) and str(e) == "--size: bad"
+    assert e.exit_code == 2 and e.value == {"node": "node1", "folder": str(tmp_path)}
+    assert RunFailed(LabkitError("x"), tmp_path).exit_code == 1
+    assert cause.value == {"node": "node1"}  # the cause is not changed
