@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 ENV_NODE = "LABKIT_NODE"
 ENV_ROOT = "LABKIT_NODE_ROOT"
+# A power-off scans /proc again this often until nothing marked is left: a SIGKILLed process
+# takes a few ms to exit, and every fake power-off (tests do hundreds) waits for that rescan.
+SWEEP_INTERVAL = 0.005
 
 
 class FakeNode:

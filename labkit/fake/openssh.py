@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from labkit.fake import sshd_watchdog
-from labkit.fake.base import ENV_NODE, ENV_ROOT, FakeNode, ensure_host_key
+from labkit.fake.base import ENV_NODE, ENV_ROOT, SWEEP_INTERVAL, FakeNode, ensure_host_key
 from labkit.nodeside import killmarked
 
 SSHD = "/usr/sbin/sshd"
@@ -117,8 +117,8 @@ class OpenSshNode(FakeNode):
             with open(log_path, "ab") as logf:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", str(WATCHDOG), "--marker",
-                     self.marker.decode(), "--", sshd_path() or SSHD, "-D", "-e", "-f",
-                     str(conf), "-p", str(self.port)],
+                     self.marker.decode(), "--interval", str(SWEEP_INTERVAL), "--",
+                     sshd_path() or SSHD, "-D", "-e", "-f", str(conf), "-p", str(self.port)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf,
                     start_new_session=True, close_fds=True)
             # ready when the port answers (sshd binds quickly, but not instantly)
@@ -146,19 +146,25 @@ class OpenSshNode(FakeNode):
         with self._lock:
             proc, self._proc = self._proc, None
         killed: list[int] = []
+        clean = False
         if proc is not None:
             try:
                 out, _ = proc.communicate(timeout=STOP_TIMEOUT)  # closes the lifeline
                 killed = json.loads(out or b"{}").get("killed", [])
+                clean = proc.returncode == 0
             except (subprocess.TimeoutExpired, ValueError):
                 self.log.warning("node %s: sshd watchdog did not report; powering off here",
                                  self.name)
-                killed, _ = sshd_watchdog.power_off(proc.pid, self.marker)
+                killed, _ = sshd_watchdog.power_off(proc.pid, self.marker,
+                                                    interval=SWEEP_INTERVAL)
                 proc.communicate()
-        more, survivors = killmarked.kill([self.marker])  # whatever escaped (or no watchdog)
+        survivors: list[int] = []
+        if not clean:  # no watchdog, or one that left something: sweep from here
+            more, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
+            killed += more
         if proc is not None:
             self.log.info("node %s: sshd stopped, %d process(es) killed", self.name,
-                          len(killed) + len(more))
+                          len(killed))
         if survivors:
             self.log.warning("node %s: %d process(es) survived power-off: %s", self.name,
                              len(survivors), survivors)

@@ -25,7 +25,7 @@ from typing import Any
 
 import paramiko
 
-from labkit.fake.base import FakeNode, ensure_host_key, node_env
+from labkit.fake.base import SWEEP_INTERVAL, FakeNode, ensure_host_key, node_env
 from labkit.fake.sftp import RootedSftp, SftpSubsystem
 from labkit.nodeside import killmarked
 
@@ -116,7 +116,8 @@ class PythonSshNode(FakeNode):
             sock.close()
         for t in transports:
             t.close()
-        killed, survivors = killmarked.kill([self.marker], extra=[p.pid for p in procs])
+        killed, survivors = killmarked.kill([self.marker], extra=[p.pid for p in procs],
+                                            interval=SWEEP_INTERVAL)
         if sock is not None or killed:
             self.log.info("node %s: ssh stopped, %d process(es) killed", self.name, len(killed))
         if survivors:
