@@ -143,7 +143,7 @@ def test_sigkilled_lab_leaves_no_sshd_or_session_behind(tmp_path_factory) -> Non
     lab = start_fake_lab(tmp_path_factory.mktemp("osshkill"), count=1, sshd="openssh",
                          power_on=True)
     try:
-        marker = f"LABKIT_NODE_ROOT={(lab.state_dir / 'nodes' / 'node1').resolve()}".encode()
+        marker = lab.node_marker("node1")
         with SshClient.connect(inv.load(lab.inventory_path).node("node1"), SETTINGS) as c:
             c.run("setsid sleep 1001 >/dev/null 2>&1 & true")
             busy = c.open_exec("sleep 1002")  # its connection stays open through the kill
