@@ -18,8 +18,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from labkit.nodeside import killmarked
-
 if TYPE_CHECKING:
     import paramiko
 
@@ -45,10 +43,6 @@ class FakeNode:
         self.log = log
         self.marker = f"{ENV_ROOT}={self.root}".encode()
         self._lock = threading.RLock()
-
-    def processes(self) -> list[int]:
-        """Live pids started through this node (whatever became of their process group)."""
-        return killmarked.marked([self.marker])
 
 
 def ensure_host_key(path: Path) -> paramiko.Ed25519Key:
