@@ -248,6 +248,24 @@ def test_power_on_wait_ssh_hands_over_to_labkit_ssh(make_fake_lab):
     assert all(lab.status(n)["ssh"] for n in lab.nodes)
 
 
+def test_power_cycle_wait_ssh_through_bringup(make_fake_lab):
+    """labkit.bringup.power_cycle: off, on, then SSH answers again (a second boot on the
+    console); the power driver alone is never asked to wait for SSH."""
+    from dataclasses import replace
+
+    from labkit import bringup
+
+    lab = make_fake_lab(count=1, ssh=True, power_delay=(0.1, 0.2), boot_delay=0.2)
+    node = lab.inventory().node("node1")
+    settings = replace(FAST, ssh_wait=20.0)
+    with PowerClient(settings) as power:
+        assert bringup.power_on(power, node, settings, wait="ssh")["ssh"] is True
+        assert boots(lab, "node1", 1)
+        out = bringup.power_cycle(power, node, settings, wait="ssh")
+    assert out == {"power": "on", "changed": True, "confirmed": True, "ssh": True}
+    assert boots(lab, "node1", 2) and lab.status("node1")["ssh"] is True
+
+
 def test_node_that_never_answers_ssh_fails_with_its_console_tail(make_fake_lab):
     """--wait=ssh on a node whose SSH never comes up (here: an inventory that points node1 at a
     port nobody listens on) fails that node inside ssh_wait, and the error carries what the
