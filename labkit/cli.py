@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+_CLASS: list[type] = []
+
+
 def _program_class() -> type:
+    """LabkitProgram, defined on first use (it subclasses Invoke's Program) and kept."""
+    if _CLASS:
+        return _CLASS[0]
     from invoke import Program
     from invoke.exceptions import Exit, ParseError
 
@@ -41,6 +47,7 @@ def _program_class() -> type:
             except ParseError as e:
                 raise Exit(f"error: {e}", code=2) from None
 
+    _CLASS.append(LabkitProgram)
     return LabkitProgram
 
 
