@@ -18,11 +18,12 @@ from labkit.inventory import Node
 
 def power_on(node: Node, settings: Settings) -> dict[str, Any]:
     """Power ``node`` on and wait until it answers SSH. The one place preparation touches the
-    power layer: the call that moves to ``labkit.bringup.power_on``."""
+    power layer: through ``labkit.bringup``."""
+    from labkit import bringup
     from labkit.bmc.power import PowerClient
 
     with PowerClient(settings) as pc:
-        return pc.on(node, wait="ssh")
+        return bringup.power_on(pc, node, settings, wait="ssh")
 
 
 def prepare_nodes(nodes: list[Node], settings: Settings,
