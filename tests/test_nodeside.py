@@ -1,0 +1,201 @@
+"""Node-side programs (labkit/nodeside/): shipped as ``python3 -I -S -c SOURCE``, stdlib-only,
+and kill-by-marker, run here for real against real process trees on this machine's /proc."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import labkit.nodeside as ns
+from labkit.nodeside import killmarked
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_SIDE = [*sorted((ROOT / "labkit/nodeside").glob("*.py")),
+             *sorted((ROOT / "labkit/payloads").glob("*.py"))]
+
+# A process tree that hides from process groups and parents: the child leaves the group with
+# setsid, then double-forks, so its grandchild is re-parented to init. All carry the marker.
+TREE = r"""
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            open(sys.argv[1] + ".gc", "w").write(str(os.getpid()))
+            time.sleep(600)
+        os._exit(0)
+    time.sleep(600)
+open(sys.argv[1] + ".top", "w").write(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+def _wait_file(path: Path, timeout: float = 10) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_text():
+            return int(path.read_text())
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never written")
+
+
+def _alive(pid: int) -> bool:
+    return killmarked.alive(pid)
+
+
+def _spawn(env_extra: dict[str, str], code: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, **env_extra}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env,
+                            start_new_session=True)
+
+
+@pytest.mark.parametrize("path", NODE_SIDE, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_node_side_code_imports_only_the_stdlib_and_its_siblings(path: Path) -> None:
+    """Code that runs on a node has nothing but python3 there: no labkit, no third party."""
+    stdlib = set(sys.stdlib_module_names)
+    siblings = {p.stem for p in path.parent.glob("*.py")}
+    tree = ast.parse(path.read_text(), str(path))
+    optional = set()  # imports guarded by ``except ImportError`` (numpy when present)
+    for t in ast.walk(tree):
+        if isinstance(t, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in t.handlers):
+            optional |= {id(n) for s in t.body for n in ast.walk(s)}
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
+        if isinstance(node, ast.Import):
+            mods = [a.name.split(".")[0] for a in node.names]
+            for m in mods:
+                assert m in stdlib or m in siblings, f"{path.name} imports {m}"
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            top = node.module.split(".")[0]
+            if top == "labkit":
+                assert node.module == f"labkit.{path.parent.name}", \
+                    f"{path.name} imports {node.module}"
+            else:
+                assert top in stdlib or top in siblings, f"{path.name} imports {node.module}"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "labkit/nodeside").glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_program_ships_and_compiles(name: str) -> None:
+    text = ns.program(name)
+    compile(text, f"<{name}>", "exec")
+    assert len(text.encode()) <= ns.MAX_PROGRAM
+    assert ns.command(name).startswith("exec python3 -I -S -c ")
+
+
+def test_shipped_program_runs_isolated_from_labkit(tmp_path: Path) -> None:
+    """The shipped form runs where labkit is not importable (-I -S, cwd elsewhere), and
+    answers like the file run directly."""
+    cmd = ns.command("killmarked", "--marker", f"LABKIT_RUN=nobody{uuid.uuid4().hex}",
+                     exec_=False)
+    r = subprocess.run(["/bin/sh", "-c", cmd], cwd=tmp_path, capture_output=True,
+                       env={"PATH": os.environ["PATH"]}, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"killed": [], "survivors": []}
+
+
+def test_kill_finds_setsid_and_double_forked_children(tmp_path: Path) -> None:
+    """What a process group or a parent pid would miss, the marker finds; an unmarked process
+    beside it lives on."""
+    run = uuid.uuid4().hex
+    marked = _spawn({"LABKIT_RUN": run}, TREE, str(tmp_path / "m"))
+    other = _spawn({"LABKIT_RUN": "someone-else"}, TREE, str(tmp_path / "o"))
+    try:
+        top, gc = _wait_file(tmp_path / "m.top"), _wait_file(tmp_path / "m.gc")
+        o_top, o_gc = _wait_file(tmp_path / "o.top"), _wait_file(tmp_path / "o.gc")
+        assert os.getpgid(gc) != os.getpgid(top)  # the grandchild really left the group
+        cmd = ns.command("killmarked", "--marker", f"LABKIT_RUN={run}", exec_=False)
+        r = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        marked.wait(10)
+        assert top in out["killed"] and gc in out["killed"] and out["survivors"] == []
+        assert not _alive(top) and not _alive(gc)
+        assert _alive(o_top) and _alive(o_gc)
+    finally:
+        for p in (marked, other):
+            killmarked.kill([], [p.pid])
+        killmarked.kill([b"LABKIT_RUN=someone-else", f"LABKIT_RUN={run}".encode()],
+                        within=None, groups="none")
+        other.wait(10)
+
+
+def test_within_keeps_to_one_fake_node(tmp_path: Path) -> None:
+    """Fake nodes share one /proc: a sweep for node1's root never touches node2's processes."""
+    mark = uuid.uuid4().hex
+    a = _spawn({"LABKIT_CTL": mark, "LABKIT_NODE_ROOT": "/lab/node1"}, TREE, str(tmp_path / "a"))
+    b = _spawn({"LABKIT_CTL": mark, "LABKIT_NODE_ROOT": "/lab/node2"}, TREE, str(tmp_path / "b"))
+    try:
+        a_gc, b_gc = _wait_file(tmp_path / "a.gc"), _wait_file(tmp_path / "b.gc")
+        killed, survivors = killmarked.kill([f"LABKIT_CTL={mark}".encode()],
+                                            within=b"LABKIT_NODE_ROOT=/lab/node1")
+        assert a_gc in killed and survivors == []
+        assert not _alive(a_gc) and _alive(b_gc)
+        assert b.pid not in killed
+    finally:
+        killmarked.kill([f"LABKIT_CTL={mark}".encode()])
+        a.wait(10)
+        b.wait(10)
+
+
+def test_prefix_marker_and_safe_groups(tmp_path: Path) -> None:
+    """``NAME=`` matches any value; "safe" never signals a group holding an unmarked member."""
+    run = uuid.uuid4().hex
+    # a marked leader whose group also holds an unmarked child (env cleared by the child)
+    code = ("import os, sys, time\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os.execve(sys.executable, [sys.executable, '-c', "
+            "'import time; time.sleep(600)'], {})\n"
+            "open(sys.argv[1], 'w').write(str(pid))\n"
+            "time.sleep(600)\n")
+    leader = _spawn({f"LABKIT_TEST_{run}": "x"}, code, str(tmp_path / "child"))
+    try:
+        child = _wait_file(tmp_path / "child")
+        assert os.getpgid(child) == leader.pid
+        killed, survivors = killmarked.kill([f"LABKIT_TEST_{run}=".encode()], groups="safe")
+        assert killed == [leader.pid] and survivors == []
+        assert _alive(child)  # unmarked, and its group was not all ours: left alone
+    finally:
+        killmarked.kill([], [child], groups="none")
+        leader.wait(10)
+
+
+def test_grace_sends_term_first_and_cont_to_a_stopped_process(tmp_path: Path) -> None:
+    run = uuid.uuid4().hex
+    code = ("import os, signal, sys, time\n"
+            "def bye(*a):\n"
+            "    open(sys.argv[1], 'w').write('term'); os._exit(0)\n"
+            "signal.signal(signal.SIGTERM, bye)\n"
+            "open(sys.argv[1] + '.ready', 'w').write(str(os.getpid()))\n"
+            "time.sleep(600)\n")
+    p = _spawn({"LABKIT_RUN": run}, code, str(tmp_path / "t"))
+    try:
+        _wait_file(tmp_path / "t.ready")
+        os.kill(p.pid, signal.SIGSTOP)
+        killed, survivors = killmarked.kill([f"LABKIT_RUN={run}".encode()], grace=5)
+        assert killed == [p.pid] and survivors == []
+        p.wait(10)
+        assert (tmp_path / "t").read_text() == "term"
+    finally:
+        killmarked.kill([], [p.pid])
+
+
+def test_bad_arguments_are_refused_without_killing() -> None:
+    r = subprocess.run([sys.executable, killmarked.__file__, "--marker", "NOEQUALS"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "NAME=value" in r.stderr
+    r = subprocess.run([sys.executable, killmarked.__file__], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "nothing to kill" in r.stderr
