@@ -14,7 +14,8 @@ so load hits them alike):
     labkit      `labkit power-status -i INV --json` (this tree)
     library     a fresh `python -c` doing what the task does (load, engine, JSON report) without
                 the CLI: the whole-process floor of the power path itself, CLI imports excluded
-    before      the same command from another install (--before; default /work/main's venv)
+    beforeN     the same command from earlier versions (--before PROGRAM, repeatable; default
+                /work/main's venv)
     ipmipower   `ipmipower -D LAN_2_0 -I 3 -h h:p,... --stat`: FreeIPMI, C, all sessions in one
                 event loop. The password goes in a 0600 --config-file, never argv.
     ipmitool    `ipmitool -I lanplus ... chassis power status` once per BMC, in sequence, as the
@@ -90,7 +91,8 @@ def run_ok(argv: list[str], check: Callable[[subprocess.CompletedProcess], bool]
         raise SystemExit(f"{what} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-300:]}")
 
 
-def bench(count: int, rounds: int, before: Path | None, ipmitool_all: bool) -> dict[str, float]:
+def bench(count: int, rounds: int, befores: list[Path],
+          ipmitool_all: bool) -> dict[str, float]:
     ipmitool = shutil.which("ipmitool")
     ipmipower = shutil.which("ipmipower")
     with tempfile.TemporaryDirectory(prefix="labkit-bench-") as tmpdir:
@@ -132,10 +134,10 @@ def bench(count: int, rounds: int, before: Path | None, ipmitool_all: bool) -> d
                 "python": lambda: run_ok([sys.executable, "-c", "pass"], lambda r: True,
                                          "python"),
             }
-            if before is not None and before.exists():
-                contenders["before"] = lambda: run_ok(
-                    [str(before), "power-status", "-i", str(inv_path), "--json"], all_ok,
-                    "before: labkit power-status")
+            for k, before in enumerate(befores):
+                contenders[f"before{k}"] = lambda b=before: run_ok(
+                    [str(b), "power-status", "-i", str(inv_path), "--json"], all_ok,
+                    f"{b} power-status")
             if ipmipower:
                 contenders["ipmipower"] = lambda: run_ok(
                     [ipmipower, "--config-file", str(cfg), "-D", "LAN_2_0", "-I", "3",
@@ -181,23 +183,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--counts", default="64,256", help="BMC counts, comma-separated")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--before", type=Path, default=DEFAULT_BEFORE,
-                    help="a `labkit` program of the previous version (skipped if missing)")
+    ap.add_argument("--before", type=Path, action="append",
+                    help="a `labkit` program of an earlier version, measured alike (repeatable; "
+                         f"default {DEFAULT_BEFORE} if present)")
     ap.add_argument("--ipmitool-all", action="store_true",
                     help="also run the sequential ipmitool loop for counts above 64")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",") if c]
+    befores = [b for b in (args.before or [DEFAULT_BEFORE]) if b.exists()]
     print(f"power status over N fake BMCs, loopback, medians of {args.rounds} interleaved "
           f"rounds; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    for k, b in enumerate(befores):
+        print(f"  before{k} = {b}")
     results: dict[int, dict[str, float]] = {}
     for count in counts:
-        r = results[count] = bench(count, args.rounds, args.before, args.ipmitool_all)
+        r = results[count] = bench(count, args.rounds, befores, args.ipmitool_all)
         print(f"\n{count} BMCs")
         rows = [("engine", "in-process: labkit.bmc.engine.power_status"),
                 ("threads", "in-process: PowerClient + fan_out threads (before)"),
                 ("labkit", "whole process: labkit power-status (this tree)"),
                 ("library", "whole process: the same without the CLI (python -c)"),
-                ("before", f"whole process: {args.before} power-status"),
+                *((f"before{k}", f"whole process: before{k} power-status")
+                  for k in range(len(befores))),
                 ("ipmipower", "whole process: ipmipower -D LAN_2_0 -I 3 --stat"),
                 ("ipmitool", "whole process: ipmitool loop, sequential, one pass"),
                 ("python", "whole process: python -c pass (the floor)")]
@@ -211,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             x = r["ipmitool"] / r["labkit"]
             print(f"    ipmitool loop / labkit whole process        {x:7.1f}x"
                   f"{'  target >= 20x: ' + verdict(x >= 20) if count == 64 else ''}")
-            if "before" in r:
-                print(f"    ipmitool loop / before whole process        "
-                      f"{r['ipmitool'] / r['before']:7.1f}x")
+            for k in range(len(befores)):
+                if f"before{k}" in r:
+                    print(f"    ipmitool loop / before{k} whole process       "
+                          f"{r['ipmitool'] / r[f'before{k}']:7.1f}x")
         if "ipmipower" in r and "labkit" in r:
             x = r["labkit"] / r["ipmipower"]
             print(f"    labkit whole process / ipmipower            {x:7.2f}x"
@@ -221,14 +229,17 @@ def main(argv: list[str] | None = None) -> int:
             if "engine" in r:
                 print(f"    labkit in-process engine / ipmipower        "
                       f"{r['engine'] / r['ipmipower']:7.2f}x")
-            if "before" in r:
-                print(f"    before whole process / ipmipower            "
-                      f"{r['before'] / r['ipmipower']:7.2f}x")
+            for k in range(len(befores)):
+                if f"before{k}" in r:
+                    print(f"    before{k} whole process / ipmipower           "
+                          f"{r[f'before{k}'] / r['ipmipower']:7.2f}x")
         if "threads" in r and "engine" in r:
             print(f"    threads / engine (in-process)               "
                   f"{r['threads'] / r['engine']:7.1f}x")
-        if "before" in r and "labkit" in r:
-            print(f"    before / labkit (whole process)             {r['before'] / r['labkit']:7.1f}x")
+        for k in range(len(befores)):
+            if f"before{k}" in r and "labkit" in r:
+                print(f"    before{k} / labkit (whole process)            "
+                      f"{r[f'before{k}'] / r['labkit']:7.1f}x")
     return 0
 
 
