@@ -18,6 +18,9 @@ import yaml
 from labkit.errors import InventoryError, UserError
 from labkit.secrets import Secret
 
+# libyaml's parser where present: the pure-Python one spent ~0.1 s on a 256-node inventory
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ENV_VAR = "LABKIT_INVENTORY"
 
@@ -177,7 +180,11 @@ class _Loader:
     def scalar(self, node: yaml.Node, what: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.err(node, f"{what} must be a single value")
-        return yaml.safe_load(yaml.serialize(node)) if node.value != "" else None
+        if node.value == "":
+            return None
+        # the composed node already carries its resolved tag: construct it directly (a
+        # serialize + safe_load round trip per scalar cost ~0.1 ms, 0.14 s for 256 nodes)
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
     def string(self, node: yaml.Node, what: str) -> str:
         value = self.scalar(node, what)
@@ -292,7 +299,7 @@ def load(path: str | os.PathLike | None = None, *, check_secrets: bool = True) -
     except UnicodeDecodeError:
         raise InventoryError(path, None, "not a UTF-8 text file") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None

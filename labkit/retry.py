@@ -28,30 +28,48 @@ class RetryPolicy:
             yield max(0.0, d * (1 + rng.uniform(-self.jitter, self.jitter)))
             d = min(self.max_delay, d * self.factor)
 
+    def clock(self, deadline: float | None = None) -> RetryClock:
+        """The policy's decisions for one operation, starting now, without the sleeping: for
+        callers that wait in an event loop (labkit.bmc.engine) rather than in time.sleep."""
+        return RetryClock(self, deadline)
+
     def call(self, fn: Callable[[], T], *, retryable: Callable[[BaseException], bool],
              on_retry: Callable[[int, BaseException, float], None] | None = None,
              deadline: float | None = None) -> T:
         """Run fn until it returns, raises a non-retryable error, or the window is spent (then the
         last error is raised). ``deadline`` (a time.monotonic() value) can shorten the window."""
-        end = time.monotonic() + self.window
-        if deadline is not None:
-            end = min(end, deadline)
+        clock = self.clock(deadline)
         attempt = 0
-        for delay in self.delays():
+        while True:
             attempt += 1
             try:
                 return fn()
             except BaseException as e:  # noqa: B036 - filtered right below
                 if isinstance(e, (KeyboardInterrupt, SystemExit)) or not retryable(e):
                     raise
-                left = end - time.monotonic()
-                if left <= 0:
+                sleep = clock.next_delay()
+                if sleep is None:
                     raise
-                sleep = min(delay, left)
                 if on_retry:
                     on_retry(attempt, e, sleep)
                 time.sleep(sleep)
-        raise AssertionError("unreachable")
+
+
+class RetryClock:
+    """One operation's retry window and backoff (see RetryPolicy.clock)."""
+
+    def __init__(self, policy: RetryPolicy, deadline: float | None = None):
+        self.end = time.monotonic() + policy.window
+        if deadline is not None:
+            self.end = min(self.end, deadline)
+        self._delays = policy.delays()
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next attempt, or None when the window is spent."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            return None
+        return min(next(self._delays), left)
 
 
 class MinInterval:
@@ -65,13 +83,19 @@ class MinInterval:
         self._last: dict[object, float] = {}
         self._lock = threading.Lock()
 
-    def wait(self, key: object) -> None:
+    def reserve(self, key: object) -> float:
+        """Claim the next slot for ``key``; returns the seconds to wait before using it (0.0 when
+        it is free now). For callers that wait in an event loop instead of sleeping."""
         if self.seconds <= 0:
-            return
+            return 0.0
         with self._lock:
             now = time.monotonic()
             ready = self._last.get(key, 0.0) + self.seconds
             slot = max(now, ready)
             self._last[key] = slot
-        if slot > now:
-            time.sleep(slot - now)
+        return slot - now
+
+    def wait(self, key: object) -> None:
+        pause = self.reserve(key)
+        if pause > 0:
+            time.sleep(pause)

@@ -24,34 +24,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, TypeVar
 
-from labkit.bmc.session import (
+from labkit.bmc import ops
+from labkit.bmc.ops import (  # noqa: F401 - re-exported: callers import them from here
+    BOOT_DEVICES,
+    POLL_INTERVAL,
+    Cmd,
+    Op,
+    PowerState,
+    Sleep,
+)
+from labkit.bmc.session import (  # noqa: F401 - STALE_SESSION_AFTER re-exported
+    STALE_SESSION_AFTER,
     BmcError,
-    BmcRetryable,
     LabSession,
     is_retryable,
     open_session,
     translate,
 )
 from labkit.config import Settings
-from labkit.errors import NodeError, UserError
+from labkit.errors import NodeError
 from labkit.inventory import Node
 from labkit.retry import MinInterval, RetryPolicy
 
 log = logging.getLogger("labkit.power")
 
 T = TypeVar("T")
-PowerState = Literal["on", "off"]
 
-# IPMI chassis control (netfn 0x00, cmd 0x02) operands
-_CHASSIS_OFF, _CHASSIS_ON, _CHASSIS_RESET, _CHASSIS_SOFT = 0, 1, 3, 5
-_CONTROL_NAMES = {0: "off", 1: "on", 3: "reset", 5: "soft-off"}
-# Boot device selector values for Set System Boot Options parameter 5 (IPMI table 28-14)
-BOOT_DEVICES = {"default": 0x00, "pxe": 0x04, "disk": 0x08, "bios": 0x18}
-_BOOT_NAMES = {v >> 2: k for k, v in BOOT_DEVICES.items()}
-POLL_INTERVAL = 0.5  # seconds between state polls while waiting
-STALE_SESSION_AFTER = 3.0  # budget of one command on a reused session before re-login
+_CHASSIS_ON = ops.CHASSIS_ON
 
 
 def _confirm(wait: bool | str | None) -> bool:
@@ -95,18 +96,11 @@ class PowerClient:
 
     def status(self, node: Node, deadline: float | None = None) -> PowerState:
         """Current chassis power state as the BMC reports it."""
-        data = self._call(node, lambda s: s.command(0x00, 0x01), deadline)
-        if not data:
-            raise BmcError(f"{node.name}: empty chassis status reply")
-        return "on" if data[0] & 0x01 else "off"
+        return self._run(node, ops.status(node, deadline))
 
     def boot_device(self, node: Node) -> dict[str, object]:
         """The boot override the BMC holds: {"device": name, "persistent": bool}."""
-        data = self._call(node, lambda s: s.command(0x00, 0x09, (5, 0, 0)))
-        if len(data) < 4 or not data[2] & 0x80:
-            return {"device": "default", "persistent": True}
-        dev = (data[3] >> 2) & 0x0F
-        return {"device": _BOOT_NAMES.get(dev, f"0x{dev:x}"), "persistent": bool(data[2] & 0x40)}
+        return self._run(node, ops.boot_device(node))
 
     # -- actions ---------------------------------------------------------------------------------
 
@@ -123,85 +117,57 @@ class PowerClient:
 
     def off(self, node: Node, wait: bool = False) -> dict[str, object]:
         """Hard power off (no command when already off)."""
-        changed = self._ensure(node, "off", _CHASSIS_OFF)
-        result: dict[str, object] = {"power": "off", "changed": changed, "confirmed": not changed}
-        if wait and changed:
-            self.wait_for(node, "off", time.monotonic() + self.settings.power_wait)
-            result["confirmed"] = True
-        return result
+        return self._run(node, ops.off(node, self.settings, wait))
 
     def soft(self, node: Node, wait: bool = False) -> dict[str, object]:
         """Ask the OS to shut down (ACPI soft-off); no command when already off."""
-        changed = self._ensure(node, "off", _CHASSIS_SOFT)
-        result: dict[str, object] = {"power": "off", "changed": changed, "confirmed": not changed}
-        if wait and changed:
-            self.wait_for(node, "off", time.monotonic() + self.settings.power_wait)
-            result["confirmed"] = True
-        return result
+        return self._run(node, ops.soft(node, self.settings, wait))
 
     def reset(self, node: Node) -> dict[str, object]:
         """Hard reset (warm reboot). The BMC decides what a reset of an off node means."""
-        self._control(node, _CHASSIS_RESET)
-        return {"power": "on", "changed": True, "confirmed": False}
+        return self._run(node, ops.reset(node, self.settings))
 
     def cycle(self, node: Node, wait: bool = False) -> dict[str, object]:
-        """Off, wait until the BMC reports off, settings.cycle_delay, on. pyghmi has no cycle
-        and IPMI's own cycle is left to each BMC's taste; this one behaves the same everywhere."""
-        if self._ensure(node, "off", _CHASSIS_OFF):
-            self.wait_for(node, "off", time.monotonic() + self.settings.power_wait)
-        time.sleep(self.settings.cycle_delay)
-        self._control(node, _CHASSIS_ON)
-        result: dict[str, object] = {"power": "on", "changed": True, "confirmed": False}
-        if wait:
-            self.wait_for(node, "on", time.monotonic() + self.settings.power_wait)
-            result["confirmed"] = True
-        return result
+        """Off, wait until the BMC reports off, settings.cycle_delay, on (see ops.cycle)."""
+        return self._run(node, ops.cycle(node, self.settings, wait))
 
     def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> dict[str, object]:
         """Boot override for the next boot (or every boot with persistent): pxe|disk|bios|default."""
-        if device not in BOOT_DEVICES:
-            raise UserError(f"boot device {device!r}: expected one of {', '.join(BOOT_DEVICES)}")
-        code = BOOT_DEVICES[device]
-        flags = 0 if code == 0 else 0x80 | (0x40 if persistent else 0)
-
-        def set_it(s: LabSession) -> None:
-            s.command(0x00, 0x08, (3, 8))  # boot info acknowledge: as pyghmi/ipmitool do
-            s.command(0x00, 0x08, (5, flags, code, 0, 0, 0))
-
-        self._call(node, set_it)
-        return {"boot_device": device, "persistent": bool(persistent)}
+        ops.check_boot_device(device)
+        return self._run(node, ops.set_boot_device(node, device, persistent))
 
     def wait_for(self, node: Node, state: PowerState, deadline: float) -> PowerState:
         """Poll until the BMC reports ``state``; NodeError at ``deadline`` (time.monotonic())."""
-        last: str | None = None
-        t0 = time.monotonic()
-        while True:
-            try:
-                last = self.status(node, deadline=deadline)
-            except BmcRetryable:  # the retry window ran out, the wait has not: keep polling
-                if time.monotonic() >= deadline:
-                    raise
-            if last == state:
-                return state
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NodeError(f"{node.name}: power still {last or 'unknown'} after "
-                                f"{time.monotonic() - t0:.0f} s (waiting for {state})")
-            time.sleep(min(POLL_INTERVAL, left))
+        return self._run(node, ops.wait_for(node, state, deadline))
 
     # -- plumbing --------------------------------------------------------------------------------
 
     def _ensure(self, node: Node, state: PowerState, operand: int) -> bool:
         """Send the chassis control only if the node is not already in ``state``."""
-        if self.status(node) == state:
-            log.info("%s: already %s", node.name, state)
-            return False
-        self._control(node, operand)
-        return True
+        return self._run(node, ops.ensure(node, state, operand))
 
     def _control(self, node: Node, operand: int) -> None:
-        log.info("%s: chassis control %s", node.name, _CONTROL_NAMES.get(operand, operand))
-        self._call(node, lambda s: s.command(0x00, 0x02, (operand,)))
+        self._run(node, ops.control(node, operand))
+
+    def _run(self, node: Node, op: ops.Gen[T]) -> T:
+        """Drive one op (labkit.bmc.ops) on this thread: each Cmd through :meth:`_call`, a
+        command's final error thrown into the op, Sleep as time.sleep."""
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = op.throw(error) if error is not None else op.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply = error = None
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                continue
+            try:
+                reply = self._call(node, lambda s, c=step: s.command(c.netfn, c.cmd, c.data),
+                                   step.deadline)
+            except Exception as e:  # the op decides (wait_for polls on), else it re-raises
+                error = e
 
     def _key(self, node: Node) -> tuple[str, int, str]:
         if node.bmc is None:

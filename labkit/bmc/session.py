@@ -53,6 +53,7 @@ RETRYABLE_MARKERS = ("Insufficient resources", "Session no longer connected", "t
                      "Session failed to initialize")
 
 MAX_RETRANSMIT_INTERVAL = 2.0
+STALE_SESSION_AFTER = 3.0  # budget of one command on a reused session before re-login
 
 
 class BmcError(NodeError):
@@ -104,7 +105,68 @@ def is_retryable(e: BaseException) -> bool:
     return isinstance(e, RetryableError)
 
 
-class LabSession(_simple.Session):
+class Retransmit:
+    """Retransmission for pyghmi's simple session, shared by the blocking :class:`LabSession`
+    and the event-driven ``labkit.bmc.engine.AsyncSession``: the outstanding packet is resent
+    after pyghmi's initial timeout (0.5-1 s, +0.5 s per resend, capped); the give-up rule is
+    the owner's deadline, not pyghmi's. Mixed in before ``_simple.Session``."""
+
+    _resend_at: float | None = None
+    timeout: float
+    lastpayload: Any
+    sessioncontext: Any
+    nowait: bool
+    hasretried: int
+
+    def _xmit_packet(self, retry: bool = True, delay_xmit: Any = None,
+                     timeout: Any = None) -> None:
+        super()._xmit_packet(retry, delay_xmit=delay_xmit, timeout=timeout)  # type: ignore[misc]
+        if retry:
+            self._resend_at = time.monotonic() + self.timeout
+
+    def _timedout(self) -> None:
+        """pyghmi's retransmit logic minus its own give-up rule (our deadline decides)."""
+        if not self.lastpayload:
+            return
+        self.timeout = min(self.timeout + 0.5, MAX_RETRANSMIT_INTERVAL)
+        self.nowait = True
+        try:
+            if self.sessioncontext == "FAILED":
+                self.lastpayload = None
+            elif self.sessioncontext == "OPENSESSION":
+                self.lastpayload = None
+                self._open_rmcpplus_request()  # type: ignore[attr-defined]
+            elif self.sessioncontext in ("EXPECTINGRAKP2", "EXPECTINGRAKP4"):
+                # BMCs dislike a repeated RAKP1/RAKP3: start the login over (pyghmi does too)
+                self.lastpayload = None
+                self._relog()  # type: ignore[attr-defined]
+            else:
+                self.hasretried = 1
+                self.send_payload()  # type: ignore[attr-defined]
+        finally:
+            self.nowait = False
+
+
+def check_reply(rsp: dict[str, Any] | None, netfn: int, cmd: int) -> bytes:
+    """The data of an IPMI response, or the labkit error its completion code stands for:
+    BmcRetryable (busy & co.), BmcTimeout (pyghmi gave up), BmcError; a pyghmi error text
+    without a code becomes IpmiException for :func:`translate`."""
+    code = rsp.get("code", 0) if rsp else 0
+    if rsp and "error" in rsp and not code:
+        raise IpmiException(rsp["error"])
+    if code == 0xFFFF:  # pyghmi's own "gave up waiting" marker
+        raise BmcTimeout(f"timeout waiting for netfn 0x{netfn:02X} cmd 0x{cmd:02X}")
+    if code:
+        assert rsp is not None
+        text = constants.ipmi_completion_codes.get(code) or rsp.get("error") or "error"
+        msg = f"completion code 0x{code:02X} ({text}) to netfn 0x{netfn:02X} cmd 0x{cmd:02X}"
+        if code in RETRYABLE_CODES:
+            raise BmcRetryable(msg, code)
+        raise BmcError(msg, code)
+    return bytes(rsp.get("data", b"")) if rsp else b""
+
+
+class LabSession(Retransmit, _simple.Session):
     """pyghmi's simple (one socket, no I/O thread) RMCP+ session plus retransmission and a hard
     deadline. Not thread-safe: one thread at a time (the power client holds a lock per BMC).
 
@@ -113,7 +175,7 @@ class LabSession(_simple.Session):
 
     def __init__(self, host: str, port: int, user: bytes, password: bytes, deadline: float):
         self.deadline = deadline
-        self._resend_at: float | None = None
+        self._resend_at = None
         self.socket = None
         try:
             super().__init__(bmc=host, userid=user, password=password, port=port)
@@ -151,52 +213,12 @@ class LabSession(_simple.Session):
         while retry and self.lastresponse is None and self.logged:
             self.wait_for_rsp()
 
-    def _xmit_packet(self, retry: bool = True, delay_xmit: Any = None,
-                     timeout: Any = None) -> None:
-        super()._xmit_packet(retry, delay_xmit=delay_xmit, timeout=timeout)
-        if retry:
-            self._resend_at = time.monotonic() + self.timeout
-
-    def _timedout(self) -> None:
-        """pyghmi's retransmit logic minus its own give-up rule (our deadline decides)."""
-        if not self.lastpayload:
-            return
-        self.timeout = min(self.timeout + 0.5, MAX_RETRANSMIT_INTERVAL)
-        self.nowait = True
-        try:
-            if self.sessioncontext == "FAILED":
-                self.lastpayload = None
-            elif self.sessioncontext == "OPENSESSION":
-                self.lastpayload = None
-                self._open_rmcpplus_request()
-            elif self.sessioncontext in ("EXPECTINGRAKP2", "EXPECTINGRAKP4"):
-                # BMCs dislike a repeated RAKP1/RAKP3: start the login over (pyghmi does too)
-                self.lastpayload = None
-                self._relog()
-            else:
-                self.hasretried = 1
-                self.send_payload()
-        finally:
-            self.nowait = False
-
     # -- commands --------------------------------------------------------------------------------
 
     def command(self, netfn: int, cmd: int, data: tuple[int, ...] | list[int] = ()) -> bytes:
         """One request/response; returns the response data. A non-zero completion code raises
         BmcRetryable (busy & co.) or BmcError."""
-        rsp = self.raw_command(netfn=netfn, command=cmd, data=data)
-        code = rsp.get("code", 0) if rsp else 0
-        if rsp and "error" in rsp and not code:
-            raise IpmiException(rsp["error"])
-        if code == 0xFFFF:  # pyghmi's own "gave up waiting" marker
-            raise BmcTimeout(f"timeout waiting for netfn 0x{netfn:02X} cmd 0x{cmd:02X}")
-        if code:
-            text = constants.ipmi_completion_codes.get(code) or rsp.get("error") or "error"
-            msg = f"completion code 0x{code:02X} ({text}) to netfn 0x{netfn:02X} cmd 0x{cmd:02X}"
-            if code in RETRYABLE_CODES:
-                raise BmcRetryable(msg, code)
-            raise BmcError(msg, code)
-        return bytes(rsp.get("data", b""))
+        return check_reply(self.raw_command(netfn=netfn, command=cmd, data=data), netfn, cmd)
 
     def close(self, logout: bool = True) -> None:
         """Log out (one packet, no wait: frees the BMC's session slot) and close the socket."""

@@ -46,8 +46,11 @@ def _positional(task: str, value: str) -> None:
 def power_status(c: Context, inventory: str | None = None, nodes: str | None = None,
                  json: bool = False) -> None:
     """Show each node's power state as its BMC reports it."""
-    _run(lab(c, inventory), nodes, "power-status",
-         lambda client, n: {"power": client.status(n)}, json, ("power",), change=False)
+    from labkit.bmc.engine import power_status as status_all  # every BMC at once, one thread
+
+    lab_ = lab(c, inventory)
+    finish(status_all(lab_.select(nodes, change=False), lab_.settings), as_json=json,
+           columns=("power",))
 
 
 @labtask(optional=["wait"], help={"wait": WAIT_HELP}, changes=True)
