@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import subprocess
 import sys
 import textwrap
@@ -121,7 +122,9 @@ int main(int argc, char **argv) {
 """
 
 # A program that is not ours: threads doing deterministic work (busy loop, sleeping, writing
-# memory) while the main thread sits in read(); prints a checksum at the end.
+# memory) while the main thread sits in read(); prints a checksum at the end. The second half of
+# the work waits for "armed" and the program waits for "go" before it ends, so the tracker is
+# armed before those writes and the target lives until the test is done with it.
 BUSY_C = r"""
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -133,13 +136,14 @@ BUSY_C = r"""
 
 #define N (8L << 20)
 static uint64_t result[4];
-static volatile int stop;
+static volatile int armed;
 
 static void *writer(void *arg) {
     long id = (long)arg;
     uint64_t *buf = malloc(N);
     uint64_t x = 88172645463325252ULL + id, sum = 0;
     for (long it = 0; it < 40; it++) {
+        while (it == 20 && !armed) { struct timespec ts = {0, 1000000}; nanosleep(&ts, NULL); }
         for (long i = 0; i < N / 8; i += 64) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             buf[(x >> 3) % (N / 8)] = x;
@@ -158,7 +162,11 @@ int main(void) {
     fflush(stdout);
     char line[64];
     if (!fgets(line, sizeof line, stdin)) return 4;   /* main thread blocked in read() */
+    armed = 1;
     for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
+    printf("done\n");
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 4;
     printf("%s %016llx %016llx %016llx %016llx\n", line[0] == 'g' ? "go" : "??",
            (unsigned long long)result[0], (unsigned long long)result[1],
            (unsigned long long)result[2], (unsigned long long)result[3]);
@@ -167,6 +175,7 @@ int main(void) {
 """
 
 # A plain Python program writing memory in a loop, with threads; prints a digest at the end.
+# It starts writing on "go" and ends on a second line: it outlives every scan of the test.
 PY_TARGET = textwrap.dedent("""
     import hashlib, sys, threading
     bufs = [bytearray(4 << 20) for _ in range(3)]
@@ -185,10 +194,13 @@ PY_TARGET = textwrap.dedent("""
         out[k] = h.hexdigest()[:16] + hashlib.sha256(b).hexdigest()[:16]
     ts = [threading.Thread(target=work, args=(k, 60000)) for k in range(3)]
     print("ready", flush=True)
+    sys.stdin.readline()
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    print("done", flush=True)
+    sys.stdin.readline()
     print(" ".join(out), flush=True)
 """)
 
@@ -393,18 +405,34 @@ def test_close_is_safe_when_target_died(dirtier):
 def _run_busy(exe: Path, track: bool) -> tuple[str, list]:
     p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
-    rounds = []
-    if track:
-        with tr.open_tracker(p.pid, "uffd") as t:
-            t.start()
-            for _ in range(5):
-                time.sleep(0.03)
-                rounds.append(t.scan())
-    p.stdin.write("go\n")
-    p.stdin.flush()
-    out, _ = p.communicate(timeout=30)
+    rounds = _scan_until_done(p, track, "armed")
+    out, _ = p.communicate("go\n", timeout=30)
     assert p.returncode == 0
     return out.strip(), rounds
+
+
+def _scan_until_done(p: subprocess.Popen, track: bool, start: str) -> list:
+    """Arm a tracker on p (when track), tell p to `start` its writes, scan while it writes and
+    once after it says "done" (so every write is seen); p stays alive until told more."""
+    rounds = []
+    t = tr.open_tracker(p.pid, "uffd") if track else None
+    try:
+        if t is not None:
+            t.start()
+        p.stdin.write(start + "\n")
+        p.stdin.flush()
+        if t is not None:
+            while True:
+                rounds.append(t.scan())
+                if select.select([p.stdout], [], [], 0.02)[0]:  # "done" (or p died)
+                    break
+        assert p.stdout.readline().strip() == "done"
+        if t is not None:
+            rounds.append(t.scan())
+    finally:
+        if t is not None:
+            t.close()
+    return rounds
 
 
 def test_uffd_foreign_c_program_continues_correctly(bins):
@@ -423,17 +451,11 @@ def test_uffd_foreign_python_program_continues_correctly(tmp_path):
     script.write_text(PY_TARGET)
 
     def run(track: bool):
-        p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, bufsize=1)
         assert p.stdout.readline().strip() == "ready"
-        seen = 0
-        if track:
-            with tr.open_tracker(p.pid, "uffd") as t:
-                t.start()
-                for _ in range(6):
-                    time.sleep(0.05)
-                    r = t.scan()
-                    seen += len(r.pages)
-        out, _ = p.communicate(timeout=60)
+        seen = sum(len(r.pages) for r in _scan_until_done(p, track, "go"))
+        out, _ = p.communicate("\n", timeout=60)
         assert p.returncode == 0
         return out.strip(), seen
 
