@@ -925,9 +925,9 @@ def _rounds(n: int) -> str:
     return f"{n} round" if n == 1 else f"{n} rounds"
 
 
-def _gone_line(pid: int, rounds: int, message: str, **partial) -> int:
+def _gone_line(pid: int, rounds: int, message: str, partial: dict | None = None) -> int:
     """The one line that ends a run whose target exited (after whatever it measured)."""
-    _emit({**partial, "pid": pid, "gone": True, "rounds": rounds, "error": message})
+    _emit({**(partial or {}), "pid": pid, "gone": True, "rounds": rounds, "error": message})
     return EXIT_GONE
 
 
@@ -990,7 +990,7 @@ def _dirty_rate(t: Tracker, a: argparse.Namespace) -> int:
             what = (f"after {_rounds(rounds)} (the rate covers its first {out['seconds']:.3g} s)"
                     if rounds else "before the first scan: nothing measured")
             return _gone_line(t.pid, rounds, f"pid {t.pid} exited {at:.3g} s into the "
-                              f"{a.seconds:g} s window, {what}", **out)
+                              f"{a.seconds:g} s window, {what}", out)
         window = max(time.perf_counter() - t_start - r.seconds, 1e-9)  # to the scan's start
         rounds += 1
         seen = pm.to_array_q(pm.concat([seen, r.pages])) if rounds > 1 else r.pages
