@@ -310,9 +310,10 @@ def test_rollback(ssh_nodes: Any, tmp_path: Path) -> None:
     r1 = run(lab, src)["node1"].value["release"]
     assert not run(lab, None, "rollback")["node1"].ok  # nothing to roll back to yet
     (src / "tool.py").write_text("print('v2')\n")
+    v2_mtime = (src / "tool.py").stat().st_mtime_ns
     r2 = run(lab, src)["node1"].value["release"]
-    time.sleep(0.01)
-    (src / "tool.py").write_text("print('v3')\n")
+    (src / "tool.py").write_text("print('v3')\n")  # same size: only the timestamp tells
+    assert (src / "tool.py").stat().st_mtime_ns != v2_mtime  # (a deploy ran in between)
     out = run(lab, src)
     r3 = out["node1"].value["release"]
     assert out["node1"].value["pruned"] == [r1]  # keep current + previous only

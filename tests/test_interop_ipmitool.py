@@ -129,8 +129,7 @@ def test_ipmitool_sol_shows_boot_log(make_fake_lab):
             proc.kill()
         os.close(master)
     assert proc.returncode == 0
-    time.sleep(0.2)
-    assert lab.status("node1")["sol"] is False  # ~. deactivated the payload
+    lab.wait("node1", sol=False, timeout=10)  # ~. deactivated the payload
 
 
 def test_ipmipower_status_and_on(make_fake_lab, tmp_path):

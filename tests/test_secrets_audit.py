@@ -212,10 +212,11 @@ def audit(lab: FakeLabHandle, tmp_path_factory: pytest.TempPathFactory) -> dict[
         run("release", "-n", "node1")
         # dirty-rate of a process that writes memory (the nodes share this machine)
         dirtier = subprocess.Popen([sys.executable, "-c",
-                                    "import time\nb = bytearray(8 << 20)\nwhile True:\n"
+                                    "import time\nb = bytearray(8 << 20)\nprint(flush=True)\n"
+                                    "while True:\n"
                                     "    for i in range(0, len(b), 4096): b[i] = (b[i] + 1) % 256\n"
-                                    "    time.sleep(0.01)\n"])
-        time.sleep(0.2)
+                                    "    time.sleep(0.01)\n"], stdout=subprocess.PIPE)
+        dirtier.stdout.readline()  # its memory is there
         if X86_LINUX:
             run("dirty-rate", "-n", "node1", "--pid", str(dirtier.pid), "--seconds", "0.5",
                 "--json", rc=None)
