@@ -226,7 +226,7 @@ def test_plan_and_check_state_logic(tmp_path: Path) -> None:
 # --- against fake nodes ---------------------------------------------------------------------
 
 KINDS = ["python", pytest.param("openssh", marks=[
-    pytest.mark.interop,
+    pytest.mark.interop, pytest.mark.slow,  # the python kind covers it in the inner loop
     pytest.mark.skipif(sshd_path() is None, reason="OpenSSH sshd not installed")])]
 
 
@@ -348,6 +348,7 @@ def test_build_step_failure_leaves_current(ssh_nodes: Any, tmp_path: Path) -> No
     assert (lab.pdir("node1") / "current/BUILT").read_text().strip() == good.value["release"]
 
 
+@pytest.mark.slow  # fault: the controller killed mid-transfer
 def test_sigkill_controller_mid_deploy(ssh_nodes: Any, tmp_path: Path) -> None:
     src = write_bundle(tmp_path / "src", BASE)
     lab = ssh_nodes(3)

@@ -51,6 +51,7 @@ def wait_boots(lab, node: str, count: int, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a 1 s power delay, a boot
 def test_power_on_lands_after_delay_and_boots_node(make_fake_lab):
     lab = make_fake_lab(count=1, power_delay=(1.0, 1.2), boot_delay=0.2)
     c = client(lab, "node1")
@@ -88,6 +89,7 @@ def test_repeated_requests_are_idempotent(make_fake_lab):
     wait_boots(lab, "node1", 2)
 
 
+@pytest.mark.slow  # three boots
 def test_reset_and_cycle_reboot_the_node(make_fake_lab):
     lab = make_fake_lab(count=1, power_on=True, **FAST)
     c = client(lab, "node1")
@@ -272,6 +274,7 @@ def test_packet_loss_is_survivable(make_fake_lab):
     assert lab.status("node1")["stats"]["dropped"] > 0
 
 
+@pytest.mark.slow  # 64 BMCs
 def test_many_bmcs_one_client_socket(make_fake_lab):
     """64 BMCs in one lab process, one pyghmi client process talking to all of them at once
     (pyghmi shares one UDP socket among up to 64 sessions)."""

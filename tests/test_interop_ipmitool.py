@@ -47,6 +47,7 @@ def freeipmi_config(lab, tmp_path: Path) -> Path:
     return cfg
 
 
+@pytest.mark.slow  # three boots
 def test_ipmitool_power_cycle_of_states(make_fake_lab):
     lab = make_fake_lab(count=1, **FAST)
     assert ipmitool(lab, "node1", "chassis", "power", "status") == "Chassis Power is off\n"

@@ -141,6 +141,7 @@ def kill_at_stop_and_copy(lab: FakeLabHandle, cwd: Path
         proc.communicate(timeout=30)
 
 
+@pytest.mark.slow  # a migrate-test killed, then another
 @pytest.mark.skipif(not X86_LINUX, reason="migrate-test payloads are x86_64 Linux only")
 def test_sigkill_leftovers_cleaned_on_real_sshd(lab: FakeLabHandle, tmp_path: Path) -> None:
     for _attempt in range(3):

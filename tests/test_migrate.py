@@ -79,6 +79,7 @@ def test_migrate_verifies_and_resumes(lab, settings):
     assert leftovers(lab) == []
 
 
+@pytest.mark.slow  # two migrate-test runs
 def test_stepped_rounds_are_deterministic(lab, settings):
     """Same seed and config -> the same per-round dirty counts (rounds driven by steps)."""
     runs = [run_migrate_test(lab.inventory(), settings,
@@ -118,6 +119,7 @@ def test_bad_arguments_exit_2_before_anything_starts(lab):
     assert leftovers(lab) == []
 
 
+@pytest.mark.slow  # a grid of migrate-test runs
 def test_matrix_runs_the_grid_and_summarises(lab, tmp_path):
     """--matrix through the CLI: every cell migrates and verifies, each in its own folder, and
     the matrix folder gets summary.csv (one row per cell) and summary.png."""

@@ -29,6 +29,9 @@ if _bin.exists():
 X86_LINUX = sys.platform == "linux" and os.uname().machine == "x86_64"
 
 
+pytestmark = pytest.mark.slow  # every task, twice, under a sampler
+
+
 # --- what counts as a secret -------------------------------------------------------------
 
 def key_needles(path: Path) -> list[bytes]:

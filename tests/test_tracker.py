@@ -753,6 +753,18 @@ def wait_written(pid: int, lo: int, hi: int, want: set[int], timeout: float = 30
         time.sleep(0.01)
 
 
+def wait_round_done(d: Dirtier, pages: set[int]) -> None:
+    """Until a round of the tracker has taken `pages` (written just before) AND has ended.
+    Their re-protection shows inside that round's scan, which may still be checking that the
+    target lives; a second re-protection (of a page rewritten in `pages`: no new page) shows
+    that the next round has begun, so the first one counted."""
+    lo, hi = d.range
+    wait_written(d.pid, lo, hi, set())
+    again = d.write([(min(pages) - lo) // PAGE])
+    assert again <= pages
+    wait_written(d.pid, lo, hi, set())
+
+
 @pytest.mark.parametrize("backend", ["uffd", "compare"])
 def test_cli_dirty_rate_target_exits_before_the_first_scan(dirtier, backend):
     available(backend)
@@ -786,7 +798,7 @@ def test_cli_dirty_rate_target_exits_after_a_round_keeps_its_rate(dirtier):
     assert json.loads(p.stderr.readline())["armed"]
     wait_written(d.pid, lo, hi, set())
     pages = d.write(list(range(0, 200, 2)))
-    wait_written(d.pid, lo, hi, set())  # a round has taken (and re-protected) them
+    wait_round_done(d, pages)
     exit_now(d.p)
     out, err = p.communicate(timeout=20)
     assert p.returncode == tr.EXIT_GONE and err == ""
@@ -820,7 +832,7 @@ def test_dirty_rate_task_target_exits_mid_window(make_fake_lab, dirtier, tmp_pat
     try:
         wait_written(d.pid, lo, hi, set())  # armed (the tracker tracks all writable memory)
         pages = d.write(list(range(0, 100)))
-        wait_written(d.pid, lo, hi, set())  # its first round (after about 1 s) has them
+        wait_round_done(d, pages)  # (rounds are 1 s apart)
         exit_now(d.p)
         out, err = p.communicate(timeout=60)
     finally:
