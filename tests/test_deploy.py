@@ -470,6 +470,7 @@ def test_parse_sh_probe() -> None:
         dp.parse_sh_probe("@release current R2\n@manifest current\n{")
 
 
+@pytest.mark.slow  # end to end: power on, wait for SSH, deploy
 def test_fake_lab_end_to_end(make_fake_lab: Any) -> None:
     """Acceptance 1, deploy part, on the full fake lab (BMC + SSH): power on, `labkit deploy`
     of the default bundle (labkit's own payloads), every node on the same revision per its

@@ -810,6 +810,7 @@ def test_cli_dirty_rate_target_exits_after_a_round_keeps_its_rate(dirtier):
     assert res["error"].startswith(f"pid {d.pid} exited ")
 
 
+@pytest.mark.slow  # a lab, a deploy and two 1 s rounds
 def test_dirty_rate_task_target_exits_mid_window(make_fake_lab, dirtier, tmp_path):
     """Through the `dirty-rate` task on a fake node (the nodes share this machine): the node's
     row fails with one line saying the process exited and carries the partial rate; exit 1,
