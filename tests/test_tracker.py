@@ -849,3 +849,46 @@ def test_dirty_rate_task_target_exits_mid_window(make_fake_lab, dirtier, tmp_pat
     assert "\n" not in row["error"]
     assert row["pages"] >= len(pages)  # the whole process is tracked: its stack too
     assert max(row["per_mapping"].values()) >= len(pages)
+
+
+LEADER_EXITS_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static void *waiter(void *arg) { char c; read(0, &c, 1); _exit(0); return arg; }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, waiter, NULL);
+    printf("ready\n");
+    fflush(stdout);
+    pthread_exit(NULL);  /* the main thread ends (a zombie leader); the process lives on */
+}
+"""
+
+
+def test_exiting_tells_a_zombie_leader_from_an_exited_process(tmp_path):
+    """What the tracker's "target gone" rests on: a process whose main thread has ended but
+    another runs is alive; once the last thread exits it is gone, reaped or not."""
+    exe = _build(LEADER_EXITS_C, tmp_path, "leader_exits")
+    p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        pidfd = tr.pti.pidfd_open(p.pid)
+        try:
+            wait_state = time.monotonic() + 10
+            while tr.pti._thread_state(p.pid, p.pid) != "Z":  # the leader is a zombie
+                assert time.monotonic() < wait_state
+                time.sleep(0.005)
+            assert not tr.pti.exiting(p.pid, pidfd) and not tr.pti.exiting(p.pid)
+            p.stdin.write(b"x")
+            p.stdin.flush()
+            os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+            assert tr.pti.exiting(p.pid, pidfd) and tr.pti.exiting(p.pid)
+            assert tr.pti.pidfd_exited(pidfd)
+            p.wait()
+            assert tr.pti.exiting(p.pid, pidfd) and tr.pti.exiting(p.pid)  # reaped
+        finally:
+            os.close(pidfd)
+    finally:
+        p.kill()
+        p.wait()

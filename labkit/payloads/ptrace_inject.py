@@ -112,22 +112,28 @@ def exiting(pid: int, pidfd: int = -1) -> bool:
     zombie or already in do_exit(). Once that holds, failures to read or trace its memory mean
     "the target exited", not "permission denied" or "bad address"; and an answer read from it
     may come from an address space being torn down. (A zombie leader with live threads is
-    alive; a process that is only stopped is alive.)"""
+    alive; a process that is only stopped is alive.) Costs a poll and one small read while the
+    main thread lives."""
     if pidfd >= 0 and pidfd_exited(pidfd):
         return True
-    try:
-        tids = [pid] + [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    lives = _thread_lives(pid, pid)
+    if lives is not False:
+        return lives is None  # None: no /proc/PID at all
+    try:  # the main thread is done: the process lives on while another thread does
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         return True
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue  # that thread is gone
-        if fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING:
-            return False
-    return True
+    return not any(_thread_lives(pid, tid) for tid in tids if tid != pid)
+
+
+def _thread_lives(pid: int, tid: int) -> bool | None:
+    """Is the thread neither a zombie nor in do_exit()? None if it is not there at all."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
 
 
 def pidfd_getfd(pid: int, fd: int) -> int:
