@@ -104,6 +104,10 @@ IDS = [c[0] for c in CASES]
 assert len(set(IDS)) == len(IDS) and len(CASES) >= 30
 
 
+pytestmark = pytest.mark.slow  # 35 labkit runs; test_power, test_leases and test_migrate
+#                                 keep a usage-error check each in the inner loop
+
+
 # --- the lab and what "nothing started" means --------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 
+import pytest
 from pyghmi.ipmi import command
 
 RMCP = b"\x06\x00\xff\x07"
@@ -122,6 +123,7 @@ class Fuzzer:
             self.msids.append(reply[24:28])
 
 
+@pytest.mark.slow  # 12,000 packets
 def test_fuzz_then_real_client(make_fake_lab, capfd):
     lab = make_fake_lab(count=1, ssh=False, power_delay=(0.05, 0.1), boot_delay=0.1)
     host, port = lab.bmc("node1")

@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = Settings(bmc_timeout=1.0, retry_window=3.0, retry_first_delay=0.1, power_wait=15.0)
 
 
+@pytest.mark.slow  # a whole boot
 def test_capture_sees_the_boot_log_after_power_on(make_fake_lab, tmp_path):
     lab = make_fake_lab(count=1, ssh=False, power_delay=(0.1, 0.3), boot_delay=0.5)
     log = tmp_path / "node1.log"
@@ -108,6 +109,7 @@ def test_expect_login_prompt_and_type_at_it(make_fake_lab):
         expect(node, "never-printed", timeout=0.5, settings=SETTINGS)
 
 
+@pytest.mark.slow  # a BMC cold reset and a reconnect
 def test_stale_sol_session_is_taken_over_and_a_dropped_one_reconnects(make_fake_lab):
     lab = make_fake_lab(count=1, ssh=False, power_delay=(0.1, 0.2), boot_delay=0.2)
     node = lab.inventory().node("node1")

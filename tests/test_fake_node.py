@@ -111,6 +111,7 @@ def test_sftp_operations(lab: SshNodeSet) -> None:
         assert (root / "copy").read_bytes() == b"v2"
 
 
+@pytest.mark.slow  # 64 MiB over SFTP
 def test_64mib_transfer(lab: SshNodeSet) -> None:
     data = os.urandom(64 * 1024 * 1024)
     with connect(lab) as c:

@@ -37,6 +37,9 @@ BIG = 32 << 20
 GRACE = 5.0  # seconds the nodes get to reap a dead controller's sessions
 
 
+pytestmark = pytest.mark.slow  # fault seeds: deploy and migrate-test interrupted
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Any:
     handle = start_fake_lab(tmp_path_factory.mktemp("ctlfaults"), count=3, seed=4,

@@ -130,6 +130,7 @@ def by_node(stdout: str) -> dict[str, dict[str, Any]]:
 
 # --- SSH refused while booting -------------------------------------------------------------
 
+@pytest.mark.slow  # fault: waits out a slow boot
 def test_wait_ssh_rides_out_a_booting_node_within_budget(lab: FakeLabHandle) -> None:
     node = lab.inventory().node("node3")
     settings = Settings(ssh_timeout=2, retry_max_delay=0.5)
@@ -148,6 +149,7 @@ def test_wait_ssh_rides_out_a_booting_node_within_budget(lab: FakeLabHandle) -> 
         assert c.run("echo up").stdout == b"up\n"
 
 
+@pytest.mark.slow  # fault: waits out its whole budget
 def test_wait_ssh_gives_up_at_its_budget_naming_the_node(lab: FakeLabHandle) -> None:
     node = lab.inventory().node("node3")
     lab.control.power("node3", "off", now=True)
@@ -173,6 +175,7 @@ def test_power_on_wait_ssh_through_the_cli_with_slow_boot(lab: FakeLabHandle) ->
 
 # --- a node that powers off in the middle of `run` -----------------------------------------
 
+@pytest.mark.slow  # fault: power-off mid run
 def test_node_powered_off_mid_run_fails_alone(lab: FakeLabHandle) -> None:
     p = popen(lab, "run", "--json", "--",
               "touch started-$LABKIT_NODE; sleep 2; echo done on $LABKIT_NODE")
@@ -198,6 +201,7 @@ def test_node_powered_off_mid_run_fails_alone(lab: FakeLabHandle) -> None:
 BASE = {"tool.py": b"print('v1')\n", "lib.py": b"X = 1\n"}
 
 
+@pytest.mark.slow  # fault seed: the cut point
 def test_connection_dropped_mid_deploy_keeps_previous_release(lab: FakeLabHandle) -> None:
     rng = random.Random(SEED)
     cut_at = rng.randint(1, 16) << 20  # bytes of the big file node2 holds when its link drops
@@ -250,6 +254,7 @@ def test_connection_dropped_mid_deploy_keeps_previous_release(lab: FakeLabHandle
 
 # --- a full disk during deploy --------------------------------------------------------------
 
+@pytest.mark.slow  # fault: a node's disk fills mid-deploy
 def test_full_disk_fails_deploy_clearly_and_switches_nothing(lab: FakeLabHandle) -> None:
     v1 = bundle_inventory(lab, "disk-v1", BASE)
     r = cli(lab, "deploy", "--json", inventory=v1)

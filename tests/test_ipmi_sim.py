@@ -152,6 +152,7 @@ def test_status_on_off_against_ipmi_sim(sim):
         "mc set power 1", "mc set power 0", "mc set power 1", "mc set boot pxe", ""]
 
 
+@pytest.mark.slow  # the labkit CLI against ipmi_sim
 def test_cli_against_ipmi_sim(sim):
     inv, tmp = sim
     env = dict(os.environ, INVOKE_LABKIT_BMC_TIMEOUT="1", INVOKE_LABKIT_RETRY_WINDOW="2")

@@ -81,16 +81,40 @@ def marked(prefix: str, exact: bool = False,
 
 def dead_tag() -> str:
     """The tag of a controller that has just exited."""
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
-    start = proc_start_time(p.pid)
-    p.wait()
+    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                         stdin=subprocess.PIPE)
+    start = proc_start_time(p.pid)  # it lives until its stdin closes
+    p.communicate(timeout=30)
     return f"{HOST}:{p.pid}:{start}"
 
 
-def kill_at_stop_and_copy(lab: FakeLabHandle, cwd: Path) -> tuple[int, dict[int, dict]] | None:
+def sshd_session_of(pid: int) -> int | None:
+    """The sshd process serving `pid`'s session: its nearest ancestor that is sshd."""
+    while pid > 1:
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+            cmd = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            return None
+        if cmd.startswith(b"sshd"):
+            return ppid
+        pid = ppid
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def kill_at_stop_and_copy(lab: FakeLabHandle, cwd: Path
+                          ) -> tuple[int, dict[int, dict], set[int]] | None:
     """Start migrate-test; SIGKILL it once the pre-copy source agent has quit and left the
-    workload frozen (stop-and-copy phase). Returns (controller pid, its marked processes), or
-    None if the run ended before that point was seen."""
+    workload frozen (stop-and-copy phase). Returns (controller pid, its marked processes, the
+    sshd processes serving their sessions), or None if the run ended before that point."""
     args = ["migrate-test", "--size", "16M", "--rate", "3000", "--steps-per-round", "0",
             "--max-rounds", "6", "--json"]
     proc = subprocess.Popen([*LABKIT, *args], env=env_for(lab), cwd=cwd,
@@ -105,9 +129,10 @@ def kill_at_stop_and_copy(lab: FakeLabHandle, cwd: Path) -> tuple[int, dict[int,
             precopy = [p for p, i in procs.items() if "agent.py source" in i["cmd"]
                        and "--tracker none" not in i["cmd"]]
             if frozen and not precopy:
+                sessions = {sshd_session_of(p) for p in procs} - {None}
                 proc.send_signal(signal.SIGKILL)
                 proc.communicate(timeout=30)
-                return proc.pid, procs
+                return proc.pid, procs, sessions
             time.sleep(0.003)
         return None
     finally:
@@ -116,6 +141,7 @@ def kill_at_stop_and_copy(lab: FakeLabHandle, cwd: Path) -> tuple[int, dict[int,
         proc.communicate(timeout=30)
 
 
+@pytest.mark.slow  # a migrate-test killed, then another
 @pytest.mark.skipif(not X86_LINUX, reason="migrate-test payloads are x86_64 Linux only")
 def test_sigkill_leftovers_cleaned_on_real_sshd(lab: FakeLabHandle, tmp_path: Path) -> None:
     for _attempt in range(3):
@@ -124,11 +150,16 @@ def test_sigkill_leftovers_cleaned_on_real_sshd(lab: FakeLabHandle, tmp_path: Pa
             break
     else:
         pytest.fail("never caught a migrate-test in its stop-and-copy phase")
-    ctl_pid, seen = got
+    ctl_pid, seen, sessions = got
     prefix = f"{HOST}:{ctl_pid}:"
-    # the sessions are gone, but a real sshd leaves their processes alone: the frozen
-    # workload is still there, marked with the dead controller
-    time.sleep(1.0)
+    # sshd ends the sessions of the dead controller, but a real sshd leaves their processes
+    # alone: once every one of those sessions has ended, the frozen workload is still there,
+    # marked with the dead controller
+    assert sessions, f"no sshd session found for {seen}"
+    end = time.monotonic() + 30
+    while any(alive(s) for s in sessions):
+        assert time.monotonic() < end, "sshd never ended the dead controller's sessions"
+        time.sleep(0.05)
     left = marked(prefix)
     wl = [p for p, i in left.items() if "workload.py" in i["cmd"]]
     assert wl, f"nothing of the killed controller survived (seen then: {seen})"
@@ -180,9 +211,18 @@ def test_sweep_spares_live_foreign_and_unmarked(lab: FakeLabHandle, monkeypatch)
                                     f"'echo $$ > unmarked.pid; {sleep}'"),
         }
         try:
-            time.sleep(0.5)
+            def started() -> bool:  # every one runs (sh and its two sleeps)
+                upid = root / "unmarked.pid"
+                return (all(len(marked(t, exact=True)) >= 3
+                            for t in (dead, reused, foreign, controller_tag()))
+                        and upid.exists() and upid.read_text().strip() != "")
+
+            end = time.monotonic() + 30
+            while not started():  # before the sweep looks
+                assert time.monotonic() < end, "the test's processes never all started"
+                time.sleep(0.02)
             cleaned = sweep(c, controller_host=HOST, workdir="labkit", grace=0.5)
-            time.sleep(0.2)
+            # the sweep returns once its victims are gone: no wait here
             by_tag = {t: list(marked(t, exact=True)) for t in (dead, reused, foreign)}
             gone = {c_["controller"] for c_ in cleaned if c_["kind"] == "process"}
             assert gone == {dead, reused}, cleaned

@@ -40,6 +40,7 @@ def run_many(cwd: Path, *argvs: list[str]) -> list[subprocess.CompletedProcess]:
     return out
 
 
+@pytest.mark.slow  # end to end: every lab task
 def test_lab_tasks_end_to_end(tmp_path: Path):
     r = run(tmp_path, "lab.up", "--count", "3")
     try:

@@ -79,6 +79,7 @@ def test_migrate_verifies_and_resumes(lab, settings):
     assert leftovers(lab) == []
 
 
+@pytest.mark.slow  # two migrate-test runs
 def test_stepped_rounds_are_deterministic(lab, settings):
     """Same seed and config -> the same per-round dirty counts (rounds driven by steps)."""
     runs = [run_migrate_test(lab.inventory(), settings,
@@ -118,6 +119,7 @@ def test_bad_arguments_exit_2_before_anything_starts(lab):
     assert leftovers(lab) == []
 
 
+@pytest.mark.slow  # a grid of migrate-test runs
 def test_matrix_runs_the_grid_and_summarises(lab, tmp_path):
     """--matrix through the CLI: every cell migrates and verifies, each in its own folder, and
     the matrix folder gets summary.csv (one row per cell) and summary.png."""
@@ -203,7 +205,10 @@ def test_pump_keeps_answers_that_overtake_the_frame_they_answer(tmp_path):
     for ev in ({"event": "applied", "round": 3}, {"event": "resumed", "pid": 7},
                {"event": "restored", "sha256": "ab"}):
         dst.lines.put(ev)
-    time.sleep(0.1)  # the answers are queued first
+    end = time.monotonic() + 10
+    while pump.q.qsize() < 3:  # the answers are queued first
+        assert time.monotonic() < end, "the answers never reached the pump's queue"
+        time.sleep(0.005)
     src.ch.chunks.put(_frame(st.ROUND_END, {"round": 3, "final": True}))
     assert pump.wait(5, "the final round", src_type=st.ROUND_END)["round"] == 3
     assert pump.wait(1, "the restored workload", dst_event="resumed")["pid"] == 7
@@ -218,16 +223,30 @@ def test_pump_keeps_answers_that_overtake_the_frame_they_answer(tmp_path):
 def test_pump_queues_a_frame_before_the_destination_sees_it(tmp_path):
     """The relay queues a control frame before forwarding it, so the destination's answer is
     always behind it in the queue (events.jsonl reads in causal order)."""
+    import queue
+    import threading
+
     from labkit.payloads import stream as st
+
+    class Queue(queue.Queue):  # says when the destination's answer is in
+        def __init__(self) -> None:
+            super().__init__()
+            self.answered = threading.Event()
+
+        def put(self, item, *a, **kw):
+            super().put(item, *a, **kw)
+            if item[0] == "dst":
+                self.answered.set()
 
     holder = {}
 
     def answer(data):  # the destination answers at once, and its line reaches the queue
         holder["dst"].lines.put({"event": "applied", "round": 0})
-        time.sleep(0.2)
+        holder["q"].answered.wait(10)  # before the relay goes on
 
     pump, src, dst = _pump(tmp_path, on_send=answer)
     holder["dst"] = dst
+    holder["q"] = pump.q = Queue()  # nothing has been put yet: both threads wait for input
     src.ch.chunks.put(_frame(st.ROUND_END, {"round": 0}))
     kind, ftype, _ = pump.q.get(timeout=5)
     assert (kind, ftype) == ("src", st.ROUND_END)

@@ -119,6 +119,7 @@ def test_power_actions_over_fake_lab(make_fake_lab):
             power.set_boot_device(n3, "floppy")
 
 
+@pytest.mark.slow  # waits out a BMC outage
 def test_session_survives_bmc_cold_reset(make_fake_lab):
     """A BMC restart forgets our session: the client must notice and log in again."""
     lab = make_fake_lab(count=1, ssh=False)
@@ -131,6 +132,7 @@ def test_session_survives_bmc_cold_reset(make_fake_lab):
         assert time.monotonic() - t0 < FAST.retry_window + 1
 
 
+@pytest.mark.slow  # waits out its budget
 def test_wait_gives_up_when_power_never_lands(make_fake_lab):
     lab = make_fake_lab(count=1, ssh=False)
     lab.control.fault("node1", hang=True)
@@ -160,6 +162,7 @@ def test_wrong_password_fails_at_once(make_fake_lab):
 
 # -- tasks ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # every power task through the CLI
 def test_tasks_json_shape_and_exit_codes(make_fake_lab):
     lab = make_fake_lab(count=4, ssh=False)
     r = cli(lab, "power-on", "--wait", "--json")
@@ -266,6 +269,7 @@ def test_power_cycle_wait_ssh_through_bringup(make_fake_lab):
     assert boots(lab, "node1", 2) and lab.status("node1")["ssh"] is True
 
 
+@pytest.mark.slow  # waits out the SSH budget
 def test_node_that_never_answers_ssh_fails_with_its_console_tail(make_fake_lab):
     """--wait=ssh on a node whose SSH never comes up (here: an inventory that points node1 at a
     port nobody listens on) fails that node inside ssh_wait, and the error carries what the

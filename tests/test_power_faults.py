@@ -25,6 +25,9 @@ ENV = {"INVOKE_LABKIT_BMC_TIMEOUT": "4", "INVOKE_LABKIT_RETRY_WINDOW": "20",
        "INVOKE_LABKIT_POWER_WAIT": "30"}
 
 
+pytestmark = pytest.mark.slow  # fault seeds: 16 nodes under loss, busy and delays
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_power_on_wait_16_nodes_with_loss_busy_and_delays(make_fake_lab, seed):
     lab = make_fake_lab(count=16, ssh=False, power_delay=(0.2, 1.0), boot_delay=0.1, seed=seed)

@@ -34,6 +34,9 @@ BUDGET = 30.0
 LABS = 10
 
 
+pytestmark = pytest.mark.slow  # stress: 20 runs of 16 nodes under faults
+
+
 def runs(config: pytest.Config) -> int:
     n = int(os.environ.get("LABKIT_STRESS", "0") or 0)
     opt = config.getoption("stress", default=None)

@@ -33,14 +33,40 @@ def _maps(pid: int) -> str:
         return f.read()
 
 
+def _wait_for(pred, what: str, timeout: float = 10.0):
+    end = time.monotonic() + timeout
+    while not (got := pred()):
+        assert time.monotonic() < end, f"never {what}"
+        time.sleep(0.005)
+    return got
+
+
+def _in_syscall(pid: int, *nrs: int) -> bool:
+    """Is the (main thread of) pid blocked in one of these system calls?"""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return int(f.read().split()[0]) in nrs
+    except (OSError, ValueError, IndexError):  # "running" reads as no number
+        return False
+
+
+def _settled_state(pid: int, transient: tuple[str, ...]) -> str:
+    """The thread's state once it has left the transient ones (it is running towards the next)."""
+    return _wait_for(lambda: (s := pti._thread_state(pid, pid)) not in transient and s,
+                     f"left {transient}")
+
+
 def test_getpid_in_sleeping_process_and_sleep_is_resumed():
+    t_spawn = time.monotonic()
     p = subprocess.Popen(["sleep", "0.6"])
     try:
-        time.sleep(0.1)
+        _wait_for(lambda: _in_syscall(p.pid, 35, 230), "in nanosleep")  # (clock_)nanosleep
         t0 = time.monotonic()
         assert pti.inject_syscall(p.pid, pti.SYS_getpid) == p.pid
         assert p.wait(5) == 0
-        assert 0.35 < time.monotonic() - t0 < 1.5  # nanosleep restarted with its remaining time
+        # nanosleep restarted with its remaining time: not cut short (and it still ends)
+        assert time.monotonic() - t_spawn >= 0.6
+        assert time.monotonic() - t0 < 1.5
     finally:
         p.kill()
         p.wait()
@@ -54,7 +80,7 @@ def test_target_blocked_in_read_continues():
         print("got " + line.strip(), flush=True)
     """)
     try:
-        time.sleep(0.05)
+        _wait_for(lambda: _in_syscall(p.pid, 0), "blocked in read()")
         with pti.Injector(p.pid) as inj:
             addr = inj.syscall(pti.SYS_mmap, 0, 4096, PROT_RW, MAP_PRIVATE_ANON, 2**64 - 1, 0)
             assert f"{addr:x}-{addr + 4096:x} rw-p" in _maps(p.pid)
@@ -118,15 +144,24 @@ def test_signal_arriving_while_held_is_delivered_after():
             print("none", flush=True)
     """)
     try:
-        time.sleep(0.05)
         with pti.Injector(p.pid) as inj:
             os.kill(p.pid, signal.SIGUSR1)
-            time.sleep(0.02)
+            _wait_for(lambda: _pending(p.pid) & (1 << (signal.SIGUSR1 - 1)), "SIGUSR1 pending")
             assert inj.syscall(pti.SYS_getpid) == p.pid
         assert p.stdout.readline().strip() == "usr1"
     finally:
         p.kill()
         p.wait()
+
+
+def _pending(pid: int) -> int:
+    """Signals pending for the process (shared) or its main thread, as a mask."""
+    mask = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("SigPnd:", "ShdPnd:")):
+                mask |= int(line.split()[1], 16)
+    return mask
 
 
 def test_pidfd_getfd_copies_the_target_fd():
@@ -182,12 +217,11 @@ def test_freezer_stops_all_threads():
             with open(f"/proc/{p.pid}/stat") as f:
                 f_ = f.read().rsplit(")", 1)[1].split()
             return int(f_[11]) + int(f_[12])  # utime + stime
-        time.sleep(0.1)
         with pti.Freezer(p.pid) as fz:
             assert len(fz.held) == 3
+            # every thread sits in a ptrace-stop ("t"): none of them runs
+            assert {pti._thread_state(p.pid, tid) for tid in fz.held} == {"t"}
             a = ticks()
-            time.sleep(0.3)
-            assert ticks() - a <= 1
         deadline = time.monotonic() + 10  # running again (slowly, if the machine is loaded)
         while ticks() - a < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -199,24 +233,19 @@ def test_freezer_stops_all_threads():
 
 def test_stopped_target_stays_stopped():
     """A target frozen with SIGSTOP (e.g. for the final copy) is still stopped after injection."""
-    p = subprocess.Popen(["sleep", "5"])
+    p = subprocess.Popen(["sleep", "5"])  # exec'd when Popen returns
     try:
-        time.sleep(0.1)
         os.kill(p.pid, signal.SIGSTOP)
-        for _ in range(100):
-            if pti._thread_state(p.pid, p.pid) == "T":
-                break
-            time.sleep(0.01)
+        _wait_for(lambda: pti._thread_state(p.pid, p.pid) == "T", "stopped")
         assert pti.inject_syscall(p.pid, pti.SYS_getpid) == p.pid
-        time.sleep(0.05)
-        assert pti._thread_state(p.pid, p.pid) == "T"
+        # after the detach it runs (R) only on its way to a stop (T) or, wrongly, back into
+        # its nanosleep (S): wait until it is in one of those
+        assert _settled_state(p.pid, ("R", "t")) == "T"
         with pti.Injector(p.pid):  # no syscall: plain detach keeps it stopped too
             pass
-        time.sleep(0.05)
-        assert pti._thread_state(p.pid, p.pid) == "T"
+        assert _settled_state(p.pid, ("R", "t")) == "T"
         os.kill(p.pid, signal.SIGCONT)
-        time.sleep(0.05)
-        assert pti._thread_state(p.pid, p.pid) in ("S", "R")
+        assert _settled_state(p.pid, ("T", "t")) in ("S", "R")
     finally:
         p.kill()
         p.wait()

@@ -29,6 +29,9 @@ if _bin.exists():
 X86_LINUX = sys.platform == "linux" and os.uname().machine == "x86_64"
 
 
+pytestmark = pytest.mark.slow  # every task, twice, under a sampler
+
+
 # --- what counts as a secret -------------------------------------------------------------
 
 def key_needles(path: Path) -> list[bytes]:
@@ -212,10 +215,11 @@ def audit(lab: FakeLabHandle, tmp_path_factory: pytest.TempPathFactory) -> dict[
         run("release", "-n", "node1")
         # dirty-rate of a process that writes memory (the nodes share this machine)
         dirtier = subprocess.Popen([sys.executable, "-c",
-                                    "import time\nb = bytearray(8 << 20)\nwhile True:\n"
+                                    "import time\nb = bytearray(8 << 20)\nprint(flush=True)\n"
+                                    "while True:\n"
                                     "    for i in range(0, len(b), 4096): b[i] = (b[i] + 1) % 256\n"
-                                    "    time.sleep(0.01)\n"])
-        time.sleep(0.2)
+                                    "    time.sleep(0.01)\n"], stdout=subprocess.PIPE)
+        dirtier.stdout.readline()  # its memory is there
         if X86_LINUX:
             run("dirty-rate", "-n", "node1", "--pid", str(dirtier.pid), "--seconds", "0.5",
                 "--json", rc=None)

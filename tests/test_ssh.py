@@ -132,7 +132,14 @@ def test_run_timeout_kills_the_remote_process_group(lab: SshNodeSet) -> None:
 def test_cancel_kills_remote_and_raises_keyboardinterrupt(lab: SshNodeSet) -> None:
     node = lab.nodes["node1"]
     cancel = threading.Event()
-    threading.Timer(0.5, cancel.set).start()
+
+    def cancel_once_running() -> None:  # the remote sleep runs: now cancel it
+        end = time.monotonic() + 10
+        while not marked_pids(node.marker) and time.monotonic() < end:
+            time.sleep(0.01)
+        cancel.set()
+
+    threading.Thread(target=cancel_once_running, daemon=True).start()
     with SshClient.connect(node_of(lab), SETTINGS) as c:
         with pytest.raises(KeyboardInterrupt):
             c.run("sleep 1000", cancel=cancel)

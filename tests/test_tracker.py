@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -121,7 +123,9 @@ int main(int argc, char **argv) {
 """
 
 # A program that is not ours: threads doing deterministic work (busy loop, sleeping, writing
-# memory) while the main thread sits in read(); prints a checksum at the end.
+# memory) while the main thread sits in read(); prints a checksum at the end. The second half of
+# the work waits for "armed" and the program waits for "go" before it ends, so the tracker is
+# armed before those writes and the target lives until the test is done with it.
 BUSY_C = r"""
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -133,13 +137,14 @@ BUSY_C = r"""
 
 #define N (8L << 20)
 static uint64_t result[4];
-static volatile int stop;
+static volatile int armed;
 
 static void *writer(void *arg) {
     long id = (long)arg;
     uint64_t *buf = malloc(N);
     uint64_t x = 88172645463325252ULL + id, sum = 0;
     for (long it = 0; it < 40; it++) {
+        while (it == 20 && !armed) { struct timespec ts = {0, 1000000}; nanosleep(&ts, NULL); }
         for (long i = 0; i < N / 8; i += 64) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             buf[(x >> 3) % (N / 8)] = x;
@@ -158,7 +163,11 @@ int main(void) {
     fflush(stdout);
     char line[64];
     if (!fgets(line, sizeof line, stdin)) return 4;   /* main thread blocked in read() */
+    armed = 1;
     for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
+    printf("done\n");
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 4;
     printf("%s %016llx %016llx %016llx %016llx\n", line[0] == 'g' ? "go" : "??",
            (unsigned long long)result[0], (unsigned long long)result[1],
            (unsigned long long)result[2], (unsigned long long)result[3]);
@@ -167,6 +176,7 @@ int main(void) {
 """
 
 # A plain Python program writing memory in a loop, with threads; prints a digest at the end.
+# It starts writing on "go" and ends on a second line: it outlives every scan of the test.
 PY_TARGET = textwrap.dedent("""
     import hashlib, sys, threading
     bufs = [bytearray(4 << 20) for _ in range(3)]
@@ -185,10 +195,13 @@ PY_TARGET = textwrap.dedent("""
         out[k] = h.hexdigest()[:16] + hashlib.sha256(b).hexdigest()[:16]
     ts = [threading.Thread(target=work, args=(k, 60000)) for k in range(3)]
     print("ready", flush=True)
+    sys.stdin.readline()
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    print("done", flush=True)
+    sys.stdin.readline()
     print(" ".join(out), flush=True)
 """)
 
@@ -393,18 +406,34 @@ def test_close_is_safe_when_target_died(dirtier):
 def _run_busy(exe: Path, track: bool) -> tuple[str, list]:
     p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
-    rounds = []
-    if track:
-        with tr.open_tracker(p.pid, "uffd") as t:
-            t.start()
-            for _ in range(5):
-                time.sleep(0.03)
-                rounds.append(t.scan())
-    p.stdin.write("go\n")
-    p.stdin.flush()
-    out, _ = p.communicate(timeout=30)
+    rounds = _scan_until_done(p, track, "armed")
+    out, _ = p.communicate("go\n", timeout=30)
     assert p.returncode == 0
     return out.strip(), rounds
+
+
+def _scan_until_done(p: subprocess.Popen, track: bool, start: str) -> list:
+    """Arm a tracker on p (when track), tell p to `start` its writes, scan while it writes and
+    once after it says "done" (so every write is seen); p stays alive until told more."""
+    rounds = []
+    t = tr.open_tracker(p.pid, "uffd") if track else None
+    try:
+        if t is not None:
+            t.start()
+        p.stdin.write(start + "\n")
+        p.stdin.flush()
+        if t is not None:
+            while True:
+                rounds.append(t.scan())
+                if select.select([p.stdout], [], [], 0.02)[0]:  # "done" (or p died)
+                    break
+        assert p.stdout.readline().strip() == "done"
+        if t is not None:
+            rounds.append(t.scan())
+    finally:
+        if t is not None:
+            t.close()
+    return rounds
 
 
 def test_uffd_foreign_c_program_continues_correctly(bins):
@@ -423,17 +452,11 @@ def test_uffd_foreign_python_program_continues_correctly(tmp_path):
     script.write_text(PY_TARGET)
 
     def run(track: bool):
-        p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, bufsize=1)
         assert p.stdout.readline().strip() == "ready"
-        seen = 0
-        if track:
-            with tr.open_tracker(p.pid, "uffd") as t:
-                t.start()
-                for _ in range(6):
-                    time.sleep(0.05)
-                    r = t.scan()
-                    seen += len(r.pages)
-        out, _ = p.communicate(timeout=60)
+        seen = sum(len(r.pages) for r in _scan_until_done(p, track, "go"))
+        out, _ = p.communicate("\n", timeout=60)
         assert p.returncode == 0
         return out.strip(), seen
 
@@ -545,3 +568,327 @@ def test_uffd_many_regions_walk_end(dirtier):
         assert set(map(int, t.scan().pages)) == expected
         assert t.scanner.calls >= 4096 // 64
         assert len(t.scan().pages) == 0
+
+
+# --- a target that exits mid-track ------------------------------------------------------------
+# The target exits on a signal from the test, at a chosen step of the tracker (a hook on the
+# call that starts that step), and the test waits until it has exited (a zombie, not reaped: a
+# foreign target's parent need not have reaped it either), so nothing here races.
+
+def exit_now(p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Make p exit by `sig` and wait until it has (SIGKILL when the tracker holds it stopped)."""
+    os.kill(p.pid, sig)
+    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+
+
+def exit_on_call(monkeypatch, owner, name: str, p: subprocess.Popen, nth: int = 1,
+                 when=lambda *a, **k: True, after: bool = False) -> list[int]:
+    """Hook owner.name: at its nth call (counting calls where `when` holds) p exits, before
+    the call runs or, with after, once it has returned. Returns the call counter."""
+    real = getattr(owner, name)
+    calls = [0]
+
+    def hooked(*a, **k):
+        hit = False
+        if when(*a, **k):
+            calls[0] += 1
+            hit = calls[0] == nth
+        if hit and not after:
+            exit_now(p, signal.SIGKILL)
+        out = real(*a, **k)
+        if hit and after:
+            exit_now(p, signal.SIGKILL)
+        return out
+
+    monkeypatch.setattr(owner, name, hooked)
+    return calls
+
+
+def _round_is_exact(d: Dirtier, t: tr.Tracker, idx: list[int]) -> None:
+    expected = d.write(idx)
+    assert in_range(t.scan().pages, *d.range) == expected
+
+
+# Where the target exits, per backend: (hook target, name, nth, filter, after), installed
+# before open ("attach"/"inject") or after the first, exact round (the rest).
+_SCAN = {"when": lambda fd, req, arg: req == pm.PAGEMAP_SCAN}
+EXIT_POINTS = {
+    "attach": ("open", lambda: (tr, "_open_pidfd", 1, {}, True)),
+    "inject": ("open", lambda: (tr.pti, "pidfd_getfd", 1, {}, False)),  # mid-injection (uffd)
+    "arm": ("start", None),
+    "between-rounds": ("round", None),
+    "mid-scan-uffd": ("round", lambda: (pm.PagemapScanner, "scan", 1, {}, False)),
+    "mid-reprotect-uffd": ("round", lambda: (pm, "_ioctl", 2, _SCAN, False)),
+    "register-new-mapping-uffd": ("round", lambda: (pm.Uffd, "writeprotect", 1, {}, False)),
+    "mid-compare": ("round", lambda: (pm.VmReader, "read_into", 2, {}, False)),
+    "mid-scan-softdirty": ("round", lambda: (pm, "read_pagemap", 1, {}, False)),
+    "clear-softdirty": ("round", lambda: (tr.SoftDirtyTracker, "_clear", 1, {}, False)),
+}
+CASES = [(b, point) for b in ("uffd", "compare", "softdirty") for point in EXIT_POINTS
+         if not (point.endswith("-uffd") or point == "inject") or b == "uffd"
+         if not point.endswith("-softdirty") or b == "softdirty"
+         if point != "mid-compare" or b == "compare"]
+
+
+@pytest.mark.parametrize("backend, point", CASES, ids=[f"{b}-{p}" for b, p in CASES])
+def test_target_exits_mid_track(dirtier, monkeypatch, backend, point):
+    """Wherever the target exits, the tracker ends in TargetGone (never ESRCH/EPERM/EBADF out
+    of the kernel, never a round computed from a torn-down address space); the rounds before
+    stand, and closing is safe."""
+    available(backend)
+    d = dirtier(1024)
+    lo, hi = d.range
+    phase, hook = EXIT_POINTS[point]
+
+    def install() -> list[int]:
+        owner, name, nth, kw, after = hook()
+        return exit_on_call(monkeypatch, owner, name, d.p, nth=nth, after=after, **kw)
+
+    calls = install() if phase == "open" else None
+    ranges = None if point == "register-new-mapping-uffd" else [d.range]
+    if phase == "open":
+        with pytest.raises(tr.TargetGone, match=f"pid {d.pid} exited"):
+            tr.open_tracker(d.pid, backend, ranges=ranges)
+        assert calls == [1]
+        return
+    if backend == "compare" and point == "mid-compare":
+        t = tr.CompareTracker(d.pid, ranges=ranges, chunk=64 * PAGE)  # 16 chunks to compare
+    else:
+        t = tr.open_tracker(d.pid, backend, ranges=ranges)
+    try:
+        if point == "arm":
+            exit_now(d.p)
+            with pytest.raises(tr.TargetGone, match=f"pid {d.pid} exited"):
+                t.start()
+            return
+        t.start()
+        if point == "mid-reprotect-uffd":
+            t.scanner.close()
+            t.scanner = pm.PagemapScanner(d.pid, vec_len=16)  # many PAGEMAP_SCAN calls per scan
+        _round_is_exact(d, t, [1, 2, 3, 500])  # the partial result: this round stands
+        if point == "mid-reprotect-uffd":
+            d.write(list(range(0, 1024, 2)))  # 512 separate regions: the scan re-protects them
+        elif point == "register-new-mapping-uffd":
+            d.cmd("m 64")  # the next scan registers and write-protects a new mapping
+        else:
+            d.write([7, 8, 9])
+        if point == "between-rounds":
+            exit_now(d.p)
+        else:
+            calls = install()
+        with pytest.raises(tr.TargetGone, match=f"pid {d.pid} exited"):
+            t.scan()
+        if calls is not None:  # the target exited where it was meant to
+            assert calls[0] >= hook()[2]
+        with pytest.raises(tr.TargetGone):  # and stays gone
+            t.scan()
+    finally:
+        t.close()
+        t.close()
+
+
+def _track_cli(d: Dirtier, backend: str, *extra: str, stdin: bool = True) -> subprocess.Popen:
+    lo, hi = d.range
+    return subprocess.Popen(
+        [sys.executable, str(PAYLOADS / "tracker.py"), "track", "--pid", str(d.pid), "--backend",
+         backend, "--range", f"{lo:x}-{hi:x}", *extra, *(["--stdin"] if stdin else [])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        bufsize=1)
+
+
+@pytest.mark.parametrize("backend", ["uffd", "compare", "softdirty"])
+def test_cli_track_target_exits_between_rounds(dirtier, backend):
+    """`track` prints the rounds it measured, then one line saying the target exited; exit
+    code 3, nothing on stderr (no traceback)."""
+    available(backend)
+    d = dirtier(256)
+    p = _track_cli(d, backend, "--rounds", "10")
+    assert json.loads(p.stdout.readline())["round"] == 0
+    for k, idx in enumerate(([1, 2], list(range(10, 20)))):
+        expected = d.write(idx)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        line = json.loads(p.stdout.readline())
+        assert line["round"] == k + 1 and line["pages"] == len(expected)
+    exit_now(d.p)
+    p.stdin.write("\n")
+    p.stdin.flush()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == tr.EXIT_GONE, err
+    assert err == ""
+    (last,) = out.splitlines()
+    assert json.loads(last) == {"pid": d.pid, "gone": True, "rounds": 2,
+                                "error": f"pid {d.pid} exited after 2 rounds"}
+
+
+def test_cli_track_on_a_timer_ends_when_the_target_exits(dirtier):
+    """On a timer, the exit ends the wait at once (not at the next tick)."""
+    available("compare")
+    d = dirtier(64)
+    p = _track_cli(d, "compare", "--rounds", "1000", "--interval", "30", stdin=False)
+    assert json.loads(p.stdout.readline())["round"] == 0
+    t0 = time.monotonic()
+    exit_now(d.p)
+    out, err = p.communicate(timeout=20)
+    assert time.monotonic() - t0 < 15  # the 30 s tick never came
+    assert p.returncode == tr.EXIT_GONE and err == ""
+    assert json.loads(out)["error"] == f"pid {d.pid} exited after 0 rounds"
+
+
+def written(pid: int, lo: int, hi: int) -> set[int]:
+    """Pages of [lo, hi) that uffd-wp says were written since they were last protected (a
+    read-only PAGEMAP_SCAN: it re-protects nothing, so the tracker's next round is intact)."""
+    sc = pm.PagemapScanner(pid)
+    try:
+        return {int(a) for c in sc.scan(lo, hi, wp=False, check=False) for a in c}
+    finally:
+        sc.close()
+
+
+def wait_written(pid: int, lo: int, hi: int, want: set[int], timeout: float = 30) -> None:
+    """Until the written set is `want`: empty once the tracker armed or scanned the range."""
+    end = time.monotonic() + timeout
+    while (got := written(pid, lo, hi)) != want:
+        assert time.monotonic() < end, f"written pages {len(got)}, want {len(want)}"
+        time.sleep(0.01)
+
+
+def wait_round_done(d: Dirtier, pages: set[int]) -> None:
+    """Until a round of the tracker has taken `pages` (written just before) AND has ended.
+    Their re-protection shows inside that round's scan, which may still be checking that the
+    target lives; a second re-protection (of a page rewritten in `pages`: no new page) shows
+    that the next round has begun, so the first one counted."""
+    lo, hi = d.range
+    wait_written(d.pid, lo, hi, set())
+    again = d.write([(min(pages) - lo) // PAGE])
+    assert again <= pages
+    wait_written(d.pid, lo, hi, set())
+
+
+@pytest.mark.parametrize("backend", ["uffd", "compare"])
+def test_cli_dirty_rate_target_exits_before_the_first_scan(dirtier, backend):
+    available(backend)
+    d = dirtier(64)
+    lo, hi = d.range
+    p = subprocess.Popen([sys.executable, str(PAYLOADS / "tracker.py"), "dirty-rate", "--pid",
+                          str(d.pid), "--backend", backend, "--seconds", "60", "--interval", "30",
+                          "--range", f"{lo:x}-{hi:x}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stderr.readline())["armed"]
+    t0 = time.monotonic()
+    exit_now(d.p)
+    out, err = p.communicate(timeout=20)
+    assert time.monotonic() - t0 < 15
+    assert p.returncode == tr.EXIT_GONE and err == ""
+    res = json.loads(out)
+    assert res["gone"] and res["rounds"] == 0 and res["pages"] is None
+    assert res["error"].startswith(f"pid {d.pid} exited ") and res["error"].endswith(
+        "s into the 60 s window, before the first scan: nothing measured")
+
+
+def test_cli_dirty_rate_target_exits_after_a_round_keeps_its_rate(dirtier):
+    """The rate of the part of the window before the exit: exact, from the rounds so far."""
+    available("uffd")
+    d = dirtier(256)
+    lo, hi = d.range
+    p = subprocess.Popen([sys.executable, str(PAYLOADS / "tracker.py"), "dirty-rate", "--pid",
+                          str(d.pid), "--backend", "uffd", "--seconds", "120", "--interval",
+                          "0.2", "--range", f"{lo:x}-{hi:x}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stderr.readline())["armed"]
+    wait_written(d.pid, lo, hi, set())
+    pages = d.write(list(range(0, 200, 2)))
+    wait_round_done(d, pages)
+    exit_now(d.p)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == tr.EXIT_GONE and err == ""
+    res = json.loads(out)
+    assert res["gone"] and res["rounds"] >= 1
+    assert res["pages"] == len(pages) and res["new_mapping_pages"] == 0
+    assert res["mib_per_s"] == pytest.approx(len(pages) * PAGE / 2**20 / res["seconds"], rel=1e-2)
+    assert f"after {res['rounds']} round" in res["error"]
+    assert res["error"].startswith(f"pid {d.pid} exited ")
+
+
+@pytest.mark.slow  # a lab, a deploy and two 1 s rounds
+def test_dirty_rate_task_target_exits_mid_window(make_fake_lab, dirtier, tmp_path):
+    """Through the `dirty-rate` task on a fake node (the nodes share this machine): the node's
+    row fails with one line saying the process exited and carries the partial rate; exit 1,
+    no traceback."""
+    available("uffd")
+    lab = make_fake_lab(count=1, power_on=True)
+    lab.wait("node1", phase="up", ssh=True, timeout=30)
+    env = {**lab.env, "LABKIT_SSH_CONFIG": str(tmp_path / "none"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "INVOKE_LABKIT_LEASE_DIR": str(tmp_path / "leases")}
+    labkit = [sys.executable, "-m", "labkit.cli"]
+    r = subprocess.run([*labkit, "deploy", "-n", "node1"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = dirtier(256)
+    lo, hi = d.range
+    p = subprocess.Popen([*labkit, "dirty-rate", "-n", "node1", "--pid", str(d.pid),
+                          "--seconds", "120", "--json"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_written(d.pid, lo, hi, set())  # armed (the tracker tracks all writable memory)
+        pages = d.write(list(range(0, 100)))
+        wait_round_done(d, pages)  # (rounds are 1 s apart)
+        exit_now(d.p)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 1, out + err
+    assert "Traceback" not in err
+    (row,) = json.loads(out)
+    assert row["ok"] is False and row["gone"] is True and row["rounds"] >= 1
+    assert row["error"].startswith(f"pid {d.pid} exited ") and "s into the 120 s window" in \
+        row["error"], row["error"]
+    assert "\n" not in row["error"]
+    assert row["pages"] >= len(pages)  # the whole process is tracked: its stack too
+    assert max(row["per_mapping"].values()) >= len(pages)
+
+
+LEADER_EXITS_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static void *waiter(void *arg) { char c; read(0, &c, 1); _exit(0); return arg; }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, waiter, NULL);
+    printf("ready\n");
+    fflush(stdout);
+    pthread_exit(NULL);  /* the main thread ends (a zombie leader); the process lives on */
+}
+"""
+
+
+def test_exiting_tells_a_zombie_leader_from_an_exited_process(tmp_path):
+    """What the tracker's "target gone" rests on: a process whose main thread has ended but
+    another runs is alive; once the last thread exits it is gone, reaped or not."""
+    exe = _build(LEADER_EXITS_C, tmp_path, "leader_exits")
+    p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        pidfd = tr.pti.pidfd_open(p.pid)
+        try:
+            wait_state = time.monotonic() + 10
+            while tr.pti._thread_state(p.pid, p.pid) != "Z":  # the leader is a zombie
+                assert time.monotonic() < wait_state
+                time.sleep(0.005)
+            assert not tr.pti.exiting(p.pid, pidfd) and not tr.pti.exiting(p.pid)
+            p.stdin.write(b"x")
+            p.stdin.flush()
+            os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+            assert tr.pti.exiting(p.pid, pidfd) and tr.pti.exiting(p.pid)
+            assert tr.pti.pidfd_exited(pidfd)
+            p.wait()
+            assert tr.pti.exiting(p.pid, pidfd) and tr.pti.exiting(p.pid)  # reaped
+        finally:
+            os.close(pidfd)
+    finally:
+        p.kill()
+        p.wait()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import signal
 import time
 
@@ -90,6 +91,51 @@ def pidfd_open(pid: int) -> int:
     return raw_syscall(SYS_pidfd_open, pid, 0)
 
 
+def pidfd_exited(pidfd: int, timeout: float = 0.0) -> bool:
+    """Wait up to `timeout` s for the process behind `pidfd` to exit; True once it has (the
+    pidfd turns readable when the whole thread group is gone, zombie or reaped, and never
+    names a process that later reuses the pid)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    while True:
+        try:
+            return bool(p.poll(max(0, int(timeout * 1000))))
+        except InterruptedError:
+            continue
+
+
+PF_EXITING = 0x4  # task->flags: the thread is in do_exit(); its memory is going or gone
+
+
+def exiting(pid: int, pidfd: int = -1) -> bool:
+    """True when `pid` has exited or is past the point of no return: every thread of it is a
+    zombie or already in do_exit(). Once that holds, failures to read or trace its memory mean
+    "the target exited", not "permission denied" or "bad address"; and an answer read from it
+    may come from an address space being torn down. (A zombie leader with live threads is
+    alive; a process that is only stopped is alive.) Costs a poll and one small read while the
+    main thread lives."""
+    if pidfd >= 0 and pidfd_exited(pidfd):
+        return True
+    lives = _thread_lives(pid, pid)
+    if lives is not False:
+        return lives is None  # None: no /proc/PID at all
+    try:  # the main thread is done: the process lives on while another thread does
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return True
+    return not any(_thread_lives(pid, tid) for tid in tids if tid != pid)
+
+
+def _thread_lives(pid: int, tid: int) -> bool | None:
+    """Is the thread neither a zombie nor in do_exit()? None if it is not there at all."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
+
+
 def pidfd_getfd(pid: int, fd: int) -> int:
     """Duplicate file descriptor `fd` of process `pid` into this process (close-on-exec)."""
     pfd = pidfd_open(pid)
@@ -120,13 +166,19 @@ def find_syscall_insn(pid: int, tries: int = 25) -> int:
         except InjectError as e:
             if e.errno != errno.ENOEXEC:
                 raise
+            if exiting(pid):  # an exiting process has no mappings left: no point waiting
+                raise InjectError(errno.ESRCH, f"process {pid} exited") from e
             time.sleep(0.02)
     return _find_syscall_insn(pid)
 
 
 def _find_syscall_insn(pid: int) -> int:
     cands = []
-    with open(f"/proc/{pid}/maps") as f:
+    try:
+        f = open(f"/proc/{pid}/maps")  # noqa: SIM115 - closed below
+    except FileNotFoundError as e:
+        raise InjectError(errno.ESRCH, f"no process {pid}") from e
+    with f:
         for line in f:
             parts = line.split(None, 5)
             if len(parts) < 5 or "x" not in parts[1] or "r" not in parts[1]:
@@ -197,6 +249,8 @@ class Injector:
         try:
             ptrace(PTRACE_SEIZE, self.tid, 0, 0)
         except InjectError as e:
+            if exiting(pid):  # a process in do_exit() refuses PTRACE_SEIZE with EPERM too
+                raise InjectError(errno.ESRCH, f"process {pid} exited") from e
             if e.errno == errno.EPERM:
                 raise InjectError(
                     errno.EPERM,
@@ -327,7 +381,10 @@ class Freezer:
         self.held: dict[int, int] = {}  # tid -> signal to re-deliver
         try:
             for _ in range(3):  # threads may be created while we stop the others
-                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+                try:
+                    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+                except FileNotFoundError as e:
+                    raise InjectError(errno.ESRCH, f"no process {pid}") from e
                 new = [t for t in tids if t not in self.held]
                 if not new:
                     break
@@ -335,8 +392,10 @@ class Freezer:
                     try:
                         ptrace(PTRACE_SEIZE, tid, 0, 0)
                     except InjectError as e:
-                        if e.errno == errno.ESRCH:
-                            continue
+                        if e.errno == errno.ESRCH or _thread_state(pid, tid) in ("Z", "X", "?"):
+                            continue  # gone, or a zombie (EPERM): nothing of it runs
+                        if exiting(pid):
+                            raise InjectError(errno.ESRCH, f"process {pid} exited") from e
                         raise
                     self.held[tid] = 0
                     ptrace(PTRACE_INTERRUPT, tid)

@@ -18,12 +18,23 @@ Library API:
     t = open_tracker(pid, backend="auto", ranges=None); t.start(); r = t.scan(); t.close()
     r.pages (sorted array('Q') of page addresses), r.per_mapping, r.new_mappings,
     r.dropped_mappings, r.seconds
+
+A target may exit at any moment (while the tracker attaches, between rounds, in the middle of a
+scan or of re-protecting pages): open_tracker/start/scan then raise TargetGone, never whatever
+the kernel said first (ESRCH, EPERM from ptrace, an empty /proc/PID/maps...), and a round that
+overlapped the exit is never returned. The rounds before it stand.
+
+CLI exit codes: 0 done; 1 the tracker cannot work on this target (JSON {"error"}); 2 usage;
+3 the target exited or never existed: stdout ends, after the rounds so far, with one JSON line
+{"gone": true, "rounds": N, "error": "pid 4242 exited after 3 rounds", ...}; for dirty-rate that
+line is the partial measurement (the part of the window before the exit).
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import ctypes
 import errno
 import json
@@ -53,7 +64,14 @@ class TrackerError(OSError):
 
 
 class TargetGone(ProcessLookupError):
-    """The target process exited."""
+    """The target process exited: what was measured before stands, nothing after it."""
+
+
+class NoProcess(TargetGone):
+    """There was no such process when the tracker opened."""
+
+
+EXIT_GONE = 3  # CLI exit code: the target exited (or never existed); see the module docstring
 
 
 @dataclass
@@ -67,6 +85,7 @@ class ScanResult:
     new_pages: int = 0  # pages counted dirty because their mapping is new (or re-registered)
     tracked_pages: int = 0  # size of the tracked set, in pages
     notes: list[str] = field(default_factory=list)
+    new_ranges: list[tuple[int, int]] = field(default_factory=list)  # the new_pages, merged
 
     def to_json(self, addresses: bool = False) -> dict:
         d = {
@@ -86,6 +105,16 @@ class ScanResult:
         return d
 
 
+def _open_pidfd(pid: int) -> int:
+    """A pidfd for `pid` (-1 where the kernel has none: /proc alone then tells)."""
+    try:
+        return pti.pidfd_open(pid)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            raise NoProcess(errno.ESRCH, f"no process {pid}") from e
+        return -1
+
+
 # ----------------------------------------------------------------------------------------------
 class Tracker:
     """Common part: follows the target's writable private mappings (clipped to `ranges`)."""
@@ -102,6 +131,40 @@ class Tracker:
         self.started = False
         self.closed = False
         self.auto_reasons: dict[str, str] = {}
+        self.pidfd = _open_pidfd(pid)
+
+    # -- the target's life --
+    def gone(self) -> bool:
+        """Has the target exited (or is it exiting)? Its pidfd says so even after the pid has
+        been reused by another process."""
+        return pti.exiting(self.pid, self.pidfd)
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Sleep up to `timeout` s, waking at once if the target exits; True if it has."""
+        if self.pidfd >= 0:
+            return pti.pidfd_exited(self.pidfd, timeout)
+        time.sleep(timeout)
+        return self.gone()
+
+    @contextlib.contextmanager
+    def _watch(self):
+        """A failure while the target exits is its exit: whatever the kernel said (ESRCH from
+        PAGEMAP_SCAN, EPERM from ptrace, EBADF from pidfd_getfd...) becomes TargetGone."""
+        try:
+            yield
+        except TargetGone:
+            raise
+        except OSError as e:
+            if self.gone():
+                raise TargetGone(errno.ESRCH, f"pid {self.pid} exited") from e
+            raise
+
+    def _alive_after(self) -> None:
+        """After a step that succeeded: if the target is now exiting, its address space may
+        have been torn down under the step (maps read empty, a register or clear_refs that did
+        nothing), so the step's answer is not one to report."""
+        if self.gone():
+            raise TargetGone(errno.ESRCH, f"pid {self.pid} exited")
 
     # -- mapping bookkeeping --
     _mq: pm.MapsQuery | None = None
@@ -121,9 +184,9 @@ class Tracker:
                     return out
             return pm.read_maps(self.pid)
         except FileNotFoundError as e:
-            raise TargetGone(errno.ESRCH, f"process {self.pid} is gone") from e
+            raise TargetGone(errno.ESRCH, f"pid {self.pid} exited") from e
         except ProcessLookupError as e:
-            raise TargetGone(errno.ESRCH, f"process {self.pid} is gone") from e
+            raise TargetGone(errno.ESRCH, f"pid {self.pid} exited") from e
 
     def _diff(self):
         """Re-read the maps; returns (vmas, added pieces, number of dropped intervals) and
@@ -177,7 +240,7 @@ class Tracker:
                 out[label] = out.get(label, 0) + 1
         return out
 
-    def _result(self, chunks, t0, new, dropped, new_pages, unique, notes=None) -> ScanResult:
+    def _result(self, chunks, t0, new, dropped, new_ranges, unique, notes=None) -> ScanResult:
         pages = pm.concat(chunks)
         if unique or (np is None and len(chunks) > 1):
             pages = pm.to_array_q(pages)
@@ -193,22 +256,42 @@ class Tracker:
             dropped_mappings=dropped,
             seconds=time.perf_counter() - t0,
             backend=self.backend,
-            new_pages=new_pages,
+            new_pages=pm.page_count(new_ranges),
             tracked_pages=sum((e - s) // PAGE for s, e, _ in self.pieces),
             notes=notes or [],
+            new_ranges=new_ranges,
         )
 
     # -- API --
     def start(self) -> None:
-        raise NotImplementedError
+        """Arm: from now on, writes show in the next scan."""
+        with self._watch():
+            self._start()
+        self._alive_after()
+        self.started = True
 
     def scan(self) -> ScanResult:
+        """Pages written since the previous scan (or start); TargetGone once the target exits."""
+        if not self.started:
+            raise RuntimeError("scan() before start()")
+        with self._watch():
+            r = self._scan()
+        self._alive_after()
+        return r
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _scan(self) -> ScanResult:
         raise NotImplementedError
 
     def close(self) -> None:
         if self._mq is not None:
             self._mq.close()
             self._mq = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         self.closed = True
 
     def __enter__(self):
@@ -240,25 +323,31 @@ class UffdTracker(Tracker):
         self.scanner = None
         self.unregistered: list[tuple[int, int]] = []  # pieces registration refused: always dirty
         try:
-            fd = create_target_uffd(pid)
-        except FileNotFoundError as e:
-            raise TargetGone(errno.ESRCH, f"process {pid} is gone") from e
-        self.uffd = pm.Uffd(fd)
-        try:
-            try:
-                self.uffd.api(pm.UFFD_FEATURES)
-            except OSError:
-                # kernels without hugetlbfs/shmem wp: anonymous + file-private still work
-                self.uffd.close()
-                self.uffd = pm.Uffd(create_target_uffd(pid))
-                self.uffd.api(pm.UFFD_FEATURE_WP_ASYNC | pm.UFFD_FEATURE_WP_UNPOPULATED)
-            need = pm.UFFD_FEATURE_WP_ASYNC | pm.UFFD_FEATURE_WP_UNPOPULATED
-            if self.uffd.features & need != need:
-                raise TrackerError(errno.ENOTSUP, "kernel lacks UFFD_FEATURE_WP_ASYNC/WP_UNPOPULATED")
-            self.scanner = pm.PagemapScanner(pid)
+            with self._watch():
+                self._attach()
+            self._alive_after()
         except BaseException:
             self.close()
             raise
+
+    def _attach(self) -> None:
+        pid = self.pid
+        try:
+            fd = create_target_uffd(pid)
+        except FileNotFoundError as e:
+            raise TargetGone(errno.ESRCH, f"pid {pid} exited") from e
+        self.uffd = pm.Uffd(fd)
+        try:
+            self.uffd.api(pm.UFFD_FEATURES)
+        except OSError:
+            # kernels without hugetlbfs/shmem wp: anonymous + file-private still work
+            self.uffd.close()
+            self.uffd = pm.Uffd(create_target_uffd(pid))
+            self.uffd.api(pm.UFFD_FEATURE_WP_ASYNC | pm.UFFD_FEATURE_WP_UNPOPULATED)
+        need = pm.UFFD_FEATURE_WP_ASYNC | pm.UFFD_FEATURE_WP_UNPOPULATED
+        if self.uffd.features & need != need:
+            raise TrackerError(errno.ENOTSUP, "kernel lacks UFFD_FEATURE_WP_ASYNC/WP_UNPOPULATED")
+        self.scanner = pm.PagemapScanner(pid)
 
     def _register(self, s: int, e: int) -> bool:
         try:
@@ -282,11 +371,10 @@ class UffdTracker(Tracker):
         if self.unregistered:
             self.unregistered = pm.subtract(pm.merge(self.unregistered), removed)
 
-    def start(self) -> None:
+    def _start(self) -> None:
         _, added, _ = self._diff()
         self._add(added)
         self.pieces.sort()
-        self.started = True
 
     def _runs(self, vmas) -> list[tuple[int, int]]:
         """Tracked, registered ranges merged over holes (never over an untracked VMA)."""
@@ -317,7 +405,7 @@ class UffdTracker(Tracker):
         try:
             vflags = pm.vma_flags_list(self.pid)
         except FileNotFoundError as ex:
-            raise TargetGone(errno.ESRCH, f"process {self.pid} is gone") from ex
+            raise TargetGone(errno.ESRCH, f"pid {self.pid} exited") from ex
         bad = []
         tracked = pm.merge([(a, b) for a, b, _ in self.pieces])
         for v, flags in vflags:
@@ -355,14 +443,8 @@ class UffdTracker(Tracker):
                 raise TrackerError(errno.EPERM, f"PAGEMAP_SCAN keeps failing in [{s:#x}, {e:#x})") from ex
             for a, b in self._repair(s, e, counters):
                 self._scan_range(a, b, chunks, counters, depth + 1)
-        except OSError as ex:
-            if not os.path.exists(f"/proc/{self.pid}"):
-                raise TargetGone(errno.ESRCH, f"process {self.pid} is gone") from ex
-            raise
 
-    def scan(self) -> ScanResult:
-        if not self.started:
-            raise RuntimeError("scan() before start()")
+    def _scan(self) -> ScanResult:
         t0 = time.perf_counter()
         vmas, added, dropped = self._diff()
         fresh = self._add(added)
@@ -376,11 +458,11 @@ class UffdTracker(Tracker):
             notes.append(f"{pm.page_count(pm.merge(self.unregistered))} pages in ranges that refused "
                          "uffd registration are reported dirty every round")
         extra = pm.merge(counters["dirty"] + always)
-        new_pages = pm.page_count(pm.merge(counters["dirty"]))
         if extra:
             chunks.append(pm.pages_of(extra))
         unique = counters["unique"] or bool(extra)
-        return self._result(chunks, t0, counters["new"], counters["dropped"], new_pages, unique, notes)
+        return self._result(chunks, t0, counters["new"], counters["dropped"],
+                            pm.merge(counters["dirty"]), unique, notes)
 
     def close(self) -> None:
         if self.scanner is not None:
@@ -430,11 +512,17 @@ class CompareTracker(Tracker):
         self.store: dict[int, tuple[int, mmap.mmap]] = {}  # piece start -> (end, copy)
         self.unreadable = 0
         try:  # fail early (EPERM, ESRCH) rather than at the first scan
-            self._read_maps()
-            with open(f"/proc/{pid}/mem", "rb"):
-                pass
-        except PermissionError as e:
-            raise TrackerError(errno.EPERM, f"cannot read memory of {pid}: {e}") from e
+            with self._watch():
+                try:
+                    self._read_maps()
+                    with open(f"/proc/{pid}/mem", "rb"):
+                        pass
+                except PermissionError as e:
+                    raise TrackerError(errno.EPERM, f"cannot read memory of {pid}: {e}") from e
+            self._alive_after()
+        except BaseException:
+            self.close()
+            raise
 
     def _copy_in(self, s: int, e: int) -> None:
         buf = pm.anon_buffer(e - s)
@@ -445,7 +533,7 @@ class CompareTracker(Tracker):
                 got = self.reader.read_into(addr + off, s + off, min(64 << 20, e - s - off))
             except OSError as ex:
                 if ex.errno == errno.ESRCH:
-                    raise TargetGone(errno.ESRCH, f"process {self.pid} is gone") from ex
+                    raise TargetGone(errno.ESRCH, f"pid {self.pid} exited") from ex
                 got = 0
             off += got if got else PAGE  # unreadable page: leave zeros
             off -= off % PAGE
@@ -470,11 +558,10 @@ class CompareTracker(Tracker):
             self.pieces.append((s, e, label))
         return [(s, e) for s, e, _ in pieces]
 
-    def start(self) -> None:
+    def _start(self) -> None:
         _, added, _ = self._diff()
         self._add(added)
         self.pieces.sort()
-        self.started = True
 
     def _work(self, slot: _Slot, jobs: list, first: int, step: int) -> None:
         try:
@@ -491,7 +578,7 @@ class CompareTracker(Tracker):
                 got = slot.reader.read_into(slot.addr, remote + off, want)
             except OSError as ex:
                 if ex.errno == errno.ESRCH:
-                    raise TargetGone(errno.ESRCH, f"process {self.pid} is gone") from ex
+                    raise TargetGone(errno.ESRCH, f"pid {self.pid} exited") from ex
                 got = 0
             got -= got % PAGE
             if got and pm.memcmp(slot.addr, local + off, got):
@@ -558,9 +645,7 @@ class CompareTracker(Tracker):
             self.unreadable += sl.unreadable
         return chunks
 
-    def scan(self) -> ScanResult:
-        if not self.started:
-            raise RuntimeError("scan() before start()")
+    def _scan(self) -> ScanResult:
         t0 = time.perf_counter()
         _, added, dropped = self._diff()
         old = sorted((s, self.store[s]) for s, _, _ in self.pieces if s in self.store)
@@ -570,7 +655,7 @@ class CompareTracker(Tracker):
             chunks.append(pm.pages_of(fresh))
         notes = [f"{self.unreadable} unreadable pages skipped"] if self.unreadable else []
         unique = bool(fresh) or len(chunks) > 1
-        return self._result(chunks, t0, len(added), dropped, pm.page_count(fresh), unique, notes)
+        return self._result(chunks, t0, len(added), dropped, pm.merge(fresh), unique, notes)
 
     def close(self) -> None:
         for _, buf in self.store.values():
@@ -591,11 +676,18 @@ class SoftDirtyTracker(Tracker):
 
     def __init__(self, pid: int, ranges=None):
         super().__init__(pid, ranges)
-        ok, reason = softdirty_kernel_ok()
-        if not ok:
-            raise TrackerError(errno.ENOTSUP, reason)
-        self.pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.pm_fd = -1
         self.clear_path = f"/proc/{pid}/clear_refs"
+        try:
+            ok, reason = softdirty_kernel_ok()
+            if not ok:
+                raise TrackerError(errno.ENOTSUP, reason)
+            with self._watch():
+                self.pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._alive_after()
+        except BaseException:
+            self.close()
+            raise
 
     def _clear(self) -> None:
         with open(self.clear_path, "w") as f:
@@ -605,17 +697,14 @@ class SoftDirtyTracker(Tracker):
         self.pieces.extend(pieces)
         return [(s, e) for s, e, _ in pieces]
 
-    def start(self) -> None:
+    def _start(self) -> None:
         _, added, _ = self._diff()
         self._add(added)
         self.pieces.sort()
         with pti.Freezer(self.pid):
             self._clear()
-        self.started = True
 
-    def scan(self) -> ScanResult:
-        if not self.started:
-            raise RuntimeError("scan() before start()")
+    def _scan(self) -> ScanResult:
         t0 = time.perf_counter()
         chunks: list = []
         with pti.Freezer(self.pid):
@@ -627,7 +716,7 @@ class SoftDirtyTracker(Tracker):
             self._clear()
         if fresh:
             chunks.append(pm.pages_of(fresh))
-        return self._result(chunks, t0, len(added), dropped, pm.page_count(fresh), bool(fresh))
+        return self._result(chunks, t0, len(added), dropped, pm.merge(fresh), bool(fresh))
 
     def close(self) -> None:
         if self.pm_fd >= 0:
@@ -832,8 +921,97 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _rounds(n: int) -> str:
+    return f"{n} round" if n == 1 else f"{n} rounds"
+
+
+def _gone_line(pid: int, rounds: int, message: str, partial: dict | None = None) -> int:
+    """The one line that ends a run whose target exited (after whatever it measured)."""
+    _emit({**(partial or {}), "pid": pid, "gone": True, "rounds": rounds, "error": message})
+    return EXIT_GONE
+
+
+def _count_in(pages: array, ranges: list[tuple[int, int]]) -> int:
+    """How many of the sorted `pages` fall in the merged `ranges`."""
+    return sum(bisect.bisect_left(pages, e) - bisect.bisect_left(pages, s) for s, e in ranges)
+
+
+def _track(t: Tracker, a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    t.start()
+    start_s = time.perf_counter() - t0
+    _emit({"round": 0, "backend": t.backend, "start_ms": round(start_s * 1000, 3),
+           "tracked_pages": sum((e - s) // PAGE for s, e, _ in t.pieces),
+           **({"auto_reasons": t.auto_reasons} if t.auto_reasons else {})})
+    last = time.perf_counter()
+    for rnd in range(1, a.rounds + 1):
+        if a.stdin:
+            if not sys.stdin.readline():
+                break
+        else:  # an exit ends the wait at once (the scan then says so)
+            t.wait_exit(max(0.0, a.interval - (time.perf_counter() - last)))
+        try:
+            r = t.scan()
+        except TargetGone:
+            return _gone_line(t.pid, rnd - 1, f"pid {t.pid} exited after {_rounds(rnd - 1)}")
+        now = time.perf_counter()
+        dt = max(now - last, 1e-9)
+        last = now
+        d = r.to_json(a.addresses)
+        d.update(round=rnd, mib_per_s=round(len(r.pages) * PAGE / (1 << 20) / dt, 3),
+                 interval_s=round(dt, 6))
+        _emit(d)
+    return 0
+
+
+def _dirty_rate(t: Tracker, a: argparse.Namespace) -> int:
+    """Distinct pages written in the window. It is scanned every --interval s and the rounds
+    united (exact: each write lands in exactly one round), so a target that exits mid-window
+    still leaves the rate of the part before its exit."""
+    t.start()
+    t_start = time.perf_counter()
+    sys.stderr.write(json.dumps({"armed": True, "backend": t.backend}) + "\n")
+    sys.stderr.flush()
+    end = t_start + a.seconds
+    seen = array("Q")  # sorted, unique: every page written so far in the window
+    new: list[tuple[int, int]] = []  # pages of mappings that appeared in the window
+    out: dict = {"pid": t.pid, "backend": t.backend, "seconds": None, "pages": None,
+                 "new_mapping_pages": None, "mib_per_s": None, "pages_per_s": None,
+                 "per_mapping": {}, "tracked_pages": None, "method": "exact"}
+    rounds = 0
+    while True:
+        left = end - time.perf_counter()
+        final = left <= a.interval
+        t.wait_exit(max(0.0, min(a.interval, left)))
+        try:
+            r = t.scan()
+        except TargetGone:
+            at = time.perf_counter() - t_start
+            what = (f"after {_rounds(rounds)} (the rate covers its first {out['seconds']:.3g} s)"
+                    if rounds else "before the first scan: nothing measured")
+            return _gone_line(t.pid, rounds, f"pid {t.pid} exited {at:.3g} s into the "
+                              f"{a.seconds:g} s window, {what}", out)
+        window = max(time.perf_counter() - t_start - r.seconds, 1e-9)  # to the scan's start
+        rounds += 1
+        seen = pm.to_array_q(pm.concat([seen, r.pages])) if rounds > 1 else r.pages
+        new = pm.merge(new + r.new_ranges)
+        n_new = _count_in(seen, new)
+        n = len(seen) - n_new
+        out.update(seconds=round(window, 6), pages=n, new_mapping_pages=n_new,
+                   mib_per_s=round(n * PAGE / (1 << 20) / window, 3),
+                   pages_per_s=round(n / window, 1), per_mapping=t._per_mapping(seen),
+                   tracked_pages=r.tracked_pages)
+        if final:
+            break
+    _emit({**out, "rounds": rounds})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tracker.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="tracker.py", description=__doc__.split("\n\n")[0],
+                                 epilog="exit codes: 0 done, 1 cannot track this target, 2 usage, "
+                                        "3 the target exited (or never existed): the last line "
+                                        "says so, after the rounds measured before")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probe", help="which backends work for PID (JSON)")
     p.add_argument("--pid", type=int, required=True)
@@ -851,7 +1029,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--addresses", action="store_true", help="include the page addresses")
         else:
             p.add_argument("--seconds", type=float, default=1.0)
+            p.add_argument("--interval", type=float, default=1.0,
+                           help="scan (and unite the rounds) this often within the window, so "
+                                "a target that exits mid-window leaves a partial rate")
     a = ap.parse_args(argv)
+    if a.cmd != "probe" and a.interval <= 0:
+        ap.error("--interval must be > 0")
     try:
         if a.cmd == "probe":
             _emit({"pid": a.pid, **probe(a.pid)})
@@ -859,54 +1042,17 @@ def main(argv: list[str] | None = None) -> int:
         ranges = [_parse_range(r) for r in a.range] or None
         t = open_tracker(a.pid, a.backend, ranges)
         try:
-            t0 = time.perf_counter()
-            t.start()
-            start_s = time.perf_counter() - t0
-            if a.cmd == "dirty-rate":
-                t_start = time.perf_counter()
-                sys.stderr.write(json.dumps({"armed": True, "backend": t.backend}) + "\n")
-                sys.stderr.flush()
-                time.sleep(a.seconds)
-                r = t.scan()
-                window = time.perf_counter() - t_start - r.seconds  # the scan is atomic at its end
-                window = max(window, 1e-9)
-                n = len(r.pages) - r.new_pages
-                _emit({
-                    "pid": a.pid, "backend": t.backend, "seconds": round(window, 6),
-                    "pages": n, "new_mapping_pages": r.new_pages,
-                    "mib_per_s": round(n * PAGE / (1 << 20) / window, 3),
-                    "pages_per_s": round(n / window, 1),
-                    "per_mapping": r.per_mapping, "tracked_pages": r.tracked_pages,
-                    "method": "exact",
-                })
-                return 0
-            _emit({"round": 0, "backend": t.backend, "start_ms": round(start_s * 1000, 3),
-                   "tracked_pages": sum((e - s) // PAGE for s, e, _ in t.pieces),
-                   **({"auto_reasons": t.auto_reasons} if t.auto_reasons else {})})
-            last = time.perf_counter()
-            for rnd in range(1, a.rounds + 1):
-                if a.stdin:
-                    if not sys.stdin.readline():
-                        break
-                else:
-                    time.sleep(max(0.0, a.interval - (time.perf_counter() - last)))
-                r = t.scan()
-                now = time.perf_counter()
-                dt = max(now - last, 1e-9)
-                last = now
-                d = r.to_json(a.addresses)
-                d.update(round=rnd, mib_per_s=round(len(r.pages) * PAGE / (1 << 20) / dt, 3),
-                         interval_s=round(dt, 6))
-                _emit(d)
+            return _dirty_rate(t, a) if a.cmd == "dirty-rate" else _track(t, a)
         finally:
             t.close()
-    except TargetGone as e:
-        _emit({"error": str(e), "gone": True})
-        return 3
+    except NoProcess as e:
+        return _gone_line(a.pid, 0, str(e.strerror))
+    except TargetGone:
+        return _gone_line(a.pid, 0, f"pid {a.pid} exited while the tracker attached: nothing "
+                                    "measured")
     except OSError as e:
         _emit({"error": str(e)})
         return 1
-    return 0
 
 
 if __name__ == "__main__":

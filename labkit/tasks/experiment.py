@@ -107,12 +107,20 @@ def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = Non
     selected = lab_.select(nodes, change=True, force=force)
 
     def act(node):
-        from labkit.ssh import SshClient
+        from labkit.errors import NodeError
+        from labkit.ssh import CommandFailed, SshClient
 
         with SshClient.connect(node, lab_.settings) as client:
             cmd = (f"cd {shlex.quote(payload_dir(node))} && exec python3 tracker.py dirty-rate "
                    f"--pid {int(pid)} --seconds {secs} --backend {tracker}")
-            r = client.check(cmd, timeout=secs + lab_.settings.command_timeout)
+            try:
+                r = client.check(cmd, timeout=secs + lab_.settings.command_timeout)
+            except CommandFailed as e:  # exit 3: the process exited; its last line says so
+                lines = (e.value.get("stdout") or "").strip().splitlines()
+                gone = jsonlib.loads(lines[-1]) if e.value.get("exit_code") == 3 and lines else {}
+                if gone.get("gone"):
+                    raise NodeError(gone["error"], value=gone) from None
+                raise
         out = jsonlib.loads(r.stdout.decode().strip().splitlines()[-1])
         return out
 
