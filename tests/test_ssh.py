@@ -178,18 +178,16 @@ def test_wait_ssh_retries_until_the_node_boots(lab: SshNodeSet) -> None:
     assert 0.7 < time.monotonic() - t0 < 5
 
 
-def test_wait_ssh_gives_up_naming_the_node_with_console_tail(lab: SshNodeSet,
-                                                             tmp_path: Path) -> None:
+def test_wait_ssh_gives_up_naming_the_node(lab: SshNodeSet) -> None:
+    """Pure: what the node printed meanwhile is labkit.bringup's to add (tests/test_power.py)."""
     lab.nodes["node1"].stop()
-    console = tmp_path / "node1.log"
-    console.write_text("BIOS ok\nKernel panic - not syncing: VFS: Unable to mount root fs\n")
     t0 = time.monotonic()
     with pytest.raises(SshUnreachable) as ei:
-        wait_ssh(node_of(lab), SETTINGS, time.monotonic() + 1.0, console_log=console)
+        wait_ssh(node_of(lab), SETTINGS, time.monotonic() + 1.0)
     assert time.monotonic() - t0 < 3
     msg = str(ei.value)
-    assert msg.startswith("node1: SSH did not come up") and "Kernel panic" in msg
-    assert "Kernel panic" in ei.value.value["console_tail"]
+    assert msg.startswith("node1: SSH did not come up") and "refused" in msg
+    assert "\n" not in msg
 
 
 def test_refused_connection_is_retryable_and_names_the_node(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """Programs that run ON a node for the controller, and the one way to ship them.
 
 Each module in this folder is a complete stdlib-only program (python3 >= 3.6 on the node) that
-never imports the rest of labkit: the deploy stage agent, the leftover sweep, kill-by-marker.
-They are ordinary files, so ruff, the compiler and unit tests see them, and a test can run them
-locally as ``python3 labkit/nodeside/NAME.py ...``.
+never imports the rest of labkit: the deploy stage agent (``stage.py``), the janitor's leftover
+sweep (``sweep.py``), kill-by-marker (``killmarked.py``); and one POSIX sh script, deploy's
+read-only probe (``probe.sh``: a shell starts in a few ms, python3 in tens). They are ordinary
+files, so ruff, the compiler and unit tests see them, and a test can run them locally as
+``python3 labkit/nodeside/NAME.py ...`` or ``sh labkit/nodeside/NAME.sh ...``.
 
 They reach a node the way the old string constants did, at the same cost: the source travels
 inside the one ``exec`` request that runs it (``python3 -I -S -c SOURCE ARGS``), so there is no
@@ -77,10 +79,31 @@ def program(name: str) -> str:
                 "    exec(compile(src, n + '.py', 'exec'), m.__dict__)"]
         head += [f"_m({d!r}, {source(d)!r})" for d in deps]
         head.append("del _m, _s, _t")
+        # the program's docstring is no longer its first statement: keep its __doc__ (argparse
+        # help and the like read it)
+        doc = ast.get_docstring(ast.parse(source(name)), clean=False)
+        if doc is not None:
+            head.append(f"__doc__ = {doc!r}")
         text = "\n".join(head) + "\n" + source(name)
     if len(text.encode()) > MAX_PROGRAM:
         raise ValueError(f"node-side program {name} is too big to ship in one exec request")
     return text
+
+
+@functools.cache
+def script(name: str) -> str:
+    """The text of nodeside shell script ``name`` (``NAME.sh``, read once per process)."""
+    path = HERE / f"{name}.sh"
+    if not name.isidentifier() or not path.is_file():
+        raise ValueError(f"no node-side script {name!r} in {HERE}")
+    return path.read_text(encoding="utf-8")
+
+
+def shell(name: str, *args: str) -> str:
+    """A command line that runs nodeside shell script ``name`` with ``args`` in the shell that
+    receives it: ``set -- ARGS`` and then the script's text, so there is no second shell to
+    start (the remote command already runs in one)."""
+    return " ".join(["set --", *(shlex.quote(a) for a in args)]) + "\n" + script(name)
 
 
 def command(name: str, *args: str, python: str = "python3", exec_: bool = True) -> str:
