@@ -205,3 +205,24 @@ def test_secrets_never_logged(lab: SshNodeSet, caplog) -> None:
     body = "".join(key_text.splitlines()[1:-1])[:40]
     assert body not in caplog.text
     assert isinstance(paramiko.PKey.from_path(str(lab.key)), paramiko.PKey)
+
+
+def test_package_reexports_every_name_and_types_cost_no_paramiko() -> None:
+    """``from labkit.ssh import X`` works for every name; typing against the remote shell, or
+    importing deploy and the janitor, does not load paramiko (a connection does)."""
+    import subprocess
+    import sys
+
+    import labkit.ssh as ssh
+
+    for name in ssh.__all__:
+        assert getattr(ssh, name) is not None, name
+    with pytest.raises(AttributeError):
+        ssh.console_tail  # noqa: B018 - the fake-lab console helpers left production code
+    code = ("import sys, labkit.ssh, labkit.deploy, labkit.janitor\n"
+            "from labkit.ssh import RemoteShell, RunResult\n"
+            "assert 'paramiko' not in sys.modules, 'paramiko imported'\n"
+            "from labkit.ssh import SshClient\n"
+            "assert 'paramiko' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
