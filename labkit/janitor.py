@@ -116,7 +116,7 @@ def sweep(client: RemoteShell, *, controller_host: str | None = None,
     timeout = timeout or (client.settings.ssh_timeout + grace + 10)
     cmd = nodeside.command("sweep", ",".join(kinds), workdir, "--scratch", SCRATCH,
                            "--ctl-var", CTL_VAR, "--run-var", RUN_VAR,
-                           "--within-var", FAKE_NODE_ROOT)
+                           "--within-var", FAKE_NODE_ROOT, fast=True)
     proc = client.open_exec(cmd)
     ch = proc.channel
     ch.settimeout(timeout)

@@ -61,7 +61,6 @@ from labkit.deploy.deployer import (
     CHECK_COLUMNS,
     COLUMNS,
     DEFAULT_WORKDIR,
-    FAST_PYTHONS,
     Connect,
     Deployer,
     Transfer,
@@ -79,6 +78,7 @@ from labkit.deploy.plan import (
     plan_upload,
     sh_probe_command,
 )
+from labkit.nodeside import FAST_PYTHONS
 from labkit.nodeside.stage import MANIFEST, PYTHON_CHECK, STAT_INDEX
 
 __all__ = [

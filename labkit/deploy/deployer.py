@@ -10,7 +10,6 @@ connection, one probe and (when something changed) one stage command.
 from __future__ import annotations
 
 import json
-import shlex
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 DEFAULT_WORKDIR = "labkit"
 COLUMNS = ("release", "uploaded", "state")
 CHECK_COLUMNS = ("release", "revision", "state", "detail")
-FAST_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 
 Connect = Callable[[Node], "RemoteShell"]
 
@@ -58,15 +56,11 @@ def remote_workdir(node: Node) -> str:
 
 def agent_command(op: str, workdir: str, *args: str, fast: bool = False) -> str:
     """The shell command running the stage agent (``labkit/nodeside/stage.py``). ``fast``
-    prefers a real interpreter binary over whatever ``python3`` is on PATH: version-manager
-    shims (pyenv) cost ~100 ms per start, which is most of an unchanged redeploy. The stage
-    step keeps PATH's python3 because its build check must judge the payloads with the
-    interpreter they will run under."""
-    if not fast:
-        return nodeside.command("stage", op, workdir, *args)
-    return ("P=python3; for p in " + " ".join(shlex.quote(p) for p in FAST_PYTHONS)
-            + '; do if [ -x "$p" ]; then P=$p; break; fi; done; '
-            + nodeside.command("stage", op, workdir, *args, python='"$P"'))
+    prefers a real interpreter binary over whatever ``python3`` is on PATH (a pyenv shim costs
+    ~100 ms per start, most of an unchanged redeploy). The stage step keeps PATH's python3
+    because its build check must judge the payloads with the interpreter they will run
+    under."""
+    return nodeside.command("stage", op, workdir, *args, fast=fast)
 
 
 # --- talking to one node -------------------------------------------------------------------

@@ -103,30 +103,31 @@ def expand(workdir):
 
 
 def main(argv, stdin=None, stdout=None):
-    import argparse
-
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    ap = argparse.ArgumentParser(prog="sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("kinds", help="processes,files")
-    ap.add_argument("workdir")
-    ap.add_argument("--scratch", default="tmp")
-    ap.add_argument("--ctl-var", default="LABKIT_CTL")
-    ap.add_argument("--run-var", default="LABKIT_RUN")
-    ap.add_argument("--within-var", default="LABKIT_NODE_ROOT")
-    a = ap.parse_args(argv)
-    kinds = a.kinds.split(",")
-    scratch = os.path.join(expand(a.workdir), a.scratch)
-    mine = os.environ.get(a.within_var) if a.within_var else None
-    within = f"{a.within_var}={mine}".encode() if mine else None
-    census = {"processes": processes(a.ctl_var, a.run_var, within)
-              if "processes" in kinds else [],
+    if "-h" in argv or "--help" in argv:
+        stdout.write(__doc__)
+        return 0
+    try:
+        pos, o = killmarked.options(argv, ("scratch", "ctl-var", "run-var", "within-var"))
+        if len(pos) != 2:
+            raise killmarked.Usage("give KINDS and WORKDIR")
+    except killmarked.Usage as e:
+        sys.stderr.write(f"sweep: {e}\nusage:\n{killmarked.usage(__doc__)}")
+        return 2
+    kinds, workdir = pos[0].split(","), pos[1]
+    ctl_var, run_var = o.get("ctl-var", "LABKIT_CTL"), o.get("run-var", "LABKIT_RUN")
+    within_var = o.get("within-var", "LABKIT_NODE_ROOT")
+    scratch = os.path.join(expand(workdir), o.get("scratch", "tmp"))
+    mine = os.environ.get(within_var) if within_var else None
+    within = f"{within_var}={mine}".encode() if mine else None
+    census = {"processes": processes(ctl_var, run_var, within) if "processes" in kinds else [],
               "dirs": folders(scratch) if "files" in kinds else []}
     stdout.write(json.dumps(census) + "\n")
     stdout.flush()
     line = stdin.readline()
     if not line:
         return 0  # the controller went away: change nothing
-    report = settle(json.loads(line), scratch, a.ctl_var, within)
+    report = settle(json.loads(line), scratch, ctl_var, within)
     stdout.write(json.dumps(report) + "\n")
     stdout.flush()
     return 0

@@ -68,7 +68,7 @@ def kill_command(run_id: str) -> str:
     """The command that SIGKILLs every process of one run, and the process groups they lead,
     scanning again until none is left (a forking process can spawn between two scans). Not
     itself wrapped: it must not carry the marker it kills by."""
-    return nodeside.command("killmarked", "--marker", f"{RUN_VAR}={run_id}")
+    return nodeside.command("killmarked", "--marker", f"{RUN_VAR}={run_id}", fast=True)
 
 
 class RemoteProcess:
