@@ -152,13 +152,13 @@ def test_within_keeps_to_one_fake_node(tmp_path: Path) -> None:
 def test_prefix_marker_and_safe_groups(tmp_path: Path) -> None:
     """``NAME=`` matches any value; "safe" never signals a group holding an unmarked member."""
     run = uuid.uuid4().hex
-    # a marked leader whose group also holds an unmarked child (env cleared by the child)
+    # a marked leader whose group also holds an unmarked child (env cleared by its exec; the
+    # child writes its pid only after the exec, so it is never seen still carrying the marker)
     code = ("import os, sys, time\n"
-            "pid = os.fork()\n"
-            "if pid == 0:\n"
-            "    os.execve(sys.executable, [sys.executable, '-c', "
-            "'import time; time.sleep(600)'], {})\n"
-            "open(sys.argv[1], 'w').write(str(pid))\n"
+            "if os.fork() == 0:\n"
+            "    os.execve(sys.executable, [sys.executable, '-c', 'import os, sys, time; "
+            "open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(600)', "
+            "sys.argv[1]], {})\n"
             "time.sleep(600)\n")
     leader = _spawn({f"LABKIT_TEST_{run}": "x"}, code, str(tmp_path / "child"))
     try:

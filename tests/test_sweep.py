@@ -42,13 +42,14 @@ signal.signal(signal.SIGTERM, bye)
 open(sys.argv[1] + ".top", "w").write(str(os.getpid()))
 time.sleep(600)
 """
-# a marked group leader with an unmarked member (its child cleared the environment)
+# a marked group leader with an unmarked member (its child's exec cleared the environment; the
+# child writes its pid only after that exec, so it is never seen still carrying the marker)
 MIXED = r"""
 import os, sys, time
-pid = os.fork()
-if pid == 0:
-    os.execve(sys.executable, [sys.executable, "-c", "import time; time.sleep(600)"], {})
-open(sys.argv[1] + ".child", "w").write(str(pid))
+if os.fork() == 0:
+    os.execve(sys.executable, [sys.executable, "-c", "import os, sys, time; "
+              "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)",
+              sys.argv[1] + ".child"], {})
 open(sys.argv[1] + ".top", "w").write(str(os.getpid()))
 time.sleep(600)
 """
