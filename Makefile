@@ -26,6 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check labkit tests tasks.py bench
 
 bench: $(STAMP)
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/power_fanout.py
 	$(BIN)/python bench/deploy.py
 	$(BIN)/python bench/tracker.py

@@ -48,16 +48,14 @@ def serve(state: Path, count: int) -> None:
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                         serialization.PublicFormat.OpenSSH).decode()
     (state / "authorized_keys").write_text(pub + "\n")
-    import socket
+    from labkit.fake.ports import free_port
 
     nodes = []
     known = []
     lines = ["nodes:"]
     for i in range(1, count + 1):
         name = f"node{i}"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         hk = state / f"{name}.host_key"
         hpub = ensure_host_key(hk)
         node = PythonSshNode(name, state / "nodes" / name, "127.0.0.1", port, hk,

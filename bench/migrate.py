@@ -18,7 +18,7 @@ from pathlib import Path
 
 from labkit.config import Settings
 from labkit.experiment import build_config, measure_channel_rate, run_migrate_test
-from labkit.pytest_plugin import start_fake_lab
+from labkit.fake.harness import start_fake_lab
 from labkit.ssh import ConnectionPool
 
 

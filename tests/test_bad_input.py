@@ -44,6 +44,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     # power / boot device
     ("bad-wait", ["power-on", "--wait=bogus"], ["--wait", "bogus"]),
     ("empty-wait", ["power-on", "--wait="], ["--wait"]),
+    ("cycle-bad-wait", ["power-cycle", "--wait=bogus"], ["--wait", "bogus"]),
     ("unknown-boot-device", ["boot-device", "floppy"], ["floppy"]),
     ("missing-boot-device", ["boot-device"], ["device"]),
     ("unknown-flag", ["power-on", "--bogus-flag"], ["--bogus-flag"]),

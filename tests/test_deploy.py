@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,12 @@ from labkit import inventory as inv
 from labkit.config import Settings
 from labkit.errors import NodeError, UserError
 from labkit.fake.node import OpenSshNode, PythonSshNode, ensure_host_key, sshd_path
+from labkit.fake.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 # --- a small ssh-only fake lab --------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _client_key(path: Path) -> str:
     from cryptography.hazmat.primitives import serialization
@@ -73,7 +67,7 @@ class SshNodes:
         cls = OpenSshNode if self.kind == "openssh" else PythonSshNode
         for i in range(1, self.count + 1):
             name = f"node{i}"
-            port = _free_port()
+            port = free_port()
             host_key = state / f"{name}.host_key"
             pub = ensure_host_key(host_key)
             known.append(f"[127.0.0.1]:{port} {pub.get_name()} {pub.get_base64()}")

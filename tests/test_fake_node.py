@@ -13,7 +13,8 @@ import pytest
 
 from labkit import inventory as inv
 from labkit.config import Settings
-from labkit.fake.node import SshNodeSet, marked_pids
+from labkit.fake.harness import SshNodeSet
+from labkit.fake.node import marked_pids
 from labkit.ssh import SshClient
 
 SETTINGS = Settings(ssh_timeout=5.0, command_timeout=30.0)

@@ -22,6 +22,7 @@ from labkit.bmc.console import SolConsole
 from labkit.bmc.power import PowerClient
 from labkit.bmc.session import BmcAuthError
 from labkit.config import Settings
+from labkit.fake.ports import free_port
 
 HERE = Path(__file__).parent / "ipmi_sim"
 ROOT = Path(__file__).parent.parent
@@ -30,12 +31,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ipmi_sim") is None,
                        reason="OpenIPMI ipmi_sim not installed (apt install openipmi)"),
 ]
-
-
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SerialPort:
@@ -86,7 +81,7 @@ class SerialPort:
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[tuple[inventory.Inventory, Path]]:
     password = secrets.token_hex(8)
-    port = _free_port(socket.SOCK_DGRAM)
+    port = free_port(socket.SOCK_DGRAM)
     serial = SerialPort()
     for name in ("chassis_control", "sim.emu"):
         shutil.copy(HERE / name, tmp_path / name)
@@ -107,7 +102,7 @@ def sim(tmp_path: Path) -> Iterator[tuple[inventory.Inventory, Path]]:
         "  sim1:\n"
         f"    bmc: {{host: 127.0.0.1, port: {port}, user: admin, password_file: bmc-password}}\n"
         "  gone:\n"  # nothing listens here
-        f"    bmc: {{host: 127.0.0.1, port: {_free_port(socket.SOCK_DGRAM)}, user: admin,"
+        f"    bmc: {{host: 127.0.0.1, port: {free_port(socket.SOCK_DGRAM)}, user: admin,"
         " password_file: bmc-password}\n")
     proc = subprocess.Popen(["ipmi_sim", "-c", "lan.conf", "-f", "sim.emu", "-s", "state", "-n"],
                             cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

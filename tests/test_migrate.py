@@ -178,7 +178,7 @@ class _Rem:
 
 def _pump(tmp_path, on_send=None):
     from labkit.experiment import results as res
-    from labkit.experiment.migrate import Pump
+    from labkit.experiment.relay import Pump
 
     src, dst = _Rem("node1", _Chan()), _Rem("node2", _Chan(on_send))
     return Pump(src, dst, res.Events(tmp_path / "events.jsonl"), "t"), src, dst
@@ -253,7 +253,7 @@ def test_pump_fails_fast_and_names_what_it_waited_for(tmp_path):
 
 
 def test_wait_budget_follows_size_and_command_timeout():
-    from labkit.experiment.migrate import wait_budget
+    from labkit.experiment.run import wait_budget
 
     s = Settings()
     assert wait_budget(s, 16 << 20) == pytest.approx(3 * s.ssh_timeout + 4)

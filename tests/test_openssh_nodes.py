@@ -5,6 +5,7 @@ keeps the FakeNode contract). Skipped where sshd is not installed."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import pytest
 
 from labkit import inventory as inv
 from labkit.config import Settings
-from labkit.fake.node import SshNodeSet, marked_pids, sshd_path
+from labkit.fake.harness import SshNodeSet, start_fake_lab
+from labkit.fake.node import marked_pids
+from labkit.fake.openssh import sshd_path
+from labkit.fake.sshd_watchdog import descendants
 from labkit.ssh import HostKeyError, SshClient
 
 pytestmark = [
@@ -98,7 +102,7 @@ def test_stop_kills_everything_refuses_and_restarts(lab: SshNodeSet) -> None:
 
 
 def test_changed_key_refused_by_openssh_node_too(lab: SshNodeSet, tmp_path: Path) -> None:
-    from labkit.fake.node import ensure_host_key
+    from labkit.fake.base import ensure_host_key
 
     other = ensure_host_key(tmp_path / "other")
     kh = tmp_path / "kh"
@@ -119,3 +123,47 @@ def test_cli_run_against_openssh_nodes(lab: SshNodeSet) -> None:
     import json
 
     assert [d["stdout"] for d in json.loads(p.stdout)] == ["node1\n", "node2\n"]
+
+
+def _started(pid: int) -> bytes | None:
+    """A process's start time (stat field 22), None once it is gone or a zombie: with the pid,
+    an identity that a recycled pid cannot fake."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    return None if fields[0] in (b"Z", b"X") else fields[19]
+
+
+def test_sigkilled_lab_leaves_no_sshd_or_session_behind(tmp_path_factory) -> None:
+    """The lab dies without a word (SIGKILL): each OpenSSH node's watchdog must power it off by
+    itself — sshd, the connection it forked for a client that is still connected, and every
+    session process, setsid'd ones included."""
+    lab = start_fake_lab(tmp_path_factory.mktemp("osshkill"), count=1, sshd="openssh",
+                         power_on=True)
+    try:
+        marker = lab.node_marker("node1")
+        with SshClient.connect(inv.load(lab.inventory_path).node("node1"), SETTINGS) as c:
+            c.run("setsid sleep 1001 >/dev/null 2>&1 & true")
+            busy = c.open_exec("sleep 1002")  # its connection stays open through the kill
+            end = time.monotonic() + 10
+            while len(marked_pids(marker)) < 2 and time.monotonic() < end:
+                time.sleep(0.02)
+            assert len(marked_pids(marker)) >= 2
+            tree = {pid: _started(pid) for pid in descendants(lab.pid)}
+            cmds = [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree]
+            assert sum(b"sshd" in c for c in cmds) >= 2, cmds  # listener + a connection
+            os.kill(lab.pid, signal.SIGKILL)
+            os.waitpid(lab.pid, 0)
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                left = [p for p, t in tree.items() if t is not None and _started(p) == t]
+                if not left and not marked_pids(marker):
+                    break
+                time.sleep(0.05)
+            assert not left, [Path(f"/proc/{p}/cmdline").read_bytes() for p in left]
+            assert not marked_pids(marker), "session processes survived the lab"
+            busy.close()
+    finally:
+        lab.stop()

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from labkit.bmc.power import PowerClient, normalize_wait
+from labkit.bmc.power import PowerClient
 from labkit.bmc.session import BmcAuthError
+from labkit.bringup import normalize_wait
 from labkit.config import Settings
 from labkit.errors import NodeError, UserError
+from labkit.inventory import BmcSpec, Node
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = Settings(bmc_timeout=1.0, retry_window=3.0, retry_first_delay=0.1, retry_max_delay=0.5,
@@ -58,6 +60,29 @@ def test_wait_option_values():
     assert normalize_wait("SSH") == "ssh"
     with pytest.raises(UserError, match="--wait"):
         normalize_wait("soon")
+
+
+def test_power_driver_waits_for_power_only():
+    """Power -> console -> SSH is labkit.bringup's job: the driver refuses wait="ssh" before it
+    sends anything (no BMC here: a send would fail differently)."""
+    node = Node(name="n1", bmc=BmcSpec(host="127.0.0.1", port=1, user="u",
+                                       password_literal="x"), ssh=None)
+    with PowerClient(FAST) as power, pytest.raises(ValueError, match="labkit.bringup"):
+        power.on(node, wait="ssh")
+
+
+def test_bmc_does_not_import_the_ssh_layer():
+    """bmc/ knows the BMC only: importing it (and everything it imports) loads neither
+    labkit.ssh nor paramiko, and no module under labkit/bmc/ names labkit.ssh, not even in a
+    function-level import."""
+    code = ("import sys, labkit.bmc.power, labkit.bmc.console, labkit.bmc.session; "
+            "print(sorted(m for m in sys.modules if m.startswith(('labkit.ssh', 'paramiko'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.strip()
+    assert out == "[]", out
+    for path in (ROOT / "labkit" / "bmc").glob("*.py"):
+        text = path.read_text()
+        assert "labkit.ssh" not in text and "labkit import ssh" not in text, path
 
 
 # -- library ------------------------------------------------------------------------------------------
@@ -213,13 +238,32 @@ def test_password_never_on_a_command_line_or_in_output(make_fake_lab):
 
 
 def test_power_on_wait_ssh_hands_over_to_labkit_ssh(make_fake_lab):
-    """--wait=ssh: power first (BMC), then labkit.ssh.wait_ssh until the node accepts us."""
+    """--wait=ssh (labkit.bringup): power first (BMC), then labkit.ssh.wait_ssh until the node
+    accepts us."""
     lab = make_fake_lab(count=2, ssh=True, power_delay=(0.1, 0.3), boot_delay=0.3)
     r = cli(lab, "power-on", "--wait=ssh", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = rows(r)
     assert all(out[n]["ok"] and out[n]["ssh"] is True for n in lab.nodes)
     assert all(lab.status(n)["ssh"] for n in lab.nodes)
+
+
+def test_power_cycle_wait_ssh_through_bringup(make_fake_lab):
+    """labkit.bringup.power_cycle: off, on, then SSH answers again (a second boot on the
+    console); the power driver alone is never asked to wait for SSH."""
+    from dataclasses import replace
+
+    from labkit import bringup
+
+    lab = make_fake_lab(count=1, ssh=True, power_delay=(0.1, 0.2), boot_delay=0.2)
+    node = lab.inventory().node("node1")
+    settings = replace(FAST, ssh_wait=20.0)
+    with PowerClient(settings) as power:
+        assert bringup.power_on(power, node, settings, wait="ssh")["ssh"] is True
+        assert boots(lab, "node1", 1)
+        out = bringup.power_cycle(power, node, settings, wait="ssh")
+    assert out == {"power": "on", "changed": True, "confirmed": True, "ssh": True}
+    assert boots(lab, "node1", 2) and lab.status("node1")["ssh"] is True
 
 
 def test_node_that_never_answers_ssh_fails_with_its_console_tail(make_fake_lab):

@@ -2,7 +2,7 @@
 
     client = PowerClient(settings)
     client.status(node)            -> "on" | "off"
-    client.on(node, wait=True)     # idempotent; wait = False | True/"power" | "ssh"
+    client.on(node, wait=True)     # idempotent; wait = False | True/"power"
     client.off(node) / soft / reset / cycle
     client.set_boot_device(node, "pxe", persistent=False)
     client.wait_for(node, "off", deadline)
@@ -35,7 +35,7 @@ from labkit.bmc.session import (
     translate,
 )
 from labkit.config import Settings
-from labkit.errors import LabkitError, NodeError, UserError
+from labkit.errors import NodeError, UserError
 from labkit.inventory import Node
 from labkit.retry import MinInterval, RetryPolicy
 
@@ -50,58 +50,19 @@ _CONTROL_NAMES = {0: "off", 1: "on", 3: "reset", 5: "soft-off"}
 # Boot device selector values for Set System Boot Options parameter 5 (IPMI table 28-14)
 BOOT_DEVICES = {"default": 0x00, "pxe": 0x04, "disk": 0x08, "bios": 0x18}
 _BOOT_NAMES = {v >> 2: k for k, v in BOOT_DEVICES.items()}
-WAIT_CHOICES = ("power", "ssh")
 POLL_INTERVAL = 0.5  # seconds between state polls while waiting
 STALE_SESSION_AFTER = 3.0  # budget of one command on a reused session before re-login
 
 
-def normalize_wait(wait: bool | str | None) -> str | None:
-    """``--wait`` is a flag or a value: False/None -> None, True/"power" -> "power", "ssh"."""
+def _confirm(wait: bool | str | None) -> bool:
+    """``PowerClient.on``'s ``wait``: False/None or True/"power". Waiting for the OS (SSH) is
+    not the power driver's business: that is ``labkit.bringup.power_on``."""
     if wait is None or wait is False:
-        return None
-    if wait is True:
-        return "power"
-    value = str(wait).strip().lower()
-    if value in ("true", "yes", "1"):
-        return "power"
-    if value not in WAIT_CHOICES:
-        raise UserError(f"--wait: expected one of {', '.join(WAIT_CHOICES)}, got {wait!r}")
-    return value
-
-
-class BootWatch:
-    """Records a node's serial console (SOL) while we wait for it to boot, so that a node that
-    never answers SSH fails with the last lines it printed. Best effort and polite: it does not
-    take over an SOL session someone else holds, and a BMC without SOL just records nothing."""
-
-    KEEP = 16384
-
-    def __init__(self, node: Node, settings: Settings):
-        from labkit.bmc.console import SolConsole
-
-        self._buf = bytearray()
-        self._lock = threading.Lock()
-        self._con: SolConsole | None = None
-        try:
-            self._con = SolConsole(node, settings, force=False, on_data=self._data).open()
-        except LabkitError:
-            self._con = None
-
-    def _data(self, data: bytes) -> None:
-        with self._lock:
-            self._buf += data
-            if len(self._buf) > self.KEEP:
-                del self._buf[:-self.KEEP]
-
-    def tail(self) -> str:
-        from labkit.ssh import tail_text
-
-        with self._lock:
-            return tail_text(self._buf.decode(errors="replace"))
-
-    def close(self) -> None:
-        if self._con is not None:
-            self._con.close(timeout=2.0)
+        return False
+    if wait is True or wait == "power":
+        return True
+    raise ValueError(f"PowerClient.on(wait={wait!r}): the power driver waits for power only "
+                     "(True or 'power'); to wait for SSH use labkit.bringup.power_on")
 
 
 class PowerClient:
@@ -150,33 +111,15 @@ class PowerClient:
     # -- actions ---------------------------------------------------------------------------------
 
     def on(self, node: Node, wait: bool | str | None = False) -> dict[str, object]:
-        """Power on (no command when already on). ``wait``: True/"power" waits for the BMC to
-        report on within settings.power_wait; "ssh" also waits for SSH (labkit.ssh.wait_ssh)."""
-        mode = normalize_wait(wait)
-        watch = BootWatch(node, self.settings) if mode == "ssh" else None
-        try:
-            changed = self._ensure(node, "on", _CHASSIS_ON)
-            result: dict[str, object] = {"power": "on", "changed": changed,
-                                         "confirmed": not changed}
-            if mode and changed:
-                self.wait_for(node, "on", time.monotonic() + self.settings.power_wait)
-                result["confirmed"] = True
-            if watch is not None:
-                from labkit.ssh import SshUnreachable, wait_ssh
-
-                try:
-                    wait_ssh(node, self.settings, time.monotonic() + self.settings.ssh_wait)
-                except SshUnreachable as e:
-                    tail = watch.tail()
-                    if not tail or "console:" in str(e):
-                        raise
-                    raise SshUnreachable(f"{e}; console: {tail}",
-                                         value={"console_tail": tail}) from None
-                result["ssh"] = True
-            return result
-        finally:
-            if watch is not None:
-                watch.close()
+        """Power on (no command when already on). ``wait`` True/"power" waits for the BMC to
+        report on within settings.power_wait. (Power -> console -> SSH: labkit.bringup.)"""
+        confirm = _confirm(wait)
+        changed = self._ensure(node, "on", _CHASSIS_ON)
+        result: dict[str, object] = {"power": "on", "changed": changed, "confirmed": not changed}
+        if confirm and changed:
+            self.wait_for(node, "on", time.monotonic() + self.settings.power_wait)
+            result["confirmed"] = True
+        return result
 
     def off(self, node: Node, wait: bool = False) -> dict[str, object]:
         """Hard power off (no command when already off)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _plt():
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -1,5 +1,6 @@
-"""The results folder of a migrate-test run: run.json, rounds.csv, events.jsonl, plots, and the
-printed summary. Nothing here holds a secret: configs and node facts only."""
+"""What a migrate-test run found, and its results folder: the ``Result`` every backend fills,
+run.json, rounds.csv, events.jsonl, and the printed summary (plots: ``plots.py``). Nothing
+here holds a secret: configs and node facts only."""
 
 from __future__ import annotations
 
@@ -7,11 +8,90 @@ import csv
 import json
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labkit.experiment.config import MigrateConfig, human_size
+
+# One row per round, whatever the backend: rounds.csv's columns (a row may hold more, such as
+# freeze_ms, t_start and t_end, which the timeline plot uses).
 ROUND_COLUMNS = ("round", "kind", "pages", "bytes", "scan_ms", "copy_ms", "wall_ms",
                  "apply_ms", "mib_s")
+
+
+@dataclass
+class Result:
+    """One run's outcome. A backend fills the migration figures; the run fills the rest."""
+
+    folder: Path
+    ok: bool
+    config: MigrateConfig
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # ROUND_COLUMNS rows
+    stop_reason: str | None = None
+    downtime_s: float | None = None
+    stop_copy_downtime_s: float | None = None
+    total_s: float | None = None
+    verified: bool = False
+    verify_resume: bool | None = None
+    throughput_mib_s: float | None = None
+    # the dirty-page tracker the source agent chose (uffd, softdirty, compare); run.json's
+    # "tracker_backend", not the migration backend
+    backend: str | None = None
+    source_sha256: str | None = None
+    restored_sha256: str | None = None
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs, per node
+
+    def set_rounds(self, rows: list[dict[str, Any]], freeze_t: float, resumed_t: float) -> None:
+        """The rounds as measured (round 0 first, the final round last) and the freeze and
+        resume times (run seconds) for the timeline. Throughput is round 0's: the full copy,
+        the only round big enough to measure the transfer by."""
+        self.rounds = rows
+        self.throughput_mib_s = rows[0]["mib_s"] if rows else None
+        self.info["timeline"] = {"freeze_t": freeze_t, "resumed_t": resumed_t}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "error": self.error, "stop_reason": self.stop_reason,
+            "downtime_ms": _ms(self.downtime_s),
+            "stop_copy_downtime_ms": _ms(self.stop_copy_downtime_s),
+            "total_s": self.total_s, "verified": self.verified,
+            "verify_resume": self.verify_resume, "throughput_mib_s": self.throughput_mib_s,
+            "tracker_backend": self.backend, "source_sha256": self.source_sha256,
+            "restored_sha256": self.restored_sha256, "rounds": len(self.rounds),
+            "leftovers_cleaned": self.cleaned,
+        }
+
+    def summary(self) -> str:
+        rows = [[("final" if r["kind"] == "final" else str(r["round"])), str(r["pages"]),
+                 f"{r['bytes'] / 2**20:.2f}", f"{r.get('scan_ms') or 0:.2f}",
+                 f"{r.get('copy_ms') or 0:.1f}", f"{r.get('wall_ms') or 0:.1f}",
+                 f"{r.get('mib_s') or 0:.0f}"] for r in self.rounds]
+        out = [f"migrate-test {self.config.src} -> {self.config.dst}: "
+               f"{human_size(self.config.size)}, {self.config.rate:g} pages/s "
+               f"{self.config.pattern}, tracker {self.backend or self.config.tracker}",
+               table(rows, ["round", "pages", "MiB", "scan ms", "copy ms", "wall ms",
+                            "MiB/s"])]
+        if self.ok:
+            out.append(f"stopped by: {self.stop_reason}   downtime: "
+                       f"{_ms(self.downtime_s)} ms   stop-and-copy downtime: "
+                       f"{_ms(self.stop_copy_downtime_s) if self.stop_copy_downtime_s else '-'}"
+                       f" ms   throughput: {self.throughput_mib_s or 0:.0f} MiB/s   total: "
+                       f"{self.total_s or 0:.2f} s")
+            vr = ("" if self.verify_resume is None else
+                  f"   verify-resume: {'ok' if self.verify_resume else 'FAILED'}")
+            out.append(f"image verified: SHA-256 {str(self.restored_sha256)[:16]}... matches"
+                       + vr)
+        else:
+            out.append(f"FAILED: {self.error}")
+        out.append(f"results: {self.folder}")
+        return "\n".join(out)
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(s * 1000, 3)
 
 
 def new_folder(results_dir: str | Path, task: str, now: float | None = None) -> Path:

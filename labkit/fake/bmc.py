@@ -21,7 +21,6 @@ import socket
 import struct
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import pyghmi.ipmi.bmc as pyghmi_bmc
 
 from labkit.fake import bootlog
 from labkit.fake.loop import Loop, Timer
-from labkit.fake.rmcp import ADMIN, RmcpSession
+from labkit.fake.rmcp import ADMIN, RmcpSession, SessionTable
 from labkit.fake.sol import SolLink
 
 RMCP_HEADER = b"\x06\x00\xff\x07"
@@ -124,7 +123,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
         self.rng = random.Random(f"{seed}:{name}" if seed is not None else None)
         self.uuid = uuid.UUID(bytes=random.Random(f"uuid:{name}").randbytes(16))
         self.faults = Faults()
-        self.sessions: OrderedDict[bytes, RmcpSession] = OrderedDict()
+        self.sessions = SessionTable()
         self.sol: SolLink | None = None
         self.unreachable_until = 0.0
         self.stats = {"rx": 0, "dropped": 0, "ignored": 0, "errors": 0, "commands": 0}
@@ -214,7 +213,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
         if sess is None or sess.sockaddr != addr or sess.closed:
             return
         sess.last_rx = now
-        self.sessions.move_to_end(msid)
+        self.sessions.touch(sess)
         sess._handle_ipmi2_packet(data)
 
     def _open_session(self, data: bytearray, addr: tuple) -> None:
@@ -223,22 +222,21 @@ class FakeBmc(pyghmi_bmc.Bmc):
         if len(request) < 32:
             return
         self._make_room()
-        sess = RmcpSession(self, addr, self.serversocket)
+        sess = RmcpSession(self, addr, self.serversocket, self.sessions.new_id())
         if sess.open(request):
-            self.sessions[sess.msid] = sess
+            self.sessions.add(sess)
 
     def _make_room(self) -> None:
         """Forget the least recently used session (half-open ones first) when full."""
         if len(self.sessions) < MAX_SESSIONS:
             return
-        victim = next((s for s in self.sessions.values() if not s.established), None)
-        if victim is None:
-            victim = next(iter(self.sessions.values()))
-        self.drop_session(victim)
+        victim = self.sessions.victim()
+        if victim is not None:
+            self.drop_session(victim)
 
     def drop_session(self, sess: RmcpSession) -> None:
         sess.closed = True
-        self.sessions.pop(sess.msid, None)
+        self.sessions.discard(sess)
         if self.sol is not None and self.sol.session is sess:
             self._end_sol()
 
@@ -626,7 +624,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
 
     def _do_cold_reset(self) -> None:
         self.log.info("BMC cold reset")
-        for sess in list(self.sessions.values()):
+        for sess in self.sessions:
             self.drop_session(sess)
         self._end_sol()
         self.unreachable_until = time.monotonic() + COLD_RESET_OUTAGE
@@ -710,7 +708,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for sess in list(self.sessions.values()):
+        for sess in self.sessions:
             if now - sess.last_rx > SESSION_IDLE:
                 self.drop_session(sess)
         if self.sol is not None and self.sol.dead:

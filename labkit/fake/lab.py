@@ -29,6 +29,7 @@ from typing import Any
 from labkit import inventory as inv
 from labkit.errors import LabkitError, UserError
 from labkit.fake.control import SOCKET_NAME, ControlServer, LabControl
+from labkit.fake.ports import free_port
 
 PID_FILE = "lab.pid"
 LOG_FILE = "lab.log"
@@ -70,7 +71,7 @@ def ensure_state(state_dir: Path) -> None:
             pass
     key = state_dir / CLIENT_KEY
     if not key.exists() or not key.with_name(CLIENT_KEY + ".pub").exists():
-        from labkit.fake.node import ensure_host_key  # paramiko-heavy: only when needed
+        from labkit.fake.base import ensure_host_key  # paramiko-heavy: only when needed
 
         ensure_host_key(key)
     os.chmod(key, 0o600)
@@ -145,16 +146,19 @@ class LabServer:
         ssh_nodes = {n: node for n, node in self.inventory.nodes.items() if node.ssh is not None}
         if not ssh_nodes:
             return
-        from labkit.fake import node as fake_node  # lazy: paramiko and friends
+        # lazy: paramiko and friends
+        from labkit.fake.base import ensure_host_key
+        from labkit.fake.openssh import OpenSshNode
+        from labkit.fake.sshd import PythonSshNode
 
-        cls = fake_node.OpenSshNode if spec.sshd == "openssh" else fake_node.PythonSshNode
+        cls = OpenSshNode if spec.sshd == "openssh" else PythonSshNode
         known: list[str] = []
         for name, node in ssh_nodes.items():
             assert node.ssh is not None
             root = self.state_dir / "nodes" / name
             root.mkdir(parents=True, exist_ok=True)
             host_key = self.state_dir / "nodes" / f"{name}.host_key"
-            key = fake_node.ensure_host_key(host_key)
+            key = ensure_host_key(host_key)
             host = node.ssh.host if node.ssh.port == 22 else f"[{node.ssh.host}]:{node.ssh.port}"
             known.append(f"{host} {key.get_name()} {key.get_base64()}\n")
             self.nodes[name] = cls(name, root, node.ssh.host, node.ssh.port, host_key,
@@ -397,22 +401,6 @@ def status(inventory_path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 # --- generated labs --------------------------------------------------------------------------
-
-_handed_out: set[tuple[int, int]] = set()
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free now, never the same one twice per process: the kernel
-    happily hands a just-closed ephemeral port out again, which gave two nodes one BMC port."""
-    for _ in range(1000):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if (kind, port) not in _handed_out:
-            _handed_out.add((kind, port))
-            return port
-    raise OSError("no free port found")
-
 
 def generate(count: int, state_dir: str | os.PathLike, *, bmc_base: int | None = None,
              ssh_base: int | None = None, ssh: bool = True,

@@ -9,30 +9,34 @@ Changed:
   dying in RAKP2 with struct.error.
 - RAKP1 for an unknown (or null) user answers RAKP2 status 0x0d instead of silence (the client
   then fails at once instead of timing out after ~14 s); a bad RAKP3 gets RAKP4 status 0x0f.
-- No registration in pyghmi's global ``Session.bmc_handlers``: the owning FakeBmc routes
-  packets by managed session id, so several BMCs (and several sessions from one client
-  socket) never step on each other's entries.
+- No registration in pyghmi's global ``Session.bmc_handlers``: each BMC keeps its own
+  ``SessionTable`` and routes packets by managed session id, so several BMCs (and several
+  sessions from one client socket) never step on each other's entries.
 - Attributes the client-side base class expects but the server never set
   (``_customkeepalives``, ``k1``, ``sol_handler``...) exist from the start, so garbage that
   reaches a half-open session cannot raise AttributeError.
 - A retransmitted request (same netfn/cmd/rqSeq/data as the previous one) gets the cached
-  reply instead of running again: a lost reply must not power-cycle a node twice."""
+  reply instead of running again: a lost reply must not power-cycle a node twice.
+
+The dependency runs one way: the BMC (``fake/bmc.py``) builds on this module; a session knows
+its BMC only as the small ``SessionOwner`` interface below, and gets its id from the
+``SessionTable`` that allocates ids and holds the sessions."""
 
 from __future__ import annotations
 
 import collections
 import hashlib
 import hmac
+import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+import uuid
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import pyghmi.ipmi.private.constants as constants
 import pyghmi.ipmi.private.serversession as serversession
-
-if TYPE_CHECKING:
-    from labkit.fake.bmc import FakeBmc
 
 SUITE3 = (1, 1, 1)  # HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128
 RMCP_NO_CIPHER_MATCH = 0x11
@@ -42,14 +46,78 @@ ADMIN = 4
 DUPLICATE_WINDOW = 10.0
 
 
+class SessionOwner(Protocol):
+    """What a session needs from the BMC it belongs to."""
+
+    uuid: uuid.UUID
+    kg: bytes | None
+    log: logging.Logger
+
+    def password_for(self, username: bytes) -> bytes | None:
+        """Kuid for a user, None if the user is unknown."""
+        ...
+
+    def handle_raw_request(self, request: dict, session: RmcpSession) -> None:
+        """Run one established-session IPMI request; reply via ``session.send_ipmi_response``."""
+        ...
+
+    def drop_session(self, session: RmcpSession) -> None:
+        """Forget the session (and whatever the BMC tied to it, such as SOL)."""
+        ...
+
+
+class SessionTable:
+    """One BMC's sessions by managed session id, least recently used first: allocates the ids
+    (never 0, never one in use) and picks the session to give up when the table is full."""
+
+    def __init__(self) -> None:
+        self._by_id: collections.OrderedDict[bytes, RmcpSession] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[RmcpSession]:
+        """A snapshot, so callers may drop sessions while iterating."""
+        return iter(list(self._by_id.values()))
+
+    def new_id(self) -> bytes:
+        msid = b"\0\0\0\0"
+        while msid == b"\0\0\0\0" or msid in self._by_id:
+            msid = os.urandom(4)
+        return msid
+
+    def add(self, session: RmcpSession) -> None:
+        self._by_id[session.msid] = session
+
+    def get(self, msid: bytes) -> RmcpSession | None:
+        return self._by_id.get(msid)
+
+    def touch(self, session: RmcpSession) -> None:
+        """Mark the session most recently used."""
+        self._by_id.move_to_end(session.msid)
+
+    def discard(self, session: RmcpSession) -> None:
+        if self._by_id.get(session.msid) is session:  # not a newer session given its id
+            del self._by_id[session.msid]
+
+    def victim(self) -> RmcpSession | None:
+        """The session to forget first: the oldest half-open one, else the least recently
+        used; None when empty."""
+        for s in self._by_id.values():
+            if not s.established:
+                return s
+        return next(iter(self._by_id.values()), None)
+
+
 class RmcpSession(serversession.ServerSession):
-    """One client's session with one FakeBmc. Created by ``FakeBmc`` on an Open Session
-    Request; all methods run on the lab's loop thread."""
+    """One client's session with one BMC. Created by the BMC on an Open Session Request with
+    an id from its ``SessionTable``; all methods run on the lab's loop thread."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RmcpSession:
         return object.__new__(cls)
 
-    def __init__(self, bmc: FakeBmc, clientaddr: tuple, netsocket: Any):  # noqa: D107
+    def __init__(self, bmc: SessionOwner, clientaddr: tuple, netsocket: Any,  # noqa: D107
+                 msid: bytes):
         # Everything pyghmi's Session/ServerSession code may touch, set up front.
         self.bmc = bmc
         self.uuid = bmc.uuid
@@ -90,9 +158,6 @@ class RmcpSession(serversession.ServerSession):
         self._last_reply: tuple[int, bytes] | None = None
         self._last_time = 0.0
         self._reply: tuple[int, bytes] | None = None
-        msid = b"\0\0\0\0"
-        while msid == b"\0\0\0\0" or msid in bmc.sessions:
-            msid = os.urandom(4)
         self.managedsessionid = msid
         self.clientsessionid = b"\0\0\0\0"
 

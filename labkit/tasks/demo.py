@@ -11,7 +11,6 @@ import time
 from invoke import Context
 from invoke.exceptions import Exit
 
-from labkit.fanout import report
 from labkit.tasks.common import lab, labtask
 
 
@@ -21,29 +20,38 @@ def _step(title: str) -> float:
 
 
 @labtask(help={"size": "workload size for the migrate-test", "rate": "pages/s it dirties",
-               "src": "source node", "dst": "destination node"})
+               "src": "source node", "dst": "destination node"}, changes=True)
 def demo(c: Context, inventory: str | None = None, size: str = "64M", rate: str = "5000",
-         src: str = "node1", dst: str = "node2") -> None:
-    """Fake lab up -> power-on --wait ssh -> deploy -> migrate-test, with a readable report."""
+         src: str = "node1", dst: str = "node2", force: bool = False) -> None:
+    """Fake lab up -> power-on --wait ssh -> deploy -> migrate-test, with a readable report.
+
+    It powers on and deploys to every node of the inventory: a node leased by someone else
+    is refused (before the lab is started) unless --force."""
+    from labkit import bringup
     from labkit import deploy as dp
     from labkit.bmc.power import PowerClient
     from labkit.experiment import build_config, run_migrate_test
     from labkit.fake import lab as fake
+    from labkit.fanout import report
     from labkit.inventory import find_inventory
 
     lab_ = lab(c, inventory)
     cfg = build_config(src=src, dst=dst, size=size, rate=rate, verify_resume=50)  # check args first
     path = find_inventory(inventory).resolve()
+    # the lab's password file may not exist before it is up: secrets are checked at login
+    nodes = lab_.select(None, change=True, force=force, check_secrets=False)
+    lab_.named([src, dst], change=False)
 
     t0 = _step(f"1/4 fake lab ({path})")
     info = fake.up(path)
     print(f"fake lab {'started' if info['started'] else 'already running'}: pid {info['pid']},"
           f" state in {info['state_dir']}")
-    nodes = lab_.select(None)
 
     t = _step("2/4 power-on --wait ssh (BMCs over IPMI lanplus, then SSH)")
     with PowerClient(lab_.settings) as client:
-        outcomes = lab_.fan_out(nodes, lambda n: client.on(n, wait="ssh"), label="power-on")
+        outcomes = lab_.fan_out(nodes, lambda n: bringup.power_on(client, n, lab_.settings,
+                                                                  wait="ssh"),
+                                label="power-on")
     if report(outcomes, columns=("power", "changed")):
         raise Exit(code=1)
     print(f"({time.monotonic() - t:.1f}s)")

@@ -17,24 +17,24 @@ HELP = {
 }
 
 
-
-
-@labtask(help=dict(HELP))
+@labtask(help=dict(HELP), changes=True)
 def deploy(c: Context, inventory: str | None = None, nodes: str | None = None,
-           check: bool = False, rollback: bool = False, json: bool = False) -> None:
+           check: bool = False, rollback: bool = False, json: bool = False,
+           force: bool = False) -> None:
     """Ship payloads to nodes: delta upload, build, atomic switch (--check, --rollback).
 
     The payloads are the inventory's `payloads:` or config labkit.payloads, default labkit's
     own. Only what changed is uploaded, into a new release; the build (labkit.deploy_build,
     default a python compile check) runs before `current` is switched atomically; `previous`
-    is kept for --rollback."""
-    from labkit import deploy as dp
-
+    is kept for --rollback. Deploy and --rollback change the nodes (leased nodes are refused
+    unless --force); --check only reads them."""
     if check and rollback:
         raise UserError("--check and --rollback exclude each other")
     action = "check" if check else "rollback" if rollback else "deploy"
     lab_ = lab(c, inventory)
-    selected = lab_.select(nodes)
+    selected = lab_.select(nodes, change=action != "check", force=force)
+    from labkit import deploy as dp
+
     cfg = c.config.get("labkit", {}) if hasattr(c, "config") else {}
     deployer = dp.deployer_for(lab_.settings, cfg, lab_.inventory(), action)
     if deployer.bundle is not None and not json:

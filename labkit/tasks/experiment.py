@@ -32,15 +32,19 @@ MIGRATE_HELP = {
 }
 
 
-@labtask(help=MIGRATE_HELP, name="migrate-test", auto_shortflags=False)
+@labtask(help=MIGRATE_HELP, name="migrate-test", auto_shortflags=False, changes=True)
 def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
                  dst: str = "node2", size: str = "256M", rate: str = "5000",
                  pattern: str = "uniform", hot_fraction: str = "0.1", tracker: str = "auto",
                  max_rounds: str = "8", min_pages: str = "64", max_growth: str = "10",
                  seed: str = "1", verify_resume: str = "0", steps_per_round: str = "0",
                  no_stop_and_copy: bool = False, matrix: str = "", no_deploy: bool = False,
-                 json: bool = False) -> None:
-    """Migrate a memory-dirtying workload between two nodes by pre-copy; verify; report."""
+                 json: bool = False, force: bool = False) -> None:
+    """Migrate a memory-dirtying workload between two nodes by pre-copy; verify; report.
+
+    Both nodes are changed (powered on, swept, deployed, a workload started and killed), so a
+    lease someone else holds on either refuses the run (every --matrix cell uses the same two
+    nodes) unless --force."""
     from labkit.experiment import build_config, parse_matrix, run_matrix, run_migrate_test
 
     # every argument is checked before anything is started
@@ -56,9 +60,8 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
         for cell in cells:
             apply_cell(cfg, cell)
     lab_ = lab(c, inventory)
+    lab_.named([cfg.src, cfg.dst], change=True, force=force)  # unknown node: UserError now
     inv = lab_.inventory()
-    for name in (cfg.src, cfg.dst):
-        inv.node(name)  # unknown node -> UserError now
     if cells is not None:
         folder, rows = run_matrix(inv, lab_.settings, cfg, cells, deploy=not no_deploy,
                                   out=print)
@@ -77,11 +80,15 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
 
 @labtask(name="dirty-rate", help={"pid": "process id on the node",
                                   "seconds": "measurement window",
-                                  "tracker": "auto | uffd | softdirty | compare"})
+                                  "tracker": "auto | uffd | softdirty | compare"},
+         changes=True)
 def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = None,
                pid: int = 0, seconds: str = "5", tracker: str = "auto",
-               json: bool = False) -> None:
-    """Exact dirty rate (MiB/s of distinct pages written) of a process on nodes (-n)."""
+               json: bool = False, force: bool = False) -> None:
+    """Exact dirty rate (MiB/s of distinct pages written) of a process on nodes (-n).
+
+    The tracker attaches to the process (ptrace, userfaultfd or soft-dirty bits): that changes
+    someone's running process, so a node leased by someone else is refused unless --force."""
     from labkit.experiment.config import TRACKERS
     from labkit.experiment.migrate import payload_dir
     from labkit.tasks.common import finish
@@ -97,7 +104,7 @@ def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = Non
     if tracker not in TRACKERS:
         raise UserError(f"--tracker {tracker!r}: one of {', '.join(TRACKERS)}")
     lab_ = lab(c, inventory)
-    selected = lab_.select(nodes)
+    selected = lab_.select(nodes, change=True, force=force)
 
     def act(node):
         from labkit.ssh import SshClient

@@ -10,9 +10,7 @@ from typing import Any
 
 from invoke import Collection, Context
 
-from labkit import inventory as inv
 from labkit.errors import LabkitError, UserError
-from labkit.fanout import Outcome
 from labkit.tasks.common import finish, labtask
 
 STATUS_COLUMNS = ("power", "pending", "phase", "ssh", "bootdev", "bmc", "faults")
@@ -23,6 +21,7 @@ DEFAULT_STATE = Path(".lab")
 def _state_dir(inventory: str | None) -> Path:
     """The state folder of --inventory / $LABKIT_INVENTORY / ./inventory.yaml, or ./.lab when
     there is no inventory at all (a generated lab)."""
+    from labkit import inventory as inv
     from labkit.fake.lab import state_dir_of
 
     try:
@@ -48,6 +47,7 @@ def _faults_text(f: dict[str, Any]) -> str:
                "power_on": "with --count: nodes start powered on"})
 def up(c: Context, inventory: str | None = None, count: int = 0, power_on: bool = False) -> None:
     """Start the fake lab in the background (idempotent); print its inventory path."""
+    from labkit import inventory as inv
     from labkit.fake import lab as fake
 
     if count < 0:
@@ -78,6 +78,7 @@ def down(c: Context, inventory: str | None = None) -> None:
 def status(c: Context, inventory: str | None = None, json: bool = False) -> None:
     """Per-node power, boot phase, SSH and fault state, as the fake lab sees it."""
     from labkit.fake.control import LabControl
+    from labkit.fanout import Outcome
 
     nodes = LabControl(_state_dir(inventory)).status()
     outcomes = []
@@ -100,14 +101,19 @@ def status(c: Context, inventory: str | None = None, json: bool = False) -> None
     "down": "the BMC ignores every packet (until --clear)",
     "clear": "clear every fault (applied before the other options)",
     "power_delay": "LO,HI seconds for power changes to land (e.g. 0.5,2)",
-})
+}, changes=False)
 def fault(c: Context, inventory: str | None = None, nodes: str | None = None,
           drop: str | None = None, busy: int = -1, hang: bool = False, no_hang: bool = False,
           refuse_password: bool = False, cold_reset: bool = False, down: bool = False,
           clear: bool = False,
           power_delay: str | None = None, json: bool = False) -> None:
-    """Inject (or clear) faults in fake BMCs; prints the resulting fault state."""
+    """Inject (or clear) faults in fake BMCs; prints the resulting fault state.
+
+    Not lease-checked: it changes the fake lab's simulation (yours, in your state folder), not
+    a lab node; the fake nodes' names may well be leased on the real lab by someone else."""
+    from labkit import inventory as inv
     from labkit.fake.control import LabControl
+    from labkit.fanout import Outcome
 
     if hang and no_hang:
         raise UserError("--hang and --no-hang contradict each other")

@@ -8,15 +8,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import Context
 
-from labkit import leases
 from labkit.errors import UserError
-from labkit.fanout import Outcome
-from labkit.ssh import CommandFailed, ConnectionPool, RunResult
 from labkit.tasks.common import finish, lab, labtask
+
+if TYPE_CHECKING:
+    from labkit.fanout import Outcome
 
 
 class LinePrefixer:
@@ -58,6 +58,8 @@ def run_on_nodes(lab_: Any, nodes: list, command: str, *, timeout: float | None,
                  stream: bool, cancel: threading.Event) -> list[Outcome]:
     """The library side of ``run``: one pooled connection per node, the command everywhere at
     once, a node's non-zero exit or timeout is that node's failure."""
+    from labkit.ssh import CommandFailed, ConnectionPool
+
     lock = threading.Lock()
     pool = ConnectionPool(lab_.settings)
 
@@ -66,8 +68,8 @@ def run_on_nodes(lab_: Any, nodes: list, command: str, *, timeout: float | None,
         out = LinePrefixer(node.name, sys.stdout, lock) if stream else None
         err = LinePrefixer(node.name, sys.stderr, lock) if stream else None
         try:
-            r: RunResult = client.run(command, timeout=timeout, on_stdout=out, on_stderr=err,
-                                      cancel=cancel)
+            r = client.run(command, timeout=timeout, on_stdout=out, on_stderr=err,
+                           cancel=cancel)
         finally:
             for p in (out, err):
                 if p:
@@ -95,15 +97,13 @@ def run_on_nodes(lab_: Any, nodes: list, command: str, *, timeout: float | None,
 @labtask(help={
     "timeout": "seconds before the remote command is killed (default labkit.command_timeout)",
     "json": "print a JSON array with exit_code, stdout, stderr per node (no streaming)",
-})
+}, changes=True)
 def run(ctx: Context, nodes: str | None = None, inventory: str | None = None,
         timeout: str | None = None, json: bool = False, force: bool = False) -> None:
     """Run a shell command on nodes in parallel: invoke run -n SEL -- CMD..."""
     command = (getattr(ctx, "remainder", "") or "").strip()
     if not command:
         raise UserError("nothing to run: give the command after --, e.g. run -n node1 -- uptime")
-    lab_ = lab(ctx, inventory)
-    selected = lab_.select(nodes)
     seconds = None
     if timeout is not None:
         try:
@@ -112,7 +112,8 @@ def run(ctx: Context, nodes: str | None = None, inventory: str | None = None,
             seconds = -1.0
         if not seconds > 0:
             raise UserError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
-    leases.check(selected, lab_.settings, force)
+    lab_ = lab(ctx, inventory)
+    selected = lab_.select(nodes, change=True, force=force)
     cancel = threading.Event()
     # Ctrl-C: tell every node's run loop to kill its remote processes, then interrupt the main
     # thread; the fan-out waits for the workers, which now return within a round trip.

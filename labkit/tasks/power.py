@@ -1,7 +1,9 @@
 """Tasks: power-status, power-on/off/soft/reset/cycle, boot-device, console.
 
-Each task parses options, fans the library call (labkit.bmc.power / labkit.bmc.console) out over
-the selected nodes and prints the outcomes; the logic lives in the library."""
+Each task parses options, fans the library call (labkit.bmc.power, labkit.bringup for
+power -> console -> SSH, labkit.bmc.console) out over the selected nodes and prints the
+outcomes; the logic lives in the library. Library modules are imported in the task bodies:
+building the namespace (every ``labkit`` command) must not pay for pyghmi."""
 
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ from typing import Any
 
 from invoke import Context
 
-from labkit import leases
 from labkit.errors import UserError
-from labkit.inventory import Node
 from labkit.tasks.common import Lab, finish, lab, labtask
 
 POWER_COLUMNS = ("power", "changed", "confirmed")
@@ -20,17 +20,17 @@ POWER_COLUMNS = ("power", "changed", "confirmed")
 
 WAIT_HELP = ("wait until the BMC reports the new state (--wait or --wait=power, within "
              "labkit.power_wait); --wait=ssh also waits for SSH (labkit.ssh_wait)")
+CYCLE_WAIT_HELP = ("wait until the BMC reports on again (--wait or --wait=power); --wait=ssh "
+                   "also waits for SSH (labkit.ssh_wait)")
 
 
-def _run(lab_: Lab, nodes: str | None, label: str,
-         action: Callable[[Any, Node], dict[str, Any]], as_json: bool,
-         columns: tuple[str, ...] = POWER_COLUMNS, force: bool | None = None) -> None:
-    """``force`` is None for read-only actions; otherwise leased nodes are refused unless set."""
+def _run(lab_: Lab, nodes: str | None, label: str, action: Callable[[Any, Any], dict[str, Any]],
+         as_json: bool, columns: tuple[str, ...] = POWER_COLUMNS, *, change: bool,
+         force: bool = False) -> None:
+    """``change``: the action changes the nodes, so leased nodes are refused unless ``force``."""
+    selected = lab_.select(nodes, change=change, force=force)
     from labkit.bmc.power import PowerClient
 
-    selected = lab_.select(nodes)
-    if force is not None:
-        leases.check(selected, lab_.settings, force)
     with PowerClient(lab_.settings) as client:
         outcomes = lab_.fan_out(selected, lambda n: action(client, n), label=label)
     finish(outcomes, as_json=as_json, columns=columns)
@@ -42,67 +42,69 @@ def _positional(task: str, value: str) -> None:
         raise UserError(f"{task}: expected a value, got {value!r} (for help: --help {task})")
 
 
-@labtask
+@labtask(changes=False)
 def power_status(c: Context, inventory: str | None = None, nodes: str | None = None,
                  json: bool = False) -> None:
     """Show each node's power state as its BMC reports it."""
     _run(lab(c, inventory), nodes, "power-status",
-         lambda client, n: {"power": client.status(n)}, json, ("power",))
+         lambda client, n: {"power": client.status(n)}, json, ("power",), change=False)
 
 
-@labtask(optional=["wait"], help={"wait": WAIT_HELP})
+@labtask(optional=["wait"], help={"wait": WAIT_HELP}, changes=True)
 def power_on(c: Context, inventory: str | None = None, nodes: str | None = None,
-             wait: Any = None, json: bool = False,
-        force: bool = False) -> None:
+             wait: Any = None, json: bool = False, force: bool = False) -> None:
     """Power nodes on (nothing is sent to a node that is already on)."""
-    from labkit.bmc.power import normalize_wait
+    from labkit import bringup
 
-    mode = normalize_wait(wait)  # a bad value is a usage error before any BMC is touched
-    _run(lab(c, inventory), nodes, "power-on", lambda client, n: client.on(n, wait=mode), json,
-         force=force)
+    mode = bringup.normalize_wait(wait)  # a bad value is a usage error before any BMC is touched
+    lab_ = lab(c, inventory)
+    _run(lab_, nodes, "power-on",
+         lambda client, n: bringup.power_on(client, n, lab_.settings, wait=mode), json,
+         change=True, force=force)
 
 
-@labtask(help={"wait": "wait until the BMC reports off"})
+@labtask(help={"wait": "wait until the BMC reports off"}, changes=True)
 def power_off(c: Context, inventory: str | None = None, nodes: str | None = None,
-              wait: bool = False, json: bool = False,
-        force: bool = False) -> None:
+              wait: bool = False, json: bool = False, force: bool = False) -> None:
     """Hard power off (nothing is sent to a node that is already off)."""
     _run(lab(c, inventory), nodes, "power-off", lambda client, n: client.off(n, wait=wait), json,
-         force=force)
+         change=True, force=force)
 
 
-@labtask(help={"wait": "wait until the BMC reports off"})
+@labtask(help={"wait": "wait until the BMC reports off"}, changes=True)
 def power_soft(c: Context, inventory: str | None = None, nodes: str | None = None,
-               wait: bool = False, json: bool = False,
-        force: bool = False) -> None:
+               wait: bool = False, json: bool = False, force: bool = False) -> None:
     """Ask the OS to shut down (ACPI soft-off)."""
     _run(lab(c, inventory), nodes, "power-soft", lambda client, n: client.soft(n, wait=wait),
-         json, force=force)
+         json, change=True, force=force)
 
 
-@labtask
+@labtask(changes=True)
 def power_reset(c: Context, inventory: str | None = None, nodes: str | None = None,
-                json: bool = False,
-        force: bool = False) -> None:
+                json: bool = False, force: bool = False) -> None:
     """Hard reset."""
     _run(lab(c, inventory), nodes, "power-reset", lambda client, n: client.reset(n), json,
-         force=force)
+         change=True, force=force)
 
 
-@labtask(help={"wait": "wait until the BMC reports on again"})
+@labtask(optional=["wait"], help={"wait": CYCLE_WAIT_HELP}, changes=True)
 def power_cycle(c: Context, inventory: str | None = None, nodes: str | None = None,
-                wait: bool = False, json: bool = False,
-        force: bool = False) -> None:
+                wait: Any = None, json: bool = False, force: bool = False) -> None:
     """Off, wait for off, labkit.cycle_delay seconds, on."""
-    _run(lab(c, inventory), nodes, "power-cycle", lambda client, n: client.cycle(n, wait=wait),
-         json, force=force)
+    from labkit import bringup
+
+    mode = bringup.normalize_wait(wait)
+    lab_ = lab(c, inventory)
+    _run(lab_, nodes, "power-cycle",
+         lambda client, n: bringup.power_cycle(client, n, lab_.settings, wait=mode), json,
+         change=True, force=force)
 
 
 @labtask(help={"device": "pxe | disk | bios | default",
-               "persistent": "keep the override for every boot, not just the next one"})
+               "persistent": "keep the override for every boot, not just the next one"},
+         changes=True)
 def boot_device(c: Context, device: str, inventory: str | None = None, nodes: str | None = None,
-                persistent: bool = False, json: bool = False,
-        force: bool = False) -> None:
+                persistent: bool = False, json: bool = False, force: bool = False) -> None:
     """Set the boot device override: boot-device -n SEL pxe|disk|bios|default [--persistent]."""
     from labkit.bmc.power import BOOT_DEVICES
 
@@ -111,30 +113,38 @@ def boot_device(c: Context, device: str, inventory: str | None = None, nodes: st
         raise UserError(f"boot device {device!r}: expected one of {', '.join(BOOT_DEVICES)}")
     _run(lab(c, inventory), nodes, "boot-device",
          lambda client, n: client.set_boot_device(n, device, persistent), json,
-         ("boot_device", "persistent"), force=force)
+         ("boot_device", "persistent"), change=True, force=force)
 
 
 @labtask(help={"node": "the node whose serial console to open",
                "capture": "record this many seconds non-interactively instead of attaching",
                "log": "with --capture: write the timestamped log here (default: a results/ "
                       "folder)",
-               "force": "take over an SOL session another client holds (default: on)"})
+               "take_over": "take over an SOL session another client holds (default: on; "
+                            "--no-take-over to leave it)",
+               "force": "attach to a node leased by someone else"},
+         changes=True)
 def console(c: Context, node: str, inventory: str | None = None, capture: float = 0.0,
-            log: str | None = None, force: bool = True) -> None:
+            log: str | None = None, take_over: bool = True, force: bool = False) -> None:
     """Serial-over-LAN console. Interactive: type ~. at the start of a line to leave.
-    With --capture N: record N seconds to a timestamped log and exit."""
+    With --capture N: record N seconds to a timestamped log and exit.
+
+    Leases: attaching is changing the node (what you type goes to its console: a login, a
+    reboot, a kernel's magic SysRq), so a node leased by someone else is refused unless
+    --force. --capture only records what the node prints and sends nothing, so it works on
+    any node (a lease protects the node, not a seat at its console)."""
     from labkit.bmc import console as sol
 
     _positional("console", node)
     if capture < 0:
         raise UserError(f"--capture: seconds must be >= 0, got {capture:g}")
     lab_ = lab(c, inventory)
-    target = lab_.inventory().node(node)
+    (target,) = lab_.named([node], change=not capture, force=force)
     if capture:
-        path = sol.capture(target, lab_.settings, float(capture), log, force=force)
+        path = sol.capture(target, lab_.settings, float(capture), log, force=take_over)
         print(path)
     else:
-        sol.attach(target, lab_.settings, force=force)
+        sol.attach(target, lab_.settings, force=take_over)
 
 
 TASKS = [power_status, power_on, power_off, power_soft, power_reset, power_cycle, boot_device,

@@ -9,7 +9,6 @@ import sys
 from invoke import Context
 from invoke.exceptions import Exit
 
-from labkit import sync as syncmod
 from labkit.errors import UserError
 from labkit.tasks.common import finish, lab, labtask
 
@@ -24,11 +23,18 @@ from labkit.tasks.common import finish, lab, labtask
     "merge": "merge the upstream (may create a merge commit) instead of fast-forward only",
     "json": "print the report (or the per-node array) as JSON",
     "nodes": "sync the checkout on these nodes over SSH instead of the local one",
-})
+    "force": "with --nodes: sync nodes leased by someone else",
+}, changes=True)
 def sync(ctx: Context, repo: str | None = None, dry_run: bool = False, json: bool = False,
          nodes: str | None = None, inventory: str | None = None, rebase: bool = False,
-         merge: bool = False, no_fetch: bool = False) -> None:
-    """git stash -u, pull (fast-forward only by default), stash apply --index; never loses work."""
+         merge: bool = False, no_fetch: bool = False, force: bool = False) -> None:
+    """git stash -u, pull (fast-forward only by default), stash apply --index; never loses work.
+
+    With --nodes the checkouts on those nodes change, so a node leased by someone else is
+    refused unless --force; --dry-run changes nothing there but remote-tracking refs and is
+    not refused. Without --nodes only your own checkout changes: no lease applies."""
+    from labkit import sync as syncmod
+
     if rebase and merge:
         raise UserError("give at most one of --rebase and --merge")
     if no_fetch and not dry_run:
@@ -37,7 +43,7 @@ def sync(ctx: Context, repo: str | None = None, dry_run: bool = False, json: boo
     lab_ = lab(ctx, inventory)
     tree = repo or lab_.settings.research_tree or None
     if nodes is not None:
-        selected = lab_.inventory(check_secrets=False).select(nodes)
+        selected = lab_.select(nodes, change=not dry_run, force=force, check_secrets=False)
         outcomes = syncmod.sync_nodes(lab_, selected, tree, mode=mode, dry_run=dry_run,
                                       fetch=not no_fetch)
         finish(outcomes, as_json=json, columns=("status", "before", "after", "pulled",

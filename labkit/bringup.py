@@ -1,0 +1,136 @@
+"""Bringing a node up: power -> serial-console watch -> SSH wait.
+
+This is the layer above ``labkit.bmc`` (IPMI: power, SOL console) and ``labkit.ssh`` (connect,
+run). Neither of those knows the other: the power driver only talks to the BMC, the SSH layer
+only connects. Sequencing them, and explaining a node that never answers SSH with the last
+lines it printed on its serial console, is this module's job:
+
+    with PowerClient(settings) as client:
+        power_on(client, node, settings, wait="ssh")
+        # -> {"power": "on", "changed": bool, "confirmed": True, "ssh": True}
+
+``wait``: False/None returns once the BMC accepted the command; True or "power" waits until
+the BMC reports on (``settings.power_wait``); "ssh" also waits until SSH accepts us
+(``settings.ssh_wait``), recording the SOL console meanwhile so that a node that never comes up
+fails with ``SshUnreachable(msg, value={"console_tail": ...})``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from labkit.config import Settings
+from labkit.errors import LabkitError, UserError
+from labkit.inventory import Node
+
+if TYPE_CHECKING:
+    from labkit.bmc.console import SolConsole
+    from labkit.bmc.power import PowerClient
+
+WAIT_CHOICES = ("power", "ssh")
+
+
+def normalize_wait(wait: bool | str | None) -> str | None:
+    """``--wait`` is a flag or a value: False/None -> None, True/"power" -> "power", "ssh"."""
+    if wait is None or wait is False:
+        return None
+    if wait is True:
+        return "power"
+    value = str(wait).strip().lower()
+    if value in ("true", "yes", "1"):
+        return "power"
+    if value not in WAIT_CHOICES:
+        raise UserError(f"--wait: expected one of {', '.join(WAIT_CHOICES)}, got {wait!r}")
+    return value
+
+
+def tail_text(text: str, lines: int = 5, max_chars: int = 400) -> str:
+    """The last non-empty lines of console output as one ``|``-joined line (error messages and
+    outcomes are one line)."""
+    kept = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-lines:]
+    return " | ".join(kept)[-max_chars:]
+
+
+class BootWatch:
+    """Records a node's serial console (SOL) while we wait for it to boot, so that a node that
+    never answers SSH fails with the last lines it printed. Best effort and polite: it does not
+    take over an SOL session someone else holds, and a BMC without SOL just records nothing."""
+
+    KEEP = 16384
+
+    def __init__(self, node: Node, settings: Settings):
+        from labkit.bmc.console import SolConsole
+
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._con: SolConsole | None = None
+        try:
+            self._con = SolConsole(node, settings, force=False, on_data=self._data).open()
+        except LabkitError:
+            self._con = None
+
+    def _data(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+            if len(self._buf) > self.KEEP:
+                del self._buf[:-self.KEEP]
+
+    def tail(self) -> str:
+        with self._lock:
+            return tail_text(self._buf.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close(timeout=2.0)
+
+
+def wait_ssh(node: Node, settings: Settings, watch: BootWatch | None = None) -> None:
+    """Wait (``settings.ssh_wait``) until SSH accepts us; on giving up, the error carries the
+    console tail ``watch`` recorded."""
+    from labkit.ssh import SshUnreachable
+    from labkit.ssh import wait_ssh as ssh_wait
+
+    try:
+        ssh_wait(node, settings, time.monotonic() + settings.ssh_wait)
+    except SshUnreachable as e:
+        tail = watch.tail() if watch is not None else ""
+        if not tail:
+            raise
+        raise SshUnreachable(f"{e}; console: {tail}",
+                             value={**e.value, "console_tail": tail}) from None
+
+
+def power_on(client: PowerClient, node: Node, settings: Settings,
+             wait: bool | str | None = False) -> dict[str, object]:
+    """Power on (nothing sent when already on) and wait as ``wait`` says (module docstring).
+    Returns {"power", "changed", "confirmed"} (+ "ssh": True with wait="ssh")."""
+    mode = normalize_wait(wait)
+    if mode != "ssh":
+        return client.on(node, wait=mode == "power")
+    watch = BootWatch(node, settings)  # before the power command: the boot log comes first
+    try:
+        result = client.on(node, wait=True)
+        wait_ssh(node, settings, watch)
+        result["ssh"] = True
+        return result
+    finally:
+        watch.close()
+
+
+def power_cycle(client: PowerClient, node: Node, settings: Settings,
+                wait: bool | str | None = False) -> dict[str, object]:
+    """Off, wait for off, ``settings.cycle_delay``, on (PowerClient.cycle), then wait as
+    ``wait`` says, like :func:`power_on`."""
+    mode = normalize_wait(wait)
+    if mode != "ssh":
+        return client.cycle(node, wait=mode == "power")
+    watch = BootWatch(node, settings)
+    try:
+        result = client.cycle(node, wait=True)
+        wait_ssh(node, settings, watch)
+        result["ssh"] = True
+        return result
+    finally:
+        watch.close()

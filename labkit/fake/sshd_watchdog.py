@@ -1,0 +1,180 @@
+"""The power supply of an OpenSSH fake node: runs its ``sshd -D`` and powers the node off —
+sshd, every connection it forked, every process carrying the node's marker — when the lab says
+so, when the lab dies, or when sshd exits.
+
+Why a process of its own: a real sshd's sessions outlive their connection, and sshd outlives
+the lab that started it. If the lab is SIGKILLed (or crashes) nothing in it can clean up, so
+the node must power itself off. The lab holds the write end of this program's stdin and never
+writes to it: EOF on stdin is the order to power off, and the kernel gives that order itself
+when the lab dies, however it dies — no polling, no pid that could be reused.
+
+    python3 -I -S sshd_watchdog.py --marker LABKIT_NODE_ROOT=/x [--budget 2] [--interval 0.02]
+                                   -- sshd -D ...
+
+sshd's output goes to our stderr (the node's sshd.log). At power-off, one JSON line on stdout:
+``{"killed": [pids], "survivors": [pids]}``; exit 0 when nothing survived, 2 on bad usage.
+
+Stdlib only plus ``labkit/nodeside/killmarked.py`` (THE kill-by-marker), found beside this file
+when run by path with ``-I -S`` (where the labkit package is not importable). sshd is started
+before anything else is imported, so the node's power-on does not wait for our imports. The lab
+imports ``power_off`` from here too, for a watchdog that did not answer."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+from types import ModuleType
+
+_km: ModuleType | None = None
+
+
+def _killmarked() -> ModuleType:
+    """killmarked, imported on first use."""
+    global _km
+    if _km is None:
+        try:
+            from labkit.nodeside import killmarked
+        except ImportError:  # run by path with -I -S: the installed package is out of reach
+            here = os.path.dirname(os.path.abspath(__file__))
+            sys.path.insert(0, os.path.join(os.path.dirname(here), "nodeside"))
+            import killmarked
+        _km = killmarked
+    return _km
+
+
+def descendants(root: int) -> list[int]:
+    """All descendants of ``root`` from one /proc snapshot: sshd's per-connection children run
+    in sessions of their own and carry no marker, so only parentage finds them."""
+    km = _killmarked()
+    children: dict[int, list[int]] = {}
+    for pid in km.pids():
+        st = km.stat(pid)
+        if st is not None:
+            children.setdefault(st[1], []).append(pid)
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except OSError:
+            pass
+
+
+def power_off(root: int, marker: bytes, budget: float = 2.0,
+              interval: float = 0.02) -> tuple[list[int], list[int]]:
+    """Kill ``root`` (sshd, or a watchdog that did not answer), its whole tree and everything
+    carrying ``marker``. The tree is frozen first, top down, so sshd cannot fork a connection
+    while it is being swept; frozen processes die by SIGKILL all the same.
+    Returns (killed, survivors) as ``killmarked.kill`` does."""
+    _stop([root])
+    _stop(descendants(root))
+    tree = [root, *descendants(root)]  # what forked before its parent froze
+    return _killmarked().kill([marker], extra=tree, budget=budget, interval=interval)
+
+
+def spawn(command: list[str]) -> int:
+    """Start sshd: stdin /dev/null (the lifeline stays ours alone), stdout to our stderr, and
+    the signal dispositions Python changed at start-up back to their defaults."""
+    return os.posix_spawnp(command[0], command, os.environ,
+                           file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                         (os.POSIX_SPAWN_DUP2, 2, 1)],
+                           setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+
+
+def exited(pid: int) -> bool:
+    """Has our child ``pid`` exited? (reaps it if so)"""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
+
+
+class _Signalled(Exception):
+    pass
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
+def watch(sshd: int) -> bool:
+    """Block until the lab closes our stdin (or dies), sshd exits, or a signal asks us to end.
+    Returns whether sshd has exited (and was reaped)."""
+    poller = select.poll()
+    poller.register(0, select.POLLIN)  # POLLHUP/POLLERR are always reported
+    try:
+        pidfd = os.pidfd_open(sshd)
+        poller.register(pidfd, select.POLLIN)
+    except (AttributeError, OSError):  # no pidfd (old kernel, seccomp): look every second
+        pidfd = None
+    try:
+        while not exited(sshd):
+            for fd, _events in poller.poll(None if pidfd is not None else 1000):
+                if fd == 0 and not os.read(0, 4096):
+                    return False
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def parse(argv: list[str]) -> tuple[bytes, float, float, list[str]]:
+    """(marker, budget, interval, command); argparse would cost the node's power-on its import."""
+    opts = {"--marker": "", "--budget": "2.0", "--interval": "0.02"}
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        if argv[i] not in opts or i + 1 >= len(argv):
+            raise ValueError(f"unknown or incomplete option {argv[i]!r}")
+        opts[argv[i]] = argv[i + 1]
+        i += 2
+    command = argv[i + 1:]
+    if "=" not in opts["--marker"] or not command:
+        raise ValueError("need --marker NAME=value and the sshd command after --")
+    return opts["--marker"].encode(), float(opts["--budget"]), float(opts["--interval"]), command
+
+
+def main(argv: list[str]) -> int:
+    try:
+        marker, budget, interval, command = parse(argv)
+    except ValueError as e:
+        sys.stderr.write(f"sshd_watchdog: {e}\n{__doc__.split(chr(10) * 2)[2]}\n")
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise)
+    sshd: int | None = None
+    gone = False
+    try:
+        sshd = spawn(command)
+        _killmarked()  # while sshd starts, not at power-off
+        gone = watch(sshd)
+    except _Signalled:  # being asked to end is being asked to power off
+        pass
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the sweep short
+    if sshd is None:
+        killed, survivors = _killmarked().kill([marker], budget=budget, interval=interval)
+    elif not gone:
+        killed, survivors = power_off(sshd, marker, budget, interval)
+        os.waitpid(sshd, 0)
+    else:  # sshd died by itself: its sessions may live on
+        killed, survivors = _killmarked().kill([marker], budget=budget, interval=interval)
+    try:
+        sys.stdout.write(f'{{"killed": {killed}, "survivors": {survivors}}}\n')
+        sys.stdout.flush()
+    except OSError:  # the lab is gone: nobody to tell
+        pass
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
