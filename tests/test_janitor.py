@@ -180,11 +180,7 @@ def test_sweep_spares_live_foreign_and_unmarked(lab: FakeLabHandle, monkeypatch)
                                     f"'echo $$ > unmarked.pid; {sleep}'"),
         }
         try:
-            # each shell runs under its tag only once its inner `exec env` has happened
-            end = time.monotonic() + 20
-            while not all(len(marked(t, exact=True)) >= 3 for t in (dead, reused, foreign)):
-                assert time.monotonic() < end, "the tagged test processes never started"
-                time.sleep(0.02)
+            time.sleep(0.5)
             cleaned = sweep(c, controller_host=HOST, workdir="labkit", grace=0.5)
             time.sleep(0.2)
             by_tag = {t: list(marked(t, exact=True)) for t in (dead, reused, foreign)}
