@@ -1,14 +1,15 @@
 """Leftovers of a dead controller on a node: find them, end them, say so.
 
 Every remote command labkit starts carries ``LABKIT_CTL=<host>:<pid>:<start>`` in its
-environment (``labkit.ssh._wrap``): the controller process that started it, with the pid's start
-time (field 22 of /proc/PID/stat) so that a reused pid is not taken for the old controller.
+environment (``labkit.ssh.process.wrap``): the controller process that started it, with the
+pid's start time (field 22 of /proc/PID/stat) so that a reused pid is not taken for the old
+controller.
 A Ctrl-C'd controller kills its own remote processes; a SIGKILLed one cannot, and a real sshd does
 not kill a session's processes when the connection drops (a process that never reads its stdin,
 or one that is SIGSTOPped — the frozen migrate-test workload — keeps running forever).
 
-``sweep(client)`` is ONE remote command (a short stdlib-python program) that talks with the
-controller over its channel:
+``sweep(client)`` is ONE remote command (``labkit/nodeside/sweep.py``, shipped inside the exec
+request) that talks with the controller over its channel, one JSON line each way:
 
   1. the node lists every process whose environment carries LABKIT_CTL, and the per-controller
      scratch folders ``<workdir>/tmp/<host>:<pid>:<start>/`` (where node-side code puts temp
@@ -18,10 +19,11 @@ controller over its channel:
      live controllers (someone else's concurrent run, or this very process), are left alone;
   3. the node sends SIGTERM (+SIGCONT, so a stopped process gets it) to the processes of the dead
      controllers and to their process groups (a group only if every member carries a dead tag:
-     nothing without our marker is ever signalled), SIGKILLs what is left after a short grace,
-     removes the dead controllers' scratch folders, and reports.
+     nothing without our marker is ever signalled), SIGKILLs what is left after a short grace
+     (``labkit/nodeside/killmarked.py``: the one kill-by-marker), removes the dead
+     controllers' scratch folders, and reports.
 
-Processes without our marker are never touched: the script signals nothing it did not find
+Processes without our marker are never touched: the sweep signals nothing it did not find
 carrying a dead controller's tag, checked again just before each signal. On fake-lab nodes
 (which share the controller's /proc) it keeps to processes carrying its own node's
 LABKIT_NODE_ROOT, so a sweep of node2 never reaps node1's leftovers.
@@ -31,147 +33,21 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import socket
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from labkit.ssh import CTL_VAR, RUN_VAR, controller_tag, proc_start_time
+from labkit import nodeside
+from labkit.ssh.process import CTL_VAR, RUN_VAR, controller_tag, proc_start_time
+
+if TYPE_CHECKING:
+    from labkit.ssh.shell import RemoteShell
 
 KINDS = ("processes", "files")
 GRACE = 1.0
 SCRATCH = "tmp"  # under the node's workdir: <workdir>/tmp/<controller tag>/
 FAKE_NODE_ROOT = "LABKIT_NODE_ROOT"  # labkit.fake.node.ENV_ROOT: fake nodes share one /proc
-
-# The node side. Reads one JSON line (the verdict) after printing one (the census); prints the
-# report. Never imports anything beyond the stdlib; python3 >= 3.6.
-SCRIPT = (r"""
-import json, os, shutil, signal, sys, time
-CTL = b"@CTL@="
-RUN = b"@RUN@="
-me = os.getpid()
-# fake-lab nodes share one /proc: keep to processes of the node we run on (same node root)
-ROOT = os.environ.get("@ROOT@")
-ROOT = ("@ROOT@=" + ROOT).encode() if ROOT else None
-
-def stat(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            d = f.read()
-    except OSError:
-        return None
-    f = d[d.rfind(b")") + 2:].split()
-    return f[0].decode(), int(f[1]), int(f[2])  # state, ppid, pgrp
-
-def marks(pid):
-    try:
-        with open("/proc/%d/environ" % pid, "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
-        return None, None
-    ctl = run = None
-    if ROOT is not None and ROOT not in env:
-        return None, None
-    for e in env:
-        if e.startswith(CTL):
-            ctl = e[len(CTL):].decode("utf-8", "replace")
-        elif e.startswith(RUN):
-            run = e[len(RUN):].decode("utf-8", "replace")
-    return ctl, run
-
-def cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()[:300]
-    except OSError:
-        return ""
-
-def scan():
-    out = {}
-    for n in os.listdir("/proc"):
-        if not n.isdigit() or int(n) == me:
-            continue
-        st = stat(int(n))
-        if st is None:
-            continue
-        ctl, run = (None, None) if st[0] in "ZX" else marks(int(n))
-        out[int(n)] = (st, ctl, run)
-    return out
-
-kinds = sys.argv[1].split(",")
-work = sys.argv[2]
-if work.startswith("~/"):
-    work = os.path.join(os.environ.get("HOME", "."), work[2:])
-scratch = os.path.join(work, "@SCRATCH@")
-procs = scan() if "processes" in kinds else {}
-census = {"processes": [{"pid": p, "ppid": st[1], "pgrp": st[2], "state": st[0], "ctl": c,
-                         "run": r, "cmd": cmdline(p)}
-                        for p, (st, c, r) in sorted(procs.items()) if c],
-          "dirs": []}
-if "files" in kinds:
-    try:
-        census["dirs"] = sorted(d for d in os.listdir(scratch)
-                                if os.path.isdir(os.path.join(scratch, d)))
-    except OSError:
-        pass
-sys.stdout.write(json.dumps(census) + "\n")
-sys.stdout.flush()
-line = sys.stdin.readline()
-if not line:
-    sys.exit(0)  # the controller went away: change nothing
-verdict = json.loads(line)
-dead = set(verdict.get("dead", []))
-grace = float(verdict.get("grace", 1.0))
-
-def victims():
-    now = scan()
-    vs = set(p for p, (st, c, r) in now.items() if c in dead)
-    groups = set()
-    for g in set(now[p][0][2] for p in vs):
-        if all(p in vs or st[0] in "ZX" for p, (st, c, r) in now.items() if st[2] == g):
-            groups.add(g)
-    return vs, groups
-
-def signal_all(sig):
-    vs, groups = victims()
-    for g in groups:
-        try:
-            os.killpg(g, sig)
-        except OSError:
-            pass
-    for p in vs:
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-    return vs
-
-killed = set()
-if dead:
-    killed = signal_all(signal.SIGTERM)
-    if killed:
-        signal_all(signal.SIGCONT)
-        end = time.time() + grace
-        while time.time() < end and victims()[0]:
-            time.sleep(0.05)
-        for _ in range(40):
-            left = signal_all(signal.SIGKILL)
-            if not left:
-                break
-            killed |= left
-            time.sleep(0.05)
-removed = []
-for d in verdict.get("dirs", []):
-    if "/" in d or d in (".", ".."):
-        continue
-    shutil.rmtree(os.path.join(scratch, d), ignore_errors=True)
-    if not os.path.exists(os.path.join(scratch, d)):
-        removed.append(os.path.join(scratch, d))
-sys.stdout.write(json.dumps({"killed": sorted(killed), "survivors": sorted(victims()[0]),
-                             "removed": removed}) + "\n")
-""".replace("@CTL@", CTL_VAR).replace("@RUN@", RUN_VAR).replace("@SCRATCH@", SCRATCH)
-          .replace("@ROOT@", FAKE_NODE_ROOT))
 
 
 def parse_tag(tag: str) -> tuple[str, int, str] | None:
@@ -225,11 +101,11 @@ def label(cmd: str) -> str:
     return names[0] if names else "process"
 
 
-def sweep(client: Any, *, controller_host: str | None = None,
+def sweep(client: RemoteShell, *, controller_host: str | None = None,
           kinds: Iterable[str] = KINDS, workdir: str = "labkit",
           grace: float = GRACE, timeout: float | None = None) -> list[dict[str, Any]]:
     """Clean what dead controllers of ``controller_host`` (default: this host) left on the
-    node behind ``client`` (an ``SshClient``). Returns one dict per process ended
+    node behind ``client``. Returns one dict per process ended
     (``kind="process"``, pid, ppid, what, cmd, run, controller, state, top — False for a
     process whose parent was ended too) and per folder removed (``kind="files"``, path)."""
     kinds = tuple(kinds)
@@ -238,8 +114,9 @@ def sweep(client: Any, *, controller_host: str | None = None,
         raise ValueError(f"unknown sweep kind(s): {', '.join(sorted(bad))}")
     host = controller_host or controller_tag().rsplit(":", 2)[0] or socket.gethostname()
     timeout = timeout or (client.settings.ssh_timeout + grace + 10)
-    cmd = (f"exec python3 -c {shlex.quote(SCRIPT)} {shlex.quote(','.join(kinds))} "
-           f"{shlex.quote(workdir)}")
+    cmd = nodeside.command("sweep", ",".join(kinds), workdir, "--scratch", SCRATCH,
+                           "--ctl-var", CTL_VAR, "--run-var", RUN_VAR,
+                           "--within-var", FAKE_NODE_ROOT, fast=True)
     proc = client.open_exec(cmd)
     ch = proc.channel
     ch.settimeout(timeout)

@@ -22,6 +22,7 @@ import pytest
 from labkit import deploy as dp
 from labkit import inventory as inv
 from labkit.config import Settings
+from labkit.errors import NodeError, UserError
 from labkit.fake.node import OpenSshNode, PythonSshNode, ensure_host_key, sshd_path
 from labkit.fake.ports import free_port
 
@@ -171,11 +172,11 @@ def test_collect_bundle_rules(tmp_path: Path) -> None:
     single.write_text("2")
     assert "single.py" in dp.collect_bundle([a, single]).files
     clash = write_bundle(tmp_path / "c", {"x.py": "other"})
-    with pytest.raises(dp.UserError, match="'x.py' comes from both"):
+    with pytest.raises(UserError, match="'x.py' comes from both"):
         dp.collect_bundle([a, clash])
-    with pytest.raises(dp.UserError, match="reserved"):
+    with pytest.raises(UserError, match="reserved"):
         dp.collect_bundle([write_bundle(tmp_path / "d", {"MANIFEST": "x"})])
-    with pytest.raises(dp.UserError, match="no such file"):
+    with pytest.raises(UserError, match="no such file"):
         dp.collect_bundle([tmp_path / "nope"])
     assert bundle.digest == dp.collect_bundle([a]).digest
     (a / "x.py").write_text("changed")
@@ -460,7 +461,7 @@ def test_parse_sh_probe() -> None:
     assert p["previous"]["error"]                       # no MANIFEST: never a link source
     assert dp.parse_sh_probe("") == {"leftovers": [], "cleaned": [], "current": None,
                                      "previous": None}
-    with pytest.raises(dp.NodeError, match="cut short"):
+    with pytest.raises(NodeError, match="cut short"):
         dp.parse_sh_probe("@release current R2\n@manifest current\n{")
 
 

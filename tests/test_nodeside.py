@@ -152,13 +152,13 @@ def test_within_keeps_to_one_fake_node(tmp_path: Path) -> None:
 def test_prefix_marker_and_safe_groups(tmp_path: Path) -> None:
     """``NAME=`` matches any value; "safe" never signals a group holding an unmarked member."""
     run = uuid.uuid4().hex
-    # a marked leader whose group also holds an unmarked child (env cleared by the child)
+    # a marked leader whose group also holds an unmarked child (env cleared by its exec; the
+    # child writes its pid only after the exec, so it is never seen still carrying the marker)
     code = ("import os, sys, time\n"
-            "pid = os.fork()\n"
-            "if pid == 0:\n"
-            "    os.execve(sys.executable, [sys.executable, '-c', "
-            "'import time; time.sleep(600)'], {})\n"
-            "open(sys.argv[1], 'w').write(str(pid))\n"
+            "if os.fork() == 0:\n"
+            "    os.execve(sys.executable, [sys.executable, '-c', 'import os, sys, time; "
+            "open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(600)', "
+            "sys.argv[1]], {})\n"
             "time.sleep(600)\n")
     leader = _spawn({f"LABKIT_TEST_{run}": "x"}, code, str(tmp_path / "child"))
     try:
@@ -199,3 +199,32 @@ def test_bad_arguments_are_refused_without_killing() -> None:
     r = subprocess.run([sys.executable, killmarked.__file__], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and "nothing to kill" in r.stderr
+
+
+PROGRAMS = sorted(p.stem for p in (ROOT / "labkit/nodeside").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_programs_keep_to_python_3_6_syntax(name: str) -> None:
+    """Nodes run whatever python3 their distribution has; 3.6 is the oldest we promise."""
+    ast.parse(ns.source(name), f"{name}.py", feature_version=(3, 6))
+
+
+def test_a_program_with_siblings_keeps_its_docstring() -> None:
+    """Inlined siblings come first in the shipped text, so the docstring is no longer the first
+    statement; argparse's help (which reads __doc__) must still work."""
+    assert ns._siblings("sweep") == ["killmarked"]
+    r = subprocess.run(["/bin/sh", "-c", ns.command("sweep", "--help", exec_=False)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "janitor's side on a node" in r.stdout, r.stderr
+
+
+def test_shell_script_gets_its_arguments_quoted(tmp_path: Path) -> None:
+    """``shell()`` runs the script in the receiving shell (no second sh) with ``set --``."""
+    work = tmp_path / "it's a dir; echo pwned"
+    (work / "payloads" / "releases" / ".incoming-x").mkdir(parents=True)
+    r = subprocess.run(["/bin/sh", "-c", ns.shell("probe", str(work))], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == "@leftover .incoming-x\n@done\n", r.stdout
+    with pytest.raises(ValueError):
+        ns.script("../probe")

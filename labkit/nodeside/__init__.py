@@ -1,9 +1,11 @@
 """Programs that run ON a node for the controller, and the one way to ship them.
 
 Each module in this folder is a complete stdlib-only program (python3 >= 3.6 on the node) that
-never imports the rest of labkit: the deploy stage agent, the leftover sweep, kill-by-marker.
-They are ordinary files, so ruff, the compiler and unit tests see them, and a test can run them
-locally as ``python3 labkit/nodeside/NAME.py ...``.
+never imports the rest of labkit: the deploy stage agent (``stage.py``), the janitor's leftover
+sweep (``sweep.py``), kill-by-marker (``killmarked.py``); and one POSIX sh script, deploy's
+read-only probe (``probe.sh``: a shell starts in a few ms, python3 in tens). They are ordinary
+files, so ruff, the compiler and unit tests see them, and a test can run them locally as
+``python3 labkit/nodeside/NAME.py ...`` or ``sh labkit/nodeside/NAME.sh ...``.
 
 They reach a node the way the old string constants did, at the same cost: the source travels
 inside the one ``exec`` request that runs it (``python3 -I -S -c SOURCE ARGS``), so there is no
@@ -25,6 +27,10 @@ HERE = Path(__file__).resolve().parent
 # -I: ignore PYTHON* variables and the user site (a node's environment must not change what
 # runs); -S: skip site.py, a third of python3's start-up.
 PYTHON_FLAGS = ("-I", "-S")
+# Real interpreter binaries, tried before whatever ``python3`` is on PATH when the program does
+# not care which python3 runs it: a version-manager shim (pyenv) costs ~100 ms per start, more
+# than these programs take to run.
+FAST_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 # An exec request and its argv are bounded by the kernel's MAX_ARG_STRLEN (128 KiB per argument).
 MAX_PROGRAM = 120 * 1024
 
@@ -77,16 +83,45 @@ def program(name: str) -> str:
                 "    exec(compile(src, n + '.py', 'exec'), m.__dict__)"]
         head += [f"_m({d!r}, {source(d)!r})" for d in deps]
         head.append("del _m, _s, _t")
+        # the program's docstring is no longer its first statement: keep its __doc__ (argparse
+        # help and the like read it)
+        doc = ast.get_docstring(ast.parse(source(name)), clean=False)
+        if doc is not None:
+            head.append(f"__doc__ = {doc!r}")
         text = "\n".join(head) + "\n" + source(name)
     if len(text.encode()) > MAX_PROGRAM:
         raise ValueError(f"node-side program {name} is too big to ship in one exec request")
     return text
 
 
-def command(name: str, *args: str, python: str = "python3", exec_: bool = True) -> str:
+@functools.cache
+def script(name: str) -> str:
+    """The text of nodeside shell script ``name`` (``NAME.sh``, read once per process)."""
+    path = HERE / f"{name}.sh"
+    if not name.isidentifier() or not path.is_file():
+        raise ValueError(f"no node-side script {name!r} in {HERE}")
+    return path.read_text(encoding="utf-8")
+
+
+def shell(name: str, *args: str) -> str:
+    """A command line that runs nodeside shell script ``name`` with ``args`` in the shell that
+    receives it: ``set -- ARGS`` and then the script's text, so there is no second shell to
+    start (the remote command already runs in one)."""
+    return " ".join(["set --", *(shlex.quote(a) for a in args)]) + "\n" + script(name)
+
+
+def command(name: str, *args: str, python: str = "python3", exec_: bool = True,
+            fast: bool = False) -> str:
     """A shell command line that runs nodeside program ``name`` with ``args`` on a node.
     ``python`` is used as a shell word as is (it may be an expansion that picks an
-    interpreter); everything else is quoted."""
+    interpreter); everything else is quoted. ``fast`` picks the first of FAST_PYTHONS that
+    exists instead, falling back to ``python``: for programs that do not need the python3 the
+    node's user would get."""
+    pick = ""
+    if fast:
+        pick = (f"P={python}; for p in {' '.join(shlex.quote(p) for p in FAST_PYTHONS)}; "
+                'do if [ -x "$p" ]; then P=$p; break; fi; done; ')
+        python = '"$P"'
     words = [*PYTHON_FLAGS, "-c", program(name), *args]
     line = " ".join([python, *(shlex.quote(w) for w in words)])
-    return f"exec {line}" if exec_ else line
+    return pick + (f"exec {line}" if exec_ else line)

@@ -20,7 +20,6 @@ prints one JSON line ``{"killed": [pids], "survivors": [pids]}``; exit 0 when no
 is left, 1 when something survived the budget.
 """
 
-import json
 import os
 import signal
 import sys
@@ -167,26 +166,76 @@ def kill(markers, extra=(), within=None, groups="all", grace=0.0, budget=2.0, in
     return sorted(killed), victims()
 
 
-def main(argv):
-    import argparse
+class Usage(Exception):
+    """A bad command line: exit 2 with the message, as argparse would."""
 
-    ap = argparse.ArgumentParser(prog="killmarked", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--marker", action="append", default=[], help="NAME=value (repeatable)")
-    ap.add_argument("--pid", action="append", type=int, default=[], help="also this pid")
-    ap.add_argument("--within", help="only processes that also carry this NAME=value")
-    ap.add_argument("--groups", choices=GROUP_MODES, default="all")
-    ap.add_argument("--grace", type=float, default=0.0)
-    ap.add_argument("--budget", type=float, default=2.0)
-    a = ap.parse_args(argv)
-    for m in a.marker + ([a.within] if a.within else []):
-        if "=" not in m:
-            ap.error(f"marker {m!r} is not NAME=value")
-    if not a.marker and not a.pid:
-        ap.error("nothing to kill: give --marker or --pid")
-    killed, survivors = kill([m.encode() for m in a.marker], a.pid,
-                             within=a.within.encode() if a.within else None,
-                             groups=a.groups, grace=a.grace, budget=a.budget)
-    sys.stdout.write(json.dumps({"killed": killed, "survivors": survivors}) + "\n")
+
+def options(argv, names, repeated=()):
+    """A small ``--name value`` / ``--name=value`` parser -> (positionals, options), a list
+    for each ``repeated`` name. Not argparse or getopt: they import re and gettext, which on a
+    slow node costs more than the whole kill (this runs on every timeout and Ctrl-C)."""
+    pos, opts = [], {n: [] for n in repeated}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            name, eq, val = arg[2:].partition("=")
+            if name not in names:
+                raise Usage(f"unknown option --{name}")
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise Usage(f"--{name} needs a value")
+                val = argv[i]
+            if name in repeated:
+                opts[name].append(val)
+            else:
+                opts[name] = val
+        else:
+            pos.append(arg)
+        i += 1
+    return pos, opts
+
+
+def usage(doc):
+    """The indented usage block of a program's docstring."""
+    blocks = [b for b in doc.split("\n\n") if b.startswith("    python3 ")]
+    return (blocks[0] if blocks else "") + "\n"
+
+
+def _ints(values):
+    return "[" + ", ".join(str(int(v)) for v in values) + "]"
+
+
+def main(argv, out=None):
+    out = out or sys.stdout
+    if "-h" in argv or "--help" in argv:
+        out.write(__doc__)
+        return 0
+    try:
+        pos, o = options(argv, ("marker", "pid", "within", "groups", "grace", "budget"),
+                         repeated=("marker", "pid"))
+        if pos:
+            raise Usage(f"unexpected argument {pos[0]!r}")
+        for m in o["marker"] + ([o["within"]] if "within" in o else []):
+            if "=" not in m:
+                raise Usage(f"marker {m!r} is not NAME=value")
+        if not o["marker"] and not o["pid"]:
+            raise Usage("nothing to kill: give --marker or --pid")
+        groups = o.get("groups", "all")
+        if groups not in GROUP_MODES:
+            raise Usage(f"--groups must be one of {', '.join(GROUP_MODES)}")
+        pids = [int(p) for p in o["pid"]]
+        grace, budget = float(o.get("grace", 0.0)), float(o.get("budget", 2.0))
+    except (Usage, ValueError) as e:
+        sys.stderr.write(f"killmarked: {e}\nusage:\n{usage(__doc__)}")
+        return 2
+    within = o["within"].encode() if "within" in o else None
+    killed, survivors = kill([m.encode() for m in o["marker"]], pids, within=within,
+                             groups=groups, grace=grace, budget=budget)
+    # JSON, without importing json: two lists of ints
+    out.write(f'{{"killed": {_ints(killed)}, "survivors": {_ints(survivors)}}}\n')
+    out.flush()
     return 1 if survivors else 0
 
 

@@ -1,0 +1,36 @@
+#!/bin/sh
+# Deploy's read-only probe of a node: probe.sh WORKDIR
+#
+# What an unchanged redeploy costs per node, so it is plain sh + find (POSIX): a shell starts in
+# a few ms where even `python3 -I -S` with json costs tens, and across 32 nodes on a small
+# controller that is the difference between well under and over a second. It changes nothing
+# (leftovers are removed under the lock by stage.py). Output, parsed by
+# labkit.deploy.plan.parse_sh_probe:
+#   @leftover NAME              a half-assembled release or a stray temp symlink
+#   @release KEY ID             KEY (current|previous) points at releases/ID
+#   @manifest KEY ... @end      that release's MANIFEST
+#   @new KEY  ./path...         files written after the release's .labkit-stat marker, i.e.
+#                               edited on the node after it was built (@nostat KEY: no marker)
+#   @files KEY ./path...        every file of the release
+#   @done                       the output is complete
+W=$1
+case $W in "~/"*) W="$HOME/${W#\~/}";; esac
+cd "$W/payloads" 2>/dev/null || exit 0
+for f in releases/.incoming-* .*.tmp-*; do
+  if [ -e "$f" ] || [ -L "$f" ]; then echo "@leftover ${f#releases/}"; fi
+done
+for k in current previous; do
+  t=$(readlink "$k" 2>/dev/null) || continue
+  r=${t##*/}
+  echo "@release $k $r"
+  d="releases/$r"
+  [ -d "$d" ] || continue
+  if [ -f "$d/MANIFEST" ]; then echo "@manifest $k"; cat "$d/MANIFEST"; echo; echo "@end"; fi
+  if [ -f "$d/.labkit-stat" ]; then
+    echo "@new $k"; (cd "$d" && find . -type f -newer .labkit-stat)
+  else
+    echo "@nostat $k"
+  fi
+  echo "@files $k"; (cd "$d" && find . -type f)
+done
+echo "@done"

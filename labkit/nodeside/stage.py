@@ -1,0 +1,442 @@
+"""Deploy's agent on a node: stage a release, roll back, clean leftovers, hash-check — under the
+node's lock, with answers the controller can parse exactly.
+
+    python3 stage.py stage    WORKDIR STALL_SECONDS     the plan line, then file bytes, on stdin
+    python3 stage.py rollback WORKDIR LOCK_WAIT
+    python3 stage.py clean    WORKDIR LOCK_WAIT
+    python3 stage.py probe    WORKDIR 0 [hash|stat]     read-only; hashes every file of current
+
+Prints one JSON object on stdout (``stage`` prints ``@ack N`` progress lines before it); exit 0
+when done, 3 for a refusal or failure described in the JSON (``{"error": ...}``).
+
+The layout it keeps under WORKDIR (see ``labkit.deploy`` for why)::
+
+    payloads/releases/<id>/            MANIFEST and .labkit-stat written last
+    payloads/releases/.incoming-<id>/  being assembled; never pointed at
+    payloads/current, previous         symlinks replaced with rename(2)
+    payloads/.lock                     flock, holding who has it
+
+Python, not sh, for this part: flock, rename and exact JSON answers are what a portable shell
+script cannot give. The cheap read-only probe of an unchanged redeploy is ``probe.sh``.
+Runs with the node's python3 (3.6+), stdlib only; shipped by ``labkit.nodeside.command``.
+"""
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import select
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+MANIFEST = "MANIFEST"
+STAT_INDEX = ".labkit-stat"
+PYTHON_CHECK = "python-check"  # the default build: compile every .py file, write nothing
+FAILED = 3
+ACK_LINE = "@ack %d\n"  # progress lines the controller's flow control waits on
+
+
+class Answer(Exception):
+    """Ends an operation with its JSON answer (a refusal when ``code`` is FAILED)."""
+
+    def __init__(self, obj, code=0):
+        super().__init__(obj)
+        self.obj = obj
+        self.code = code
+
+
+class Stalled(Exception):
+    """The controller sent nothing for the stall timeout."""
+
+
+def writeall(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Input:
+    """stdin with a stall timeout: a controller that goes silent (hung, stopped, or a session
+    the server failed to tear down) must not hold the node's lock forever."""
+
+    def __init__(self, idle, fd=0):
+        self.fd, self.idle, self.buf = fd, idle, b""
+
+    def _wait(self):
+        if not select.select([self.fd], [], [], self.idle)[0]:
+            raise Stalled()
+
+    def line(self):
+        while b"\n" not in self.buf:
+            self._wait()
+            b = os.read(self.fd, 1 << 16)
+            if not b:
+                return None
+            self.buf += b
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def read(self, n):
+        if self.buf:
+            b, self.buf = self.buf[:n], self.buf[n:]
+            return b
+        self._wait()
+        return os.read(self.fd, min(n, 1 << 20))
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path):
+    """syncfs(2) of the filesystem holding ``path``; False where libc lacks it."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fn(fd) == 0
+    finally:
+        os.close(fd)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def build(cmd, where, timeout, rid):
+    """Run the build in the new release folder; None when it passed, else why it failed."""
+    if not cmd:
+        return None
+    if cmd == PYTHON_CHECK:
+        for dirpath, _dirs, names in os.walk(where):
+            for n in sorted(names):
+                if n.endswith(".py"):
+                    p = os.path.join(dirpath, n)
+                    with open(p, "rb") as f:
+                        src = f.read()
+                    try:
+                        compile(src, os.path.relpath(p, where), "exec", dont_inherit=True)
+                    except (SyntaxError, ValueError) as e:
+                        return f"python check: {os.path.relpath(p, where)}: {e}"
+        return None
+    env = dict(os.environ, LABKIT_RELEASE=rid)
+    try:
+        r = subprocess.run(cmd, shell=True, cwd=where, env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"build {cmd!r} timed out after {timeout}s"
+    if r.returncode != 0:
+        tail = r.stdout.decode("utf-8", "replace").strip()[-1500:]
+        return f"build {cmd!r} exited {r.returncode}: {tail}"
+    return None
+
+
+class Releases:
+    """The payloads folder of one workdir, and the operations on it."""
+
+    def __init__(self, workdir, stdin=0, stdout=1):
+        self.base = os.path.join(os.path.expanduser(workdir), "payloads")
+        self.rels = os.path.join(self.base, "releases")
+        self.stdin, self.stdout = stdin, stdout
+        self.incoming = []  # removed again if the operation fails
+
+    # -- reading --
+
+    def target(self, name):
+        try:
+            return os.path.basename(os.readlink(os.path.join(self.base, name)).rstrip("/"))
+        except OSError:
+            return None
+
+    def leftovers(self):
+        """Half-assembled releases and stray temp symlinks, as the node's names for them."""
+        try:
+            names = os.listdir(self.rels)
+        except OSError:
+            names = []
+        found = sorted(n for n in names if n.startswith(".incoming-"))
+        try:
+            found += sorted(n for n in os.listdir(self.base) if ".tmp-" in n)
+        except OSError:
+            pass
+        return found
+
+    def describe(self, rid, mode):
+        d = os.path.join(self.rels, rid)
+        if not os.path.isdir(d):
+            return {"id": rid, "error": f"release folder {rid} is gone"}
+        try:
+            with open(os.path.join(d, MANIFEST)) as f:
+                man = json.load(f)
+            files = man["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return {"id": rid, "error": f"no readable MANIFEST in {rid} ({e})"}
+        info = {k: man.get(k) for k in ("release", "digest", "revision", "dirty",
+                                        "deployed_at", "deployed_by", "labkit_version")}
+        info.update(id=rid, files=files)
+        if mode == "hash":
+            missing, modified = [], []
+            for p, fe in files.items():
+                fp = os.path.join(d, p)
+                try:
+                    st = os.lstat(fp)
+                except OSError:
+                    missing.append(p)
+                    continue
+                if (not stat.S_ISREG(st.st_mode) or st.st_size != fe["size"]
+                        or f"{stat.S_IMODE(st.st_mode):o}" != fe["mode"]
+                        or sha256(fp) != fe["sha256"]):
+                    modified.append(p)
+            info["missing"], info["modified"] = missing, modified
+        return info
+
+    # -- changing, under the lock --
+
+    def take_lock(self, wait, who=""):
+        os.makedirs(self.rels, exist_ok=True)
+        fd = os.open(os.path.join(self.base, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        end = time.time() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.time() > end:
+                    holder = os.read(fd, 400).decode("utf-8", "replace").strip()
+                    os.close(fd)
+                    raise Answer({"error": f"another deploy or rollback holds {self.base}/.lock "
+                                           f"({holder or 'holder unknown'})"}, FAILED) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.write(fd, f"pid {os.getpid()} on behalf of {who or '?'} since {since}".encode())
+        return fd
+
+    def clean(self, names):
+        for n in names:
+            p = os.path.join(self.rels if n.startswith(".incoming-") else self.base, n)
+            if os.path.islink(p) or not os.path.isdir(p):
+                os.unlink(p)
+            else:
+                shutil.rmtree(p)
+
+    def point(self, name, rid):
+        tmp = os.path.join(self.base, f".{name}.tmp-{os.getpid()}")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(os.path.join("releases", rid), tmp)
+        os.rename(tmp, os.path.join(self.base, name))
+
+    # -- the operations --
+
+    def probe(self, mode):
+        """Read-only: the check's view of the node (``hash`` hashes every file of current)."""
+        res = {"leftovers": self.leftovers(), "cleaned": [],
+               "releases": sorted(n for n in (os.listdir(self.rels)
+                                              if os.path.isdir(self.rels) else [])
+                                  if not n.startswith("."))}
+        for key in ("current", "previous"):
+            rid = self.target(key)
+            res[key] = self.describe(rid, mode if key == "current" else None) if rid else None
+        return res
+
+    def clean_op(self, lock_wait):
+        if not os.path.isdir(self.base):
+            return {"cleaned": []}
+        fd = self.take_lock(lock_wait)
+        found = self.leftovers()
+        self.clean(found)
+        os.close(fd)
+        return {"cleaned": found}
+
+    def rollback(self, lock_wait):
+        if not os.path.isdir(self.base):
+            raise Answer({"error": "nothing deployed"}, FAILED)
+        fd = self.take_lock(lock_wait)
+        cur, prev = self.target("current"), self.target("previous")
+        if not prev or not os.path.isdir(os.path.join(self.rels, prev)):
+            raise Answer({"error": "no previous release to roll back to", "release": cur},
+                         FAILED)
+        self.point("current", prev)
+        if cur:
+            self.point("previous", cur)
+        fsync_dir(self.base)
+        os.close(fd)
+        return {"release": prev, "previous": cur}
+
+    def stage(self, stall):
+        """Receive one release: the plan (one JSON line), then the bytes of every file it sends,
+        in order; link the rest from releases already here; build, make durable, switch."""
+        inp = Input(stall, self.stdin)
+        head = inp.line()
+        if not head:
+            raise Answer({"error": "no plan received"}, FAILED)
+        plan = json.loads(head.decode())
+        fd = self.take_lock(plan["lock_wait"], plan["manifest"].get("deployed_by"))
+        cleaned = self.leftovers()
+        self.clean(cleaned)
+        rid = plan["release"]
+        final = os.path.join(self.rels, rid)
+        n = 1
+        while os.path.lexists(final):
+            n += 1
+            rid = f"{plan['release']}.{n}"
+            final = os.path.join(self.rels, rid)
+        inc = os.path.join(self.rels, ".incoming-" + rid)
+        self.incoming.append(inc)
+        os.mkdir(inc)
+
+        def place(p):
+            dst = os.path.join(inc, p)
+            parent = os.path.dirname(dst)
+            if not os.path.isdir(parent):
+                os.makedirs(parent)
+            return dst
+
+        def fail(obj):
+            shutil.rmtree(inc, ignore_errors=True)
+            obj["cleaned"] = cleaned
+            return Answer(obj, FAILED)
+
+        for p, (src_rel, src_path) in plan["link"].items():
+            src, dst = os.path.join(self.rels, src_rel, src_path), place(p)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        written = []
+        got = acked = 0
+        ack_every = plan.get("ack_every") or 0
+        for f in plan["send"]:
+            dst, left = place(f["path"]), f["size"]
+            fdw = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                while left:
+                    b = inp.read(min(left, 1 << 20))
+                    if not b:
+                        raise fail({"error": f"transfer ended early in {f['path']} ({left} "
+                                             f"bytes missing); nothing switched"})
+                    writeall(fdw, b)
+                    left -= len(b)
+                    got += len(b)
+                    if ack_every and got - acked >= ack_every:
+                        acked = got
+                        writeall(self.stdout, (ACK_LINE % got).encode())
+                os.fchmod(fdw, int(f["mode"], 8))
+            finally:
+                os.close(fdw)
+            written.append(dst)
+        if inp.read(1):
+            raise fail({"error": "more data than planned; nothing switched"})
+        manifest = plan["manifest"]
+        manifest["release"] = rid
+        err = build(plan.get("build"), inc, plan.get("build_timeout"), rid)
+        if err:
+            raise fail({"error": err, "build_failed": True})
+        index = {}
+        for p, fe in manifest["files"].items():
+            st = os.lstat(os.path.join(inc, p))
+            mode = int(fe["mode"], 8)
+            if stat.S_IMODE(st.st_mode) != mode and p not in plan["link"]:
+                os.chmod(os.path.join(inc, p), mode)
+                st = os.lstat(os.path.join(inc, p))
+            index[p] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)]
+        durable = plan.get("fsync", True)
+        for name, obj in ((MANIFEST, manifest), (STAT_INDEX, index)):  # the marker last
+            with open(os.path.join(inc, name), "w") as f:
+                json.dump(obj, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        if durable:
+            # Durable before the switch, so a node that loses power right after cannot come
+            # back pointing at files that never reached the disk. One pass at the end, not per
+            # file while receiving (that stalls the pipe and with it the sender): syncfs(2)
+            # where libc has it (one journal commit), else fsync of every new file and folder.
+            if not syncfs(inc):
+                for p in written:
+                    fdr = os.open(p, os.O_RDONLY)
+                    try:
+                        os.fsync(fdr)
+                    finally:
+                        os.close(fdr)
+                for d in sorted({os.path.dirname(p) for p in written} | {inc}):
+                    fsync_dir(d)
+        os.rename(inc, final)
+        old = self.target("current")
+        if old and old != rid:
+            self.point("previous", old)
+        self.point("current", rid)
+        if durable:
+            fsync_dir(self.rels)
+            fsync_dir(self.base)
+        keep = {rid, old, self.target("previous")}
+        pruned = []
+        for n in sorted(os.listdir(self.rels)):
+            if not n.startswith(".") and n not in keep:
+                shutil.rmtree(os.path.join(self.rels, n), ignore_errors=True)
+                pruned.append(n)
+        os.close(fd)
+        return {"release": rid, "previous": self.target("previous"), "cleaned": cleaned,
+                "pruned": pruned}
+
+
+def run(argv, stdin=0, stdout=1):
+    """(answer, exit code) of one operation; ``argv`` as on the command line, without the
+    program name."""
+    if len(argv) < 3:
+        return {"error": "usage: stage.py OP WORKDIR SECONDS [MODE]"}, FAILED
+    op, workdir, seconds = argv[0], argv[1], argv[2]
+    r = Releases(workdir, stdin, stdout)
+    try:
+        if op == "probe":
+            return r.probe(argv[3] if len(argv) > 3 else "hash"), 0
+        if op == "stage":
+            return r.stage(float(seconds)), 0
+        if op == "rollback":
+            return r.rollback(float(seconds)), 0
+        if op == "clean":
+            return r.clean_op(float(seconds)), 0
+        return {"error": f"unknown op {op!r}"}, FAILED
+    except Answer as a:
+        return a.obj, a.code
+    except Stalled:
+        for p in r.incoming:
+            shutil.rmtree(p, ignore_errors=True)
+        return {"error": f"no data from the controller for {seconds}s; gave up, nothing "
+                         f"switched"}, FAILED
+    except (OSError, ValueError, KeyError) as e:
+        for p in r.incoming:
+            shutil.rmtree(p, ignore_errors=True)
+        return {"error": f"{op} on the node: {e}"}, FAILED
+
+
+def main(argv):
+    answer, code = run(argv)
+    writeall(1, json.dumps(answer).encode())
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+"""The controller's SSH layer: how labkit reaches a node, runs commands there, moves files and
+streams, and ends what it started.
+
+    shell.py     THE contract the rest of labkit uses: ``RemoteShell`` (a Protocol) and
+                 ``RunResult``, the one result type of a remote command
+    errors.py    SshError and kin, CommandFailed
+    target.py    ``resolve``: the inventory's ssh: block merged over ~/.ssh/config -> ``Target``
+    hostkeys.py  known_hosts checks: unknown refused (unless TOFU), changed always refused
+    client.py    ``SshClient``: connect, auth, ProxyJump; run, check, open_exec (a RemoteShell)
+    run.py       the run loop: output, stdin, timeout and cancel of one command
+    process.py   ``RemoteProcess`` and the markers: LABKIT_RUN / LABKIT_CTL, controller_tag
+    stream.py    a flow-controlled stream into a command's stdin (deploy's stage step)
+    transfer.py  SFTP: atomic put, pipelined get
+    pool.py      ``ConnectionPool``: one connection per node within a run
+    wait.py      ``wait_ssh``: until a booting node accepts us
+
+Names are re-exported here, loaded on first use, so that importing ``labkit.ssh`` (or
+``labkit.ssh.shell`` for a type) does not pay for paramiko until a connection is made.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "RemoteShell": "shell", "RunResult": "shell",
+    "SshError": "errors", "SshUnreachable": "errors", "HostKeyError": "errors",
+    "SshAuthError": "errors", "CommandFailed": "errors",
+    "Target": "target", "resolve": "target", "ssh_config_path": "target",
+    "DEFAULT_IDENTITIES": "target",
+    "fingerprint": "hostkeys", "check_host_key": "hostkeys",
+    "SshClient": "client", "WINDOW": "client", "MAX_PACKET": "client",
+    "FAST_CIPHERS": "client",
+    "CHUNK": "run",
+    "RemoteProcess": "process", "RUN_VAR": "process", "CTL_VAR": "process",
+    "controller_tag": "process", "proc_start_time": "process",
+    "exec_streaming": "stream", "ACK_EVERY": "stream", "IN_FLIGHT": "stream",
+    "SFTP_CHUNK": "transfer",
+    "ConnectionPool": "pool",
+    "wait_ssh": "wait",
+}
+
+__all__ = [
+    "ACK_EVERY", "CHUNK", "CTL_VAR", "CommandFailed", "ConnectionPool", "DEFAULT_IDENTITIES",
+    "FAST_CIPHERS", "HostKeyError", "IN_FLIGHT", "MAX_PACKET", "RUN_VAR", "RemoteProcess",
+    "RemoteShell", "RunResult", "SFTP_CHUNK", "SshAuthError", "SshClient", "SshError",
+    "SshUnreachable", "Target", "WINDOW", "check_host_key", "controller_tag", "exec_streaming",
+    "fingerprint", "proc_start_time", "resolve", "ssh_config_path", "wait_ssh",
+]
+
+if TYPE_CHECKING:
+    from labkit.ssh.client import FAST_CIPHERS, MAX_PACKET, WINDOW, SshClient
+    from labkit.ssh.errors import (
+        CommandFailed,
+        HostKeyError,
+        SshAuthError,
+        SshError,
+        SshUnreachable,
+    )
+    from labkit.ssh.hostkeys import check_host_key, fingerprint
+    from labkit.ssh.pool import ConnectionPool
+    from labkit.ssh.process import CTL_VAR, RUN_VAR, RemoteProcess, controller_tag, proc_start_time
+    from labkit.ssh.run import CHUNK
+    from labkit.ssh.shell import RemoteShell, RunResult
+    from labkit.ssh.stream import ACK_EVERY, IN_FLIGHT, exec_streaming
+    from labkit.ssh.target import DEFAULT_IDENTITIES, Target, resolve, ssh_config_path
+    from labkit.ssh.transfer import SFTP_CHUNK
+    from labkit.ssh.wait import wait_ssh
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'labkit.ssh' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"labkit.ssh.{module}"), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

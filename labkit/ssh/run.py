@@ -1,0 +1,92 @@
+"""The run loop: drive one started command to its end, collecting (and optionally streaming)
+its output, feeding its stdin, and killing it on timeout or cancel."""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections.abc import Callable
+
+import paramiko
+
+from labkit.ssh.errors import SshError
+from labkit.ssh.process import RemoteProcess
+from labkit.ssh.shell import RunResult
+
+CHUNK = 256 * 1024
+
+
+def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
+               input: bytes | None = None,
+               on_stdout: Callable[[bytes], None] | None = None,
+               on_stderr: Callable[[bytes], None] | None = None,
+               cancel: threading.Event | None = None) -> RunResult:
+    """Wait for ``proc`` (started at ``started``, a time.monotonic() value) until it exits, the
+    connection drops (SshError), ``deadline`` passes (its processes are killed; the result says
+    timed_out) or ``cancel`` is set (killed too; KeyboardInterrupt). The channel is closed on
+    the way out."""
+    node = proc.client.node
+    ch = proc.channel
+    if input:
+        def feed() -> None:
+            try:
+                ch.sendall(input)
+                ch.shutdown_write()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+        threading.Thread(target=feed, daemon=True, name=f"stdin-{node}").start()
+    else:
+        try:
+            ch.shutdown_write()  # like `ssh -n`: the command reads EOF, never hangs on stdin
+        except (OSError, EOFError, paramiko.SSHException):
+            proc.close()
+            raise SshError(f"{node}: connection lost while starting {proc.cmd!r}") from None
+    out: list[bytes] = []
+    err: list[bytes] = []
+    timed_out = False
+    try:
+        while True:
+            got = False
+            while ch.recv_ready():
+                data = ch.recv(CHUNK)
+                if not data:
+                    break
+                got = True
+                out.append(data)
+                if on_stdout:
+                    on_stdout(data)
+            while ch.recv_stderr_ready():
+                data = ch.recv_stderr(CHUNK)
+                if not data:
+                    break
+                got = True
+                err.append(data)
+                if on_stderr:
+                    on_stderr(data)
+            if got:
+                continue
+            if (ch.eof_received and ch.exit_status_ready()) or ch.closed:
+                break
+            if not proc.client.active:
+                raise SshError(f"{node}: connection lost while running {proc.cmd!r}")
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                timed_out = True
+                proc.kill()
+                break
+            wait = 0.05 if ch.eof_received else 0.25
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            select.select([ch], [], [], max(0.0, wait))
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        ch.close()
+    code = None if timed_out else (ch.recv_exit_status() if ch.exit_status_ready() else None)
+    if code == -1:
+        code = None  # exit-signal or no status at all
+    return RunResult(code, b"".join(out), b"".join(err), time.monotonic() - started, timed_out)

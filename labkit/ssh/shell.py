@@ -1,0 +1,74 @@
+"""The remote shell as the rest of labkit sees it: run a command, start one to stream through,
+and the one result type of a finished command.
+
+Deploy, the janitor, sync and the experiment take a ``RemoteShell``, not an ``SshClient``: what
+they need is these few calls, and a test or another transport (a VM's serial agent, a local
+shell) can stand in by providing them. ``SshClient`` implements it. Nothing here imports
+paramiko, so typing against it costs no start-up time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import threading
+
+    from labkit.config import Settings
+    from labkit.ssh.process import RemoteProcess
+
+
+@dataclass
+class RunResult:
+    """A finished (or abandoned) remote command."""
+
+    exit_code: int | None      # None when timed out / killed before an exit status came back
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code,
+                "stdout": self.stdout.decode(errors="replace"),
+                "stderr": self.stderr.decode(errors="replace"),
+                "timed_out": self.timed_out}
+
+    def failure(self, node: str) -> str:
+        """One line saying why this result is not ok, for an error message."""
+        if self.timed_out:
+            return f"{node}: timed out after {self.seconds:.1f}s (remote processes killed)"
+        if self.exit_code is None:
+            return f"{node}: no exit status (killed or connection lost)"
+        return f"{node}: exit code {self.exit_code}"
+
+
+class RemoteShell(Protocol):
+    """A shell on one node. Every command it starts carries the run and controller markers
+    (``labkit.ssh.process``), so a timeout, a Ctrl-C or a later sweep can end it whole."""
+
+    node: str            # the node's inventory name, for messages
+    settings: Settings   # where the timeouts come from
+
+    def run(self, cmd: str, *, timeout: float | None = None, input: bytes | None = None,
+            env: dict[str, str] | None = None,
+            on_stdout: Callable[[bytes], None] | None = None,
+            on_stderr: Callable[[bytes], None] | None = None,
+            cancel: threading.Event | None = None) -> RunResult:
+        """Run ``cmd`` (``/bin/sh -c``) to completion; a timeout kills it and returns
+        ``timed_out=True``."""
+        ...
+
+    def check(self, cmd: str, **kw: Any) -> RunResult:
+        """``run`` that raises ``CommandFailed`` unless the command exited 0."""
+        ...
+
+    def open_exec(self, cmd: str, *, env: dict[str, str] | None = None) -> RemoteProcess:
+        """Start ``cmd`` and hand back its process, to stream through its channel."""
+        ...
