@@ -68,7 +68,7 @@ def kill_command(run_ids: list[str], pids: list[int]) -> str | None:
             args += ["--marker", f"{RUN_VAR}={i}"]
     for p in pids:
         args += ["--pid", str(int(p))]
-    return nodeside.command("killmarked", *args) if args else None
+    return nodeside.command("killmarked", *args, fast=True) if args else None
 
 
 def _survivors(stdout: bytes) -> list[int]:
