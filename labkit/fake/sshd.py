@@ -204,7 +204,7 @@ def _forward(ch: paramiko.Channel, dest: tuple[str, int]) -> None:
     try:
         s = socket.create_connection(dest, timeout=10)
     except OSError:
-        ch.close()
+        _close_channel(ch)
         return
     s.settimeout(None)
 
@@ -223,10 +223,20 @@ def _forward(ch: paramiko.Channel, dest: tuple[str, int]) -> None:
     try:
         while data := s.recv(READ_CHUNK):
             ch.sendall(data)
-    except OSError:
+    except (OSError, EOFError):
         pass
-    ch.close()
-    s.close()
+    finally:
+        s.close()
+        _close_channel(ch)
+
+
+def _close_channel(ch: paramiko.Channel) -> None:
+    """Close a forwarded channel whose client may already be gone: paramiko raises EOFError
+    from close() when the transport's socket is closed, and a thread must not die of that."""
+    try:
+        ch.close()
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
 
 
 class _Server(paramiko.ServerInterface):

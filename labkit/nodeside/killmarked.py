@@ -85,11 +85,12 @@ def marked(markers, within=None):
     within = _as_bytes(within) if within is not None else None
     out = []
     for pid in pids():
-        st = stat(pid)
-        if st is None or st[0] in "ZX":
-            continue
+        # environment first: most processes are not ours, and one read rules them out (a
+        # zombie's environ reads empty, so the stat check is only for the few that match)
         if carries(environ(pid), markers, within):
-            out.append(pid)
+            st = stat(pid)
+            if st is not None and st[0] not in "ZX":
+                out.append(pid)
     return out
 
 
