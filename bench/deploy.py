@@ -36,7 +36,8 @@ def serve(state: Path, count: int) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from labkit.fake.node import PythonSshNode, ensure_host_key
+    from labkit.fake.base import ensure_host_key
+    from labkit.fake.sshd import PythonSshNode
 
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # client resets are expected
     state.mkdir(parents=True, exist_ok=True)

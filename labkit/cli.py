@@ -69,7 +69,35 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null. Called once its reader is gone (``labkit --list | head``):
+    writing on, or the interpreter's flush at exit, would otherwise raise BrokenPipeError
+    again, and Python prints that as a traceback. Stdlib only, so the cached help path and
+    the tasks (labkit.tasks.common) can share it without importing Invoke."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no usable stdout at all: nothing left to flush into it
+        pass
+
+
 def main() -> None:
+    """Run ``labkit``. A closed stdout ends it quietly with 141 (128 + SIGPIPE, what a shell
+    reports for a tool killed by SIGPIPE) on every path: the cached help, Invoke's own help
+    and listing (cache miss, cache off, or a command line the cache does not take), as the
+    tasks themselves do."""
+    try:
+        try:
+            _main()
+        finally:  # short output may still sit in the buffer: fail here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+        sys.exit(141)
+
+
+def _main() -> None:
     started = time.time_ns()
     argv = sys.argv[1:]
     if not helpcache.eligible(argv):
@@ -77,14 +105,8 @@ def main() -> None:
         return
     out = helpcache.lookup(argv)
     if out is not None:
-        try:
-            sys.stdout.write(out)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `labkit --help | head`: stop quietly, as tasks do
-            import os
-
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(141)
+        sys.stdout.write(out)
+        sys.stdout.flush()
         return
     stdout, stderr = helpcache.Tee(sys.stdout), helpcache.Tee(sys.stderr)
     sys.stdout, sys.stderr = stdout, stderr  # type: ignore[assignment]

@@ -21,8 +21,9 @@ an edit therefore just runs Invoke.
 
 Only a successful run (exit 0, nothing on stderr) of a plain help/list/version command line is
 recorded (``eligible``). ``LABKIT_HELP_CACHE=0`` turns the cache off. Records live in
-``$XDG_CACHE_HOME/labkit/cli`` (default ``~/.cache/labkit/cli``); a cache that cannot be read or
-written is ignored.
+``$XDG_CACHE_HOME/labkit/cli`` (default ``~/.cache/labkit/cli``; no cache when neither gives an
+absolute path), at most MAX_RECORDS of them, the oldest pruned on write; a cache that cannot be
+read or written is ignored.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 FORMAT = 1
 RACY_NS = 2_000_000_000  # files changed this recently (ns) are not trusted to a record
 ENV_SWITCH = "LABKIT_HELP_CACHE"
+MAX_RECORDS = 64  # records kept (the most recently written); each is ~30 KB
+TMP_STALE_NS = 600_000_000_000  # a .tmp this old belongs to a writer that died
 _HELP = ("-h", "--help")
 _LIST = ("-l", "--list")
 _VERSION = ("-V", "--version")
@@ -69,8 +72,16 @@ def width() -> int:
         return 80
 
 
-def _folder() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def _folder() -> str | None:
+    """Where records live, or None for no cache. Only an absolute base is used: with HOME unset
+    and no passwd entry ``expanduser("~")`` is "~" itself, and a relative HOME or
+    XDG_CACHE_HOME is relative too; each would scatter records under whatever directory
+    labkit runs in. A relative XDG_CACHE_HOME is ignored, as the XDG spec says."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):
+        return None
     return os.path.join(base, "labkit", "cli")
 
 
@@ -81,11 +92,14 @@ def _context(argv: list[str]) -> tuple:
             os.path.dirname(os.path.abspath(__file__)))
 
 
-def _path(context: tuple) -> str:
+def _path(context: tuple) -> str | None:
     import zlib
 
+    folder = _folder()
+    if folder is None:
+        return None
     key = zlib.crc32(repr(context).encode(errors="surrogateescape"))
-    return os.path.join(_folder(), f"{key:08x}.bin")
+    return os.path.join(folder, f"{key:08x}.bin")
 
 
 def _stat(path: str) -> tuple[int, int, int]:
@@ -112,8 +126,11 @@ def lookup(argv: list[str]) -> str | None:
     import marshal
 
     context = _context(argv)
+    path = _path(context)
+    if path is None:
+        return None
     try:
-        with open(_path(context), "rb") as f:
+        with open(path, "rb") as f:
             record: Any = marshal.load(f)
     except (OSError, EOFError, ValueError, TypeError):
         return None
@@ -137,6 +154,8 @@ def store(argv: list[str], out: str, started_ns: int) -> bool:
         return False  # racily fresh: a later edit might not move its mtime
     context = _context(argv)
     path = _path(context)
+    if path is None:
+        return False
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -150,7 +169,43 @@ def store(argv: list[str], out: str, started_ns: int) -> bool:
         except OSError:
             pass
         return False
+    _prune(os.path.dirname(path), keep=path)
     return True
+
+
+def _prune(folder: str, keep: str) -> None:
+    """Bound the folder to the MAX_RECORDS most recently written records (``keep``, the one
+    just written, always stays), and drop temporary files a killed writer left behind: every
+    terminal width, command line and INVOKE_* setting makes its own ~30 KB record. Other
+    labkit processes may be writing and pruning at the same time, so a file that vanishes
+    under us is simply skipped; at worst two pruners both remove a record that either would."""
+    import time
+
+    records = []
+    stale_tmp = time.time_ns() - TMP_STALE_NS
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
+        if path == keep:
+            continue
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if name.endswith(".tmp"):
+                if mtime < stale_tmp:
+                    os.unlink(path)
+            elif name.endswith(".bin"):
+                records.append((mtime, path))
+        except OSError:
+            continue
+    records.sort(reverse=True)
+    for _, path in records[MAX_RECORDS - 1:]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 class Tee:

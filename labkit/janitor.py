@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 KINDS = ("processes", "files")
 GRACE = 1.0
 SCRATCH = "tmp"  # under the node's workdir: <workdir>/tmp/<controller tag>/
-FAKE_NODE_ROOT = "LABKIT_NODE_ROOT"  # labkit.fake.node.ENV_ROOT: fake nodes share one /proc
+FAKE_NODE_ROOT = "LABKIT_NODE_ROOT"  # labkit.fake.base.ENV_ROOT: fake nodes share one /proc
 
 
 def parse_tag(tag: str) -> tuple[str, int, str] | None:

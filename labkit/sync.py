@@ -52,7 +52,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # controller-side types only: on a node this module runs on the stdlib alone
+    from collections.abc import Sequence
+
+    from labkit.config import Settings
+    from labkit.fanout import Outcome
+    from labkit.inventory import Node
+    from labkit.ssh import ShellPool
 
 MODES = ("ff-only", "rebase", "merge")
 BACKUP_PREFIX = "refs/labkit/sync-backup/"
@@ -540,22 +548,26 @@ def remote_command(repo: str | None, *, mode: str, dry_run: bool, fetch: bool,
     return " ".join(shlex.quote(a) for a in args)
 
 
-def sync_nodes(lab_: Any, nodes: list, repo: str | None, *, mode: str = "ff-only",
-               dry_run: bool = False, fetch: bool = True) -> list:
-    """``sync --nodes``: run this very module on each node over SSH (``python3 -`` with the
-    source on stdin) through THE fan-out; one Outcome per node carrying its report."""
+def sync_nodes(settings: Settings, nodes: Sequence[Node], repo: str | None, *,
+               mode: str = "ff-only", dry_run: bool = False, fetch: bool = True,
+               pool: ShellPool | None = None) -> list[Outcome]:
+    """``sync --nodes``: run this very module on each of ``nodes`` (already selected, leases
+    checked) over SSH (``python3 -`` with the source on stdin) through THE fan-out; one Outcome
+    per node carrying its report. Takes settings and nodes, not the task layer's ``Lab``: the
+    library never reaches up into tasks. ``pool``: the caller's shells (kept open); None opens
+    one for this call."""
     from labkit.errors import NodeError
+    from labkit.fanout import fan_out
     from labkit.ssh import ConnectionPool
 
     source = Path(__file__).read_bytes()
-    settings = lab_.settings
     cmd = remote_command(repo, mode=mode, dry_run=dry_run, fetch=fetch,
                          timeout=settings.command_timeout)
+    own = pool is None
+    shells: ShellPool = pool if pool is not None else ConnectionPool(settings)
 
-    pool = ConnectionPool(settings)
-
-    def action(node: Any) -> dict[str, Any]:
-        client = pool.get(node)
+    def action(node: Node) -> dict[str, Any]:
+        client = shells.get(node)
         r = client.run(cmd, input=source, timeout=settings.command_timeout + settings.ssh_timeout)
         try:
             data = json.loads(r.stdout.decode(errors="replace").strip().splitlines()[-1])
@@ -575,9 +587,11 @@ def sync_nodes(lab_: Any, nodes: list, repo: str | None, *, mode: str = "ff-only
         return value
 
     try:
-        return lab_.fan_out(nodes, action, label="sync")
+        return fan_out(nodes, action, parallel=settings.parallel, label="sync",
+                       progress=settings.progress)
     finally:
-        pool.close_all()
+        if own:
+            shells.close_all()
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ from labkit import deploy as dp
 from labkit import inventory as inv
 from labkit.config import Settings
 from labkit.errors import NodeError, UserError
-from labkit.fake.node import OpenSshNode, PythonSshNode, ensure_host_key, sshd_path
+from labkit.fake.base import ensure_host_key
+from labkit.fake.openssh import OpenSshNode, sshd_path
 from labkit.fake.ports import free_port
+from labkit.fake.sshd import PythonSshNode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -381,10 +383,10 @@ def test_sigkill_controller_mid_deploy(ssh_nodes: Any, tmp_path: Path) -> None:
     # the node ends the agent when the session drops (SIGKILL, or it sees EOF and cleans up
     # itself); once it is gone, a half-filled .incoming-* that is still there stays until the
     # next deploy removes it and says so
-    from labkit.fake.node import marked_pids
+    from labkit.nodeside import killmarked
 
     end = time.monotonic() + 40
-    while any(marked_pids(n.marker) for n in lab.nodes.values()):
+    while any(killmarked.marked([n.marker]) for n in lab.nodes.values()):
         assert time.monotonic() < end, "agent processes outlived the dropped session"
         time.sleep(0.05)
     left = {n: sorted(p.name for p in (lab.pdir(n) / "releases").glob(".incoming-*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 
 from labkit import inventory as inv
 from labkit.config import Settings
-from labkit.fake.harness import SshNodeSet
-from labkit.fake.node import marked_pids
+from labkit.fake.harness import SshNodeSet, start_with_pid
+from labkit.fake.sshd import _Proc
+from labkit.nodeside import killmarked
 from labkit.ssh import SshClient
 
 SETTINGS = Settings(ssh_timeout=5.0, command_timeout=30.0)
@@ -139,9 +141,9 @@ def test_closed_channel_kills_process_group(lab: SshNodeSet) -> None:
     node = lab.nodes["node1"]
     with connect(lab) as c:
         p = c.open_exec("sleep 1000 & sleep 1001; wait")
-        assert wait_for(lambda: len(marked_pids(node.marker)) >= 3)
+        assert wait_for(lambda: len(killmarked.marked([node.marker])) >= 3)
         p.close()  # no kill: the node must notice the channel went away
-        assert wait_for(lambda: not marked_pids(node.marker)), "processes survived"
+        assert wait_for(lambda: not killmarked.marked([node.marker])), "processes survived"
 
 
 def test_stop_refuses_and_kills_everything_then_start_again(lab: SshNodeSet) -> None:
@@ -152,12 +154,12 @@ def test_stop_refuses_and_kills_everything_then_start_again(lab: SshNodeSet) -> 
         r = c.run("sleep 1000 >/dev/null 2>&1 & setsid sleep 1001 >/dev/null 2>&1 & "
                   "( setsid sh -c 'sleep 1002 >/dev/null 2>&1 &' & ) ; echo started")
         assert r.stdout == b"started\n"
-        assert wait_for(lambda: len(marked_pids(node.marker)) >= 3)
+        assert wait_for(lambda: len(killmarked.marked([node.marker])) >= 3)
         busy = c.open_exec("sleep 1003")
         key_before = node.host_key_path.read_bytes()
         node.stop()
         assert not node.up
-        assert wait_for(lambda: not marked_pids(node.marker), 3), "processes survived stop()"
+        assert wait_for(lambda: not killmarked.marked([node.marker]), 3), "processes survived stop()"
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", node.port), timeout=2)
         assert wait_for(lambda: busy.channel.closed or not c.active, 3)
@@ -169,3 +171,62 @@ def test_stop_refuses_and_kills_everything_then_start_again(lab: SshNodeSet) -> 
         assert c.get_bytes("disk.txt") == b"survives"
         assert c.run("echo back").stdout == b"back\n"
     assert node.host_key_path.read_bytes() == key_before  # same key: known_hosts still valid
+
+
+def _pids_running(argv: bytes) -> list[int]:
+    """Pids whose whole command line is ``argv`` (NUL-separated): for processes that carry no
+    marker any more."""
+    out = []
+    for pid in killmarked.pids():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == argv and killmarked.alive(pid):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_stop_kills_a_session_leader_that_dropped_its_marker(lab: SshNodeSet) -> None:
+    """A session's process that exec'd with an empty environment carries no marker: stop()
+    still ends it, through the process it holds (not by a recorded pid)."""
+    node = lab.nodes["node1"]
+    argv = b"sleep\0001004.5\0"
+    with connect(lab) as c:
+        c.open_exec("exec env -i sleep 1004.5")
+        assert wait_for(lambda: len(_pids_running(argv)) == 1)
+        node.stop()
+        assert wait_for(lambda: not _pids_running(argv), 3), "the unmarked leader survived"
+    node.start()
+
+
+def test_a_reaped_session_process_is_never_signalled() -> None:
+    """Once a session's process is reaped its pid is free, and may be taken by anyone (here,
+    on purpose, by a process in a session of its own, so that its group id is that pid too):
+    killing the session's group must then signal nothing."""
+    p = _Proc(["true"], start_new_session=True)
+    assert p.reap() == 0
+    victim = start_with_pid(p.pid, ["sleep", "60"], start_new_session=True)
+    if victim is None:
+        pytest.skip("cannot choose pids here (needs root and /proc/sys/kernel/ns_last_pid)")
+    try:
+        p.kill_group()
+        assert not p.running()
+        with pytest.raises(subprocess.TimeoutExpired):  # SIGKILL would end it at once
+            victim.wait(timeout=0.5)
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_session_process_group_is_killed_while_unreaped() -> None:
+    """kill_group ends the whole group, also while the leader is an unreaped zombie (its pid,
+    and so its group id, still belong to it)."""
+    p = _Proc(["sh", "-c", "sleep 1005 & echo $!; exit 0"], stdout=subprocess.PIPE,
+              start_new_session=True)
+    child = int(p.stdout.readline())
+    p.stdout.close()
+    assert wait_for(lambda: killmarked.stat(p.pid)[0] == "Z")  # leader exited, not reaped
+    p.kill_group()
+    assert wait_for(lambda: not killmarked.alive(child))
+    assert p.reap() == 0
+    assert p.returncode == 0 and not p.running()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from labkit.config import Settings
-from labkit.fake.node import sshd_path
+from labkit.fake.openssh import sshd_path
 from labkit.janitor import controller_alive, sweep
 from labkit.pytest_plugin import FakeLabHandle, start_fake_lab
 from labkit.ssh import SshClient, controller_tag, proc_start_time

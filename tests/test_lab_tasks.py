@@ -132,3 +132,70 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path):
 
         with pytest.raises(LabkitError, match=f"cannot bind fake BMC node1 on 127.0.0.1:{port}"):
             fake_lab.up(path, timeout=20)
+
+
+def _sleeper(*extra: str) -> subprocess.Popen:
+    """An unrelated live process (its own session, as a lab would be) for lab.pid to name."""
+    return subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(60)", *extra],
+                            start_new_session=True)
+
+
+def _assert_untouched(p: subprocess.Popen) -> None:
+    # down() signals synchronously, and its SIGTERM/SIGKILL would end the sleeper at once
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.wait(timeout=0.5)
+
+
+def test_down_with_a_stale_pid_file_signals_nothing(tmp_path: Path):
+    """lab.pid left behind (the lab crashed, the machine rebooted) names a pid that now belongs
+    to an unrelated process: lab.down / down() must report "not running" and leave it alone."""
+    state = tmp_path / ".lab"
+    state.mkdir()
+    p = _sleeper()
+    try:
+        (state / fake_lab.PID_FILE).write_text(f"{p.pid}\n")
+        assert fake_lab._pid(state) is None
+        assert fake_lab.down(state_dir=state) is False
+        assert not (state / fake_lab.PID_FILE).exists()
+        _assert_untouched(p)
+        (state / fake_lab.PID_FILE).write_text(f"{p.pid}\n")
+        r = run(tmp_path, "lab.down")
+        assert r.returncode == 0 and "not running" in r.stdout, (r.stdout, r.stderr)
+        assert not (state / fake_lab.PID_FILE).exists()
+        _assert_untouched(p)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_down_checks_the_start_time_too(tmp_path: Path):
+    """A process that even looks like a lab (``labkit.fake.lab serve`` in its argv) but did
+    not start when the lab that wrote lab.pid did is another process under a reused pid."""
+    state = tmp_path / ".lab"
+    state.mkdir()
+    p = _sleeper("labkit.fake.lab", "serve")
+    try:
+        start = fake_lab._start_time(p.pid)
+        assert start is not None
+        (state / fake_lab.PID_FILE).write_text(f"{p.pid} {start}\n")
+        assert fake_lab._pid(state) == p.pid  # the right start time: that is the lab
+        (state / fake_lab.PID_FILE).write_text(f"{p.pid} {start + 1}\n")
+        assert fake_lab._pid(state) is None
+        assert fake_lab.down(state_dir=state) is False
+        _assert_untouched(p)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_lab_pid_file_holds_pid_and_start_time(tmp_path: Path):
+    """The lab records its start time beside its pid, and down() stops it by them."""
+    from labkit.fake.harness import start_fake_lab
+
+    lab = start_fake_lab(tmp_path, count=1, ssh=False)
+    try:
+        pid, start = map(int, (lab.state_dir / fake_lab.PID_FILE).read_text().split())
+        assert pid == lab.pid and start == fake_lab._start_time(lab.pid)
+    finally:
+        assert fake_lab.down(state_dir=lab.state_dir) is True
+    assert not (lab.state_dir / fake_lab.PID_FILE).exists()

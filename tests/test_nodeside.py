@@ -149,8 +149,8 @@ def test_within_keeps_to_one_fake_node(tmp_path: Path) -> None:
         b.wait(10)
 
 
-def test_prefix_marker_and_safe_groups(tmp_path: Path) -> None:
-    """``NAME=`` matches any value; "safe" never signals a group holding an unmarked member."""
+def test_safe_groups_spare_a_group_with_an_unmarked_member(tmp_path: Path) -> None:
+    """"safe" never signals a group holding an unmarked member."""
     run = uuid.uuid4().hex
     # a marked leader whose group also holds an unmarked child (env cleared by its exec; the
     # child writes its pid only after the exec, so it is never seen still carrying the marker)
@@ -164,12 +164,74 @@ def test_prefix_marker_and_safe_groups(tmp_path: Path) -> None:
     try:
         child = _wait_file(tmp_path / "child")
         assert os.getpgid(child) == leader.pid
-        killed, survivors = killmarked.kill([f"LABKIT_TEST_{run}=".encode()], groups="safe")
+        killed, survivors = killmarked.kill([f"LABKIT_TEST_{run}=x".encode()], groups="safe")
         assert killed == [leader.pid] and survivors == []
         assert _alive(child)  # unmarked, and its group was not all ours: left alone
     finally:
         killmarked.kill([], [child], groups="none")
         leader.wait(10)
+
+
+# an unmarked group leader with a child in its group: what a recorded pid may have become
+LEADER = ("import os, sys, time\n"
+          "if os.fork() == 0:\n"
+          "    open(sys.argv[1] + '.child', 'w').write(str(os.getpid())); time.sleep(600)\n"
+          "time.sleep(600)\n")
+
+
+def test_a_given_pid_without_the_marker_is_left_alone(tmp_path: Path) -> None:
+    """A recorded pid may have died and been reused by someone else's process: with markers it
+    is ended only if it still carries one, and an unmarked one's group is never signalled."""
+    run = uuid.uuid4().hex
+    mine = _spawn({"LABKIT_RUN": run}, "import time; time.sleep(600)")
+    other = _spawn({"LABKIT_RUN": "someone-else"}, LEADER, str(tmp_path / "o"))
+    try:
+        child = _wait_file(tmp_path / "o.child")
+        assert os.getpgid(child) == other.pid
+        killed, survivors = killmarked.kill([f"LABKIT_RUN={run}".encode()],
+                                            extra=[other.pid, mine.pid], groups="all")
+        mine.wait(10)
+        assert killed == [mine.pid] and survivors == []
+        assert _alive(other.pid) and _alive(child)
+        cmd = ns.command("killmarked", "--marker", f"LABKIT_RUN={run}", "--pid", str(other.pid),
+                         exec_=False)
+        r = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, timeout=30)
+        assert r.returncode == 0 and json.loads(r.stdout)["killed"] == [], r.stderr
+        assert _alive(other.pid) and _alive(child)
+        # pids alone (no marker) are ended as given, but never their groups
+        killed, survivors = killmarked.kill([], [other.pid], groups="all")
+        other.wait(10)
+        assert killed == [other.pid] and survivors == [] and _alive(child)
+    finally:
+        killmarked.kill([b"LABKIT_RUN=someone-else", f"LABKIT_RUN={run}".encode()])
+        for p in (mine, other):
+            p.kill()
+            p.wait(10)
+
+
+def test_empty_or_malformed_markers_are_refused(tmp_path: Path) -> None:
+    """``NAME=`` would have been a prefix for every run of every controller: refused, as is
+    anything not ``NAME=value``, before anything is signalled."""
+    run = uuid.uuid4().hex
+    p = _spawn({f"LABKIT_TEST_{run}": "x"}, "import time; time.sleep(600)")
+    try:
+        for bad in (f"LABKIT_TEST_{run}=", "NOEQUALS", "=x"):
+            with pytest.raises(ValueError):
+                killmarked.kill([bad.encode()])
+            r = subprocess.run([sys.executable, killmarked.__file__, "--marker", bad],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 2 and "NAME=value" in r.stderr, (bad, r.stderr)
+        with pytest.raises(ValueError):
+            killmarked.kill([f"LABKIT_TEST_{run}=x".encode()], within=b"LABKIT_NODE_ROOT=")
+        r = subprocess.run([sys.executable, killmarked.__file__, "--marker",
+                            f"LABKIT_TEST_{run}=x", "--within", "LABKIT_NODE_ROOT="],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "NAME=value" in r.stderr, r.stderr
+        assert killmarked.marked([f"LABKIT_TEST_{run}=x"]) == [p.pid]  # exact still matches
+        assert _alive(p.pid)
+    finally:
+        p.kill()
+        p.wait(10)
 
 
 def test_grace_sends_term_first_and_cont_to_a_stopped_process(tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ import pytest
 from labkit import inventory as inv
 from labkit.config import Settings
 from labkit.fake.harness import SshNodeSet, start_fake_lab
-from labkit.fake.node import marked_pids
 from labkit.fake.openssh import sshd_path
 from labkit.fake.sshd_watchdog import descendants
+from labkit.nodeside import killmarked
 from labkit.ssh import HostKeyError, SshClient
 
 pytestmark = [
@@ -43,9 +43,9 @@ def connect(lab: SshNodeSet, name: str = "node1") -> SshClient:
 
 def gone(marker: bytes, timeout: float = 3.0) -> bool:
     end = time.monotonic() + timeout
-    while marked_pids(marker) and time.monotonic() < end:
+    while killmarked.marked([marker]) and time.monotonic() < end:
         time.sleep(0.05)
-    return not marked_pids(marker)
+    return not killmarked.marked([marker])
 
 
 def test_exec_cwd_env_exit_stdin(lab: SshNodeSet) -> None:
@@ -87,9 +87,9 @@ def test_stop_kills_everything_refuses_and_restarts(lab: SshNodeSet) -> None:
         c.run("sleep 1000 >/dev/null 2>&1 & setsid sleep 1001 >/dev/null 2>&1 & true")
         busy = c.open_exec("sleep 1002")
         end = time.monotonic() + 5
-        while len(marked_pids(node.marker)) < 3 and time.monotonic() < end:
+        while len(killmarked.marked([node.marker])) < 3 and time.monotonic() < end:
             time.sleep(0.05)
-        assert len(marked_pids(node.marker)) >= 3
+        assert len(killmarked.marked([node.marker])) >= 3
         node.stop()
         assert not node.up
         assert gone(node.marker), "processes survived stop()"
@@ -148,9 +148,9 @@ def test_sigkilled_lab_leaves_no_sshd_or_session_behind(tmp_path_factory) -> Non
             c.run("setsid sleep 1001 >/dev/null 2>&1 & true")
             busy = c.open_exec("sleep 1002")  # its connection stays open through the kill
             end = time.monotonic() + 10
-            while len(marked_pids(marker)) < 2 and time.monotonic() < end:
+            while len(killmarked.marked([marker])) < 2 and time.monotonic() < end:
                 time.sleep(0.02)
-            assert len(marked_pids(marker)) >= 2
+            assert len(killmarked.marked([marker])) >= 2
             tree = {pid: _started(pid) for pid in descendants(lab.pid)}
             cmds = [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree]
             assert sum(b"sshd" in c for c in cmds) >= 2, cmds  # listener + a connection
@@ -159,11 +159,11 @@ def test_sigkilled_lab_leaves_no_sshd_or_session_behind(tmp_path_factory) -> Non
             end = time.monotonic() + 5
             while time.monotonic() < end:
                 left = [p for p, t in tree.items() if t is not None and _started(p) == t]
-                if not left and not marked_pids(marker):
+                if not left and not killmarked.marked([marker]):
                     break
                 time.sleep(0.05)
             assert not left, [Path(f"/proc/{p}/cmdline").read_bytes() for p in left]
-            assert not marked_pids(marker), "session processes survived the lab"
+            assert not killmarked.marked([marker]), "session processes survived the lab"
             busy.close()
     finally:
         lab.stop()

@@ -274,7 +274,7 @@ def test_node_that_never_answers_ssh_fails_with_its_console_tail(make_fake_lab):
     """--wait=ssh on a node whose SSH never comes up (here: an inventory that points node1 at a
     port nobody listens on) fails that node inside ssh_wait, and the error carries what the
     node printed on its serial console (recorded over SOL while it booted); node2 is fine."""
-    from labkit.fake.lab import free_port
+    from labkit.fake.ports import free_port
 
     lab = make_fake_lab(count=2, ssh=True, power_delay=(0.1, 0.2), boot_delay=0.3)
     text = lab.inventory_path.read_text()
@@ -292,3 +292,46 @@ def test_node_that_never_answers_ssh_fails_with_its_console_tail(make_fake_lab):
     err = out["node1"]["error"]
     assert "node1: SSH did not come up" in err and "console:" in err, err
     assert "node1 login:" in out["node1"]["console_tail"], out["node1"]["console_tail"]
+
+
+def test_power_tasks_run_on_the_engine_not_the_thread_fan_out(make_fake_lab, tmp_path, capsys):
+    """power-on/off/soft/reset/cycle without --wait=ssh, and boot-device, drive every BMC from
+    labkit.bmc.engine's one selector loop in the calling thread: the thread fan-out (workers
+    named fanout_N) never starts, and the output keeps its columns and JSON shape."""
+    import threading
+
+    from invoke import Config, Context
+
+    from labkit.tasks import power as tasks
+
+    lab = make_fake_lab(count=3, ssh=False, power_delay=(0.05, 0.1))
+    ctx = Context(Config(overrides={"labkit": {
+        **{k[len("INVOKE_LABKIT_"):].lower(): v for k, v in FAST_ENV.items()},
+        "lease_dir": str(tmp_path / "leases"), "progress": "never"}}))
+    inv = str(lab.inventory_path)
+    threads: set[str] = set()
+    threading.setprofile(lambda *_: threads.add(threading.current_thread().name))
+    try:
+        def run(task: Any, *args: Any, **kw: Any) -> dict[str, dict[str, Any]]:
+            capsys.readouterr()
+            task(ctx, *args, inventory=inv, json=True, **kw)
+            return {r["node"]: r for r in json.loads(capsys.readouterr().out)}
+
+        out = run(tasks.power_on, wait=True)
+        assert list(out) == ["node1", "node2", "node3"]
+        assert all(set(o) == {"node", "ok", "error", "seconds", "power", "changed", "confirmed"}
+                   and o["ok"] and o["power"] == "on" and o["confirmed"] for o in out.values())
+        assert not any(o["changed"] for o in run(tasks.power_on).values())  # nothing sent
+        out = run(tasks.boot_device, "pxe", nodes="node1", persistent=True)
+        assert (out["node1"]["boot_device"], out["node1"]["persistent"]) == ("pxe", True)
+        out = run(tasks.power_off, nodes="node1", wait=True)
+        assert out["node1"]["power"] == "off" and out["node1"]["confirmed"] is True
+        out = run(tasks.power_soft, nodes="node2", wait=True)
+        assert out["node2"]["power"] == "off" and out["node2"]["confirmed"] is True
+        assert run(tasks.power_reset, nodes="node3")["node3"]["changed"] is True
+        out = run(tasks.power_cycle, nodes="node[12]", wait=True)
+        assert all(o["power"] == "on" and o["confirmed"] for o in out.values())
+    finally:
+        threading.setprofile(None)
+    assert all(lab.status(n)["power"] == "on" for n in lab.nodes)
+    assert not [t for t in threads if t.startswith("fanout")], sorted(threads)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit.fake.node import SshNodeSet, marked_pids
+from labkit.fake.harness import SshNodeSet
+from labkit.nodeside import killmarked
 
 REPO = Path(__file__).resolve().parent.parent
 LABKIT = [sys.executable, "-m", "labkit.cli"]
@@ -33,7 +34,7 @@ def cli(lab: SshNodeSet, *args: str, timeout: float = 60, prog=None) -> subproce
 def gone(lab: SshNodeSet, timeout: float = 3.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not any(marked_pids(n.marker) for n in lab.nodes.values()):
+        if not any(killmarked.marked([n.marker]) for n in lab.nodes.values()):
             return True
         time.sleep(0.05)
     return False
@@ -90,7 +91,7 @@ def test_ctrl_c_kills_remote_processes_before_exiting(lab: SshNodeSet) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 10
-        while sum(len(marked_pids(n.marker)) for n in lab.nodes.values()) < 6:
+        while sum(len(killmarked.marked([n.marker])) for n in lab.nodes.values()) < 6:
             assert time.monotonic() < end, "remote commands never started"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)

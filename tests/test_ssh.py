@@ -11,8 +11,11 @@ import pytest
 
 from labkit import inventory as inv
 from labkit.config import Settings
-from labkit.fake.node import SshNodeSet, ensure_host_key, free_port, marked_pids
+from labkit.fake.base import ensure_host_key
+from labkit.fake.harness import SshNodeSet
+from labkit.fake.ports import free_port
 from labkit.inventory import Node, SshSpec
+from labkit.nodeside import killmarked
 from labkit.ssh import (
     ConnectionPool,
     HostKeyError,
@@ -123,9 +126,9 @@ def test_run_timeout_kills_the_remote_process_group(lab: SshNodeSet) -> None:
         assert r.stdout == b"started\n"
         assert time.monotonic() - t0 < 5
         end = time.monotonic() + 3
-        while marked_pids(node.marker) and time.monotonic() < end:
+        while killmarked.marked([node.marker]) and time.monotonic() < end:
             time.sleep(0.05)
-        assert not marked_pids(node.marker), "remote processes survived the timeout"
+        assert not killmarked.marked([node.marker]), "remote processes survived the timeout"
         assert c.run("echo still usable").ok
 
 
@@ -135,7 +138,7 @@ def test_cancel_kills_remote_and_raises_keyboardinterrupt(lab: SshNodeSet) -> No
 
     def cancel_once_running() -> None:  # the remote sleep runs: now cancel it
         end = time.monotonic() + 10
-        while not marked_pids(node.marker) and time.monotonic() < end:
+        while not killmarked.marked([node.marker]) and time.monotonic() < end:
             time.sleep(0.01)
         cancel.set()
 
@@ -144,9 +147,40 @@ def test_cancel_kills_remote_and_raises_keyboardinterrupt(lab: SshNodeSet) -> No
         with pytest.raises(KeyboardInterrupt):
             c.run("sleep 1000", cancel=cancel)
         end = time.monotonic() + 3
-        while marked_pids(node.marker) and time.monotonic() < end:
+        while killmarked.marked([node.marker]) and time.monotonic() < end:
             time.sleep(0.05)
-        assert not marked_pids(node.marker)
+        assert not killmarked.marked([node.marker])
+
+
+def test_a_kill_that_works_says_nothing_and_one_that_fails_is_logged(
+        lab: SshNodeSet, caplog, monkeypatch) -> None:
+    """A timed-out run's kill is checked: silent when it ended everything; a warning naming
+    the node, the run and why (here: no python3 to run it) when it did not."""
+    import labkit.ssh.client as client
+
+    caplog.set_level("WARNING", logger="labkit.ssh")
+    with SshClient.connect(node_of(lab), SETTINGS) as c:
+        assert c.run("sleep 1000", timeout=0.5).timed_out
+        assert not [r for r in caplog.records if "kill" in r.getMessage()], caplog.text
+        # a node without a usable python3 (the fake node has one, so name a missing one)
+        monkeypatch.setattr(client, "kill_command",
+                            lambda run_id: f"exec labkit-no-python3 {run_id}")
+        c._kill_run("abc123")
+    (rec,) = [r for r in caplog.records if "could not kill" in r.getMessage()]
+    msg = rec.getMessage()
+    assert "node1" in msg and "abc123" in msg and "exited 127" in msg and "not found" in msg
+
+
+def test_kill_problem_reads_the_kill_programs_report() -> None:
+    from labkit.ssh.client import kill_problem
+
+    ok = b'{"killed": [12, 13], "survivors": []}\n'
+    assert kill_problem(0, ok, b"") is None
+    left = b'{"killed": [12], "survivors": [13, 14]}\n'
+    assert kill_problem(1, left, b"") == "processes 13, 14 survived (exit 1)"
+    assert "exited 2: killmarked: bad" in (kill_problem(2, b"", b"killmarked: bad\n") or "")
+    assert kill_problem(0, b"", b"") == "the kill exited 0: no output"  # no report: not ok
+    assert kill_problem(None, b"", b"") == "the kill did not answer in time"
 
 
 def test_pool_reuses_one_connection_per_node_across_threads(lab: SshNodeSet) -> None:

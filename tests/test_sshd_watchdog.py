@@ -6,16 +6,23 @@ its child exits by itself. No sshd needed; test_openssh_nodes.py covers the real
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-from labkit.fake.openssh import WATCHDOG
+import pytest
+
+from labkit.fake import sshd_watchdog
+from labkit.fake.openssh import WATCHDOG, OpenSshNode
 from labkit.fake.sshd_watchdog import descendants
 from labkit.nodeside import killmarked
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def wait_for(pred, timeout: float = 5.0) -> bool:
@@ -102,6 +109,107 @@ def test_child_exit_sweeps_the_marked(tmp_path: Path) -> None:
         out, _ = wd.communicate(timeout=10)
         assert stray.pid in json.loads(out)["killed"]
         assert wd.returncode == 0
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+def test_signal_powers_off(tmp_path: Path) -> None:
+    """SIGTERM to the watchdog is an order to power off, like a closed lifeline."""
+    marker = f"LABKIT_TEST_WATCHDOG={tmp_path}"
+    stray = marked_sleeper(marker)
+    try:
+        wd = watchdog(marker, "/bin/sh", "-c", "sleep 1002 & exec sleep 1001")
+        assert wait_for(lambda: len(descendants(wd.pid)) == 2)
+        tree = descendants(wd.pid)
+        wd.send_signal(signal.SIGTERM)
+        assert wd.stdout.readline().startswith(b'{"killed"')  # reported with the lifeline open
+        wd.communicate(timeout=10)
+        assert wd.returncode == 0
+        stray.wait(timeout=5)
+        assert all(gone(p) for p in tree)
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+def test_signal_right_after_reaping_sshd_signals_no_reaped_pid(tmp_path: Path) -> None:
+    """A signal that lands just after the watchdog reaped sshd (here: sent by a wrapper around
+    os.waitpid, the moment it returns sshd's exit) must not make it take sshd for alive: its pid
+    is free by then — here already reused, on purpose, by an unrelated process that must
+    survive — and waiting for it again would fail."""
+    marker = f"LABKIT_TEST_WATCHDOG={tmp_path}"
+    victim_file = tmp_path / "victim"
+    code = textwrap.dedent(f"""
+        import os, signal, subprocess, sys
+        from labkit.fake import sshd_watchdog
+        from labkit.fake.harness import start_with_pid
+
+        real_waitpid = os.waitpid
+        done = []
+
+        def waitpid(pid, options):
+            got = real_waitpid(pid, options)
+            if got[0] == pid and not done:
+                done.append(pid)
+                victim = start_with_pid(pid, ["sleep", "60"], start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                with open({str(victim_file)!r}, "w") as f:
+                    f.write(str(victim.pid if victim else ""))
+                os.kill(os.getpid(), signal.SIGTERM)
+            return got
+
+        os.waitpid = waitpid
+        sys.exit(sshd_watchdog.main(["--marker", {marker!r}, "--", "sleep", "0.2"]))
+        """)
+    with open(tmp_path / "err", "wb") as errf:  # the lifeline stays open: sshd exits first
+        wd = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=errf, cwd=REPO)
+    try:
+        out = wd.stdout.read()
+        wd.wait(timeout=30)
+    finally:
+        wd.stdin.close()
+        wd.stdout.close()
+    err = (tmp_path / "err").read_bytes()
+    victim = int(victim_file.read_text() or 0)
+    try:
+        assert b"Traceback" not in err, err.decode()
+        assert wd.returncode == 0 and json.loads(out)["survivors"] == []
+        if victim:
+            assert killmarked.alive(victim), "the watchdog signalled a reaped sshd's pid"
+    finally:
+        if victim and killmarked.alive(victim):
+            os.kill(victim, signal.SIGKILL)
+
+
+def _node(tmp_path: Path) -> OpenSshNode:
+    return OpenSshNode("node1", tmp_path / "node1", "127.0.0.1", 1, tmp_path / "host_key",
+                       tmp_path / "authorized_keys", logging.getLogger("test.openssh"))
+
+
+@pytest.mark.parametrize("report", [b'{"killed": [1', b"[1, 2]\n", b'{"killed": "all"}\n',
+                                    b"\xff\n"])
+def test_unreadable_report_sweeps_by_marker_and_signals_no_pid(
+        tmp_path: Path, report: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenSshNode.stop() when the watchdog's report is cut off or not a report: the watchdog
+    has been reaped by then, so its pid may name a stranger already — nothing is signalled by
+    pid (power_off is only for a watchdog that is still our unreaped child); the node's marked
+    processes are swept from here instead, and stop() does not raise."""
+    node = _node(tmp_path)
+    stray = marked_sleeper(node.marker.decode())
+    fake = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.stdin.read(); sys.stdout.buffer.write({report!r})"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    node._proc = fake  # stands in for the watchdog start() would have run
+    by_pid: list[int] = []
+    monkeypatch.setattr(sshd_watchdog, "power_off",
+                        lambda pid, *a, **k: by_pid.append(pid) or ([], []))
+    try:
+        node.stop()
+        assert by_pid == [], "signalled the reaped watchdog's pid"
+        assert fake.returncode == 0
+        stray.wait(timeout=5)
     finally:
         stray.kill()
         stray.wait()

@@ -81,16 +81,29 @@ def copy_labkit(dest: Path) -> Path:
 
 def labkit(src: Path, cache: Path, argv: list[str], *, cached: bool = True,
            importtime: bool = False, cols: int | None = None,
-           env: dict[str, str] | None = None) -> tuple[int, str, str]:
+           env: dict[str, str | None] | None = None, cwd: Path | None = None,
+           stdout_closed: bool = False) -> tuple[int, str, str]:
     """Run ``labkit ARGV`` from the copy at ``src`` (exit code, stdout, stderr); with ``cols``
-    on a pseudo-terminal that wide, as a user at a terminal runs it."""
+    on a pseudo-terminal that wide, as a user at a terminal runs it; with ``stdout_closed``
+    into a pipe nobody reads any more, as ``labkit --list | head -c 10`` once head is done.
+    An ``env`` value of None unsets that variable."""
     code = f"import sys; sys.path.insert(0, {str(src)!r}); from labkit.cli import main; main()"
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", code, *argv]
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "LABKIT_HELP_CACHE": "1", **(env or {})}
+    full = {**os.environ, "XDG_CACHE_HOME": str(cache), "LABKIT_HELP_CACHE": "1", **(env or {})}
     if not cached:
-        env["LABKIT_HELP_CACHE"] = "0"
+        full["LABKIT_HELP_CACHE"] = "0"
+    run_env = {k: v for k, v in full.items() if v is not None}
+    if stdout_closed:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            r = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                               timeout=60, env=run_env, cwd=cwd)
+        finally:
+            os.close(write_end)
+        return r.returncode, "", r.stderr
     if cols is None:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=run_env, cwd=cwd)
         return r.returncode, r.stdout, r.stderr
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, cols, 0, 0))
@@ -110,7 +123,7 @@ def labkit(src: Path, cache: Path, argv: list[str], *, cached: bool = True,
     reader.start()
     try:
         p = subprocess.run(cmd, stdout=slave, stderr=subprocess.PIPE, text=True, timeout=60,
-                           env=env)
+                           env=run_env, cwd=cwd)
     finally:
         os.close(slave)
         reader.join(timeout=30)
@@ -213,6 +226,96 @@ def test_errors_are_not_cached(copy: Path, tmp_path: Path):
         assert rc != 0 and "nosuch" in err
     assert not (cache / "labkit" / "cli").exists() or not any(
         (cache / "labkit" / "cli").iterdir())
+
+
+@pytest.mark.parametrize("unbuffered", ["1", None], ids=["unbuffered", "buffered"])
+def test_a_closed_stdout_ends_quietly_on_every_path(copy: Path, tmp_path: Path,
+                                                     unbuffered: str | None):
+    """``labkit --list | head -c 10``: once the reader is gone, exit 141 with nothing on
+    stderr, whether the output comes from the cache, from Invoke on a miss, with the cache
+    off, or for a command line the cache does not take. Buffered (the default) and unbuffered
+    stdout fail in different places: on write, or on the flush at exit."""
+    cache = tmp_path / "cache"
+    env = {"PYTHONUNBUFFERED": unbuffered}
+
+    def closed(argv: list[str], cached: bool = True) -> bool:
+        rc, _, err = labkit(copy, cache, argv, cached=cached, importtime=True, env=env,
+                            stdout_closed=True)
+        rest = [line for line in err.splitlines() if not line.startswith("import time:")]
+        assert rc == 141 and not rest, (argv, rc, rest)
+        return any(line.rstrip().endswith(" invoke") for line in err.splitlines())
+
+    for argv in (["--list"], ["--version"], ["--help", "power-on"]):
+        assert closed(argv, cached=False)  # LABKIT_HELP_CACHE=0
+        assert closed(argv)  # a miss: Invoke, through the recording tee
+        served_by_invoke(copy, cache, argv)  # recorded now
+        assert closed(argv) is False  # a hit: the recorded output
+    assert closed(["--list", "--list-format", "json"])  # not a help line the cache takes
+
+
+def test_no_cache_without_an_absolute_base(copy: Path, tmp_path: Path):
+    """HOME unset with no passwd entry makes ``~`` expand to itself; that, a relative HOME or a
+    relative XDG_CACHE_HOME must not put records under the directory labkit runs in."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    # HOME relative and no XDG_CACHE_HOME (the same path as "~" unexpanded): no cache at all
+    rel_home = {"HOME": "rel-home", "XDG_CACHE_HOME": None}
+    for _ in range(2):
+        assert served_by_invoke(copy, tmp_path / "unused", ["--version"], env=rel_home,
+                                cwd=cwd)[0] is True
+    assert not any(cwd.iterdir()) and not (tmp_path / "unused").exists()
+    # a relative XDG_CACHE_HOME is ignored (XDG spec): ~/.cache it is
+    home = tmp_path / "home"
+    rel_xdg = {"HOME": str(home), "XDG_CACHE_HOME": "rel-cache"}
+    assert served_by_invoke(copy, tmp_path / "unused", ["--version"], env=rel_xdg,
+                            cwd=cwd)[0] is True
+    assert served_by_invoke(copy, tmp_path / "unused", ["--version"], env=rel_xdg,
+                            cwd=cwd)[0] is False
+    assert not any(cwd.iterdir())
+    assert len(list((home / ".cache" / "labkit" / "cli").glob("*.bin"))) == 1
+
+
+STORE_MANY = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from labkit import helpcache
+tag, n = sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    assert helpcache.store([tag, str(i)], f"{tag} {i}", time.time_ns())
+if sys.argv[4] == "check":
+    for i in range(n - 10, n):
+        assert helpcache.lookup([tag, str(i)]) == f"{tag} {i}", i
+"""
+
+
+def test_the_cache_stays_bounded(copy: Path, tmp_path: Path):
+    """Each width, command line and INVOKE_* setting makes a record: the folder keeps the
+    newest MAX_RECORDS, also with several labkit processes writing and pruning at once, and
+    drops temporary files a killed writer left (not those of a writer still at work)."""
+    from labkit.helpcache import MAX_RECORDS
+
+    cache = tmp_path / "cache"
+    records = cache / "labkit" / "cli"
+    records.mkdir(parents=True)
+    dead, busy = records / "0.1.tmp", records / "0.2.tmp"
+    dead.write_bytes(b"x")
+    busy.write_bytes(b"x")
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+
+    def store_many(tag: str, check: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", STORE_MANY, str(copy), tag,
+                                 str(MAX_RECORDS + 40), check], env=env,
+                                stderr=subprocess.PIPE, text=True)
+
+    p = store_many("a", "check")
+    assert p.wait(timeout=60) == 0, p.stderr.read()  # type: ignore[union-attr]
+    assert len(list(records.glob("*.bin"))) == MAX_RECORDS
+    assert not dead.exists() and busy.exists()
+    both = [store_many("b", "-"), store_many("c", "-")]
+    for p in both:
+        assert p.wait(timeout=60) == 0, p.stderr.read()  # type: ignore[union-attr]
+    assert MAX_RECORDS // 2 <= len(list(records.glob("*.bin"))) <= MAX_RECORDS
 
 
 def test_invoke_and_labkit_task_help_still_work():

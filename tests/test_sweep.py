@@ -74,9 +74,11 @@ class Scene:
                                          f"LABKIT_TEST_ROOT_{tag}")
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
+        self.tags: set[str] = set()
 
     def start(self, name: str, code: str, ctl: str, root: str = "/lab/a") -> dict[str, int]:
         env = {**os.environ, self.ctl: ctl, self.run: f"run-{name}", self.root: root}
+        self.tags.add(ctl)
         p = subprocess.Popen([sys.executable, "-c", code, str(self.tmp / name)], env=env,
                              start_new_session=True)
         self.procs.append(p)
@@ -94,7 +96,7 @@ class Scene:
                                 stdout=subprocess.PIPE, env=env, cwd=home)
 
     def close(self) -> None:
-        killmarked.kill([f"{self.ctl}=".encode()], groups="none")
+        killmarked.kill([f"{self.ctl}={t}".encode() for t in self.tags], groups="none")
         for p in self.procs:  # each leads its own group; unmarked members (MIXED) go with it
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -198,3 +200,17 @@ def test_folder_names_from_the_verdict_stay_inside_scratch(tmp_path: Path) -> No
     report = sweep.settle({"dirs": ["../keep", "..", ".", "", "x"]}, str(scratch), "NOPE")
     assert report == {"killed": [], "survivors": [], "removed": [str(scratch / "x")]}
     assert outside.is_dir() and scratch.is_dir()
+
+
+def test_empty_or_malformed_dead_tags_end_nothing(scene: Scene, tmp_path: Path) -> None:
+    """``"dead": [""]`` would be the marker ``CTL_VAR=``: every controller's processes. Such
+    tags (and anything that is not a string) are ignored, never widened."""
+    from labkit.nodeside import sweep
+
+    live = scene.start("live", POLITE, LIVE)
+    report = sweep.settle({"dead": ["", None, 5, [], "x\0y"], "grace": 0}, str(tmp_path / "s"),
+                          scene.ctl)
+    assert report == {"killed": [], "survivors": [], "removed": []}
+    report = sweep.settle({"dead": "", "grace": 0}, str(tmp_path / "s"), scene.ctl)
+    assert report["killed"] == []
+    assert killmarked.alive(live["top"])

@@ -375,7 +375,7 @@ def test_cli_bad_flags(repos) -> None:
 # --- on nodes over SSH: the same module, shipped as `python3 -` --------------------------------
 
 def test_sync_on_nodes_over_ssh(repos, tmp_path: Path) -> None:
-    from labkit.fake.node import SshNodeSet
+    from labkit.fake.harness import SshNodeSet
 
     remote, _, other = repos
     with SshNodeSet(tmp_path / "lab", ["node1", "node2"]) as lab:

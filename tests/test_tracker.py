@@ -15,13 +15,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from labkit.config import Settings
+from labkit.errors import NodeError
+from labkit.experiment import dirty
+from labkit.inventory import Node, SshSpec
 from labkit.payloads import pagemap as pm
 from labkit.payloads import tracker as tr
+from labkit.ssh import CommandFailed, RunResult
 
 PAGE = pm.PAGE
 PAYLOADS = Path(tr.__file__).parent
@@ -892,3 +898,115 @@ def test_exiting_tells_a_zombie_leader_from_an_exited_process(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+# --- labkit.experiment.dirty: the dirty-rate measurement the task fans out ------------------
+
+class LocalShell:
+    """A ``RemoteShell`` over this machine's /bin/sh (the Protocol's "a local shell can stand
+    in"): ``dirty_rate`` runs the real tracker payload in a real process, without a lab."""
+
+    def __init__(self, node: str = "local"):
+        self.node = node
+        self.settings = Settings(command_timeout=30.0)
+        # the venv's python3 first on PATH, as a node has its own python3
+        self.env = {**os.environ,
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(self, cmd: str, *, timeout: float | None = None, input: bytes | None = None,
+            env: dict[str, str] | None = None, **_: object) -> RunResult:
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(["/bin/sh", "-c", cmd], input=input, capture_output=True,
+                               timeout=timeout, env={**self.env, **(env or {})})
+        except subprocess.TimeoutExpired as e:
+            return RunResult(None, e.stdout or b"", e.stderr or b"", time.monotonic() - t0,
+                             timed_out=True)
+        return RunResult(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+    def check(self, cmd: str, **kw: object) -> RunResult:
+        r = self.run(cmd, **kw)  # type: ignore[arg-type]
+        if not r.ok:
+            raise CommandFailed(r.failure(self.node), r.to_json())
+        return r
+
+    def open_exec(self, cmd: str, *, env: dict[str, str] | None = None) -> object:
+        raise NotImplementedError("dirty_rate runs one command to completion")
+
+
+@pytest.fixture
+def local_node(tmp_path) -> Node:
+    """A node whose deployed payloads (``<workdir>/payloads/current``) are this tree's."""
+    (tmp_path / "payloads").mkdir()
+    (tmp_path / "payloads" / "current").symlink_to(PAYLOADS)
+    return Node("local", None, SshSpec(host="localhost", workdir=str(tmp_path)))
+
+
+def test_dirty_rate_command_runs_the_tracker_in_the_payload_dir(local_node):
+    cmd = dirty.dirty_rate_command(local_node, 42, 1.5, "uffd")
+    assert cmd == (f"cd {local_node.ssh.workdir}/payloads/current && exec python3 tracker.py "
+                   "dirty-rate --pid 42 --seconds 1.5 --backend uffd")
+
+
+def test_gone_report_reads_only_the_trackers_gone_line():
+    gone = {"gone": True, "rounds": 0, "error": "pid 7 exited"}
+    assert dirty.gone_report({"exit_code": 3, "stdout": "x\n" + json.dumps(gone)}) == gone
+    assert dirty.gone_report({"exit_code": 1, "stdout": json.dumps(gone)}) is None
+    assert dirty.gone_report({"exit_code": 3, "stdout": ""}) is None
+    # exit 3 from something else (a shell, a crash): not JSON, not the tracker's report
+    assert dirty.gone_report({"exit_code": 3, "stdout": "Traceback ...\n"}) is None
+    assert dirty.gone_report({"exit_code": 3, "stdout": '{"gone": false}'}) is None
+
+
+def test_dirty_rate_measures_a_live_process(local_node, dirtier):
+    available("uffd")
+    d = dirtier(64)
+    rep = dirty.dirty_rate(local_node, LocalShell(), d.pid, 0.3, "uffd")
+    assert rep["backend"] == "uffd" and rep["method"] == "exact"
+    assert rep["seconds"] > 0 and rep["pages"] >= 0 and "mib_per_s" in rep
+
+
+def test_dirty_rate_missing_process_is_a_node_error_carrying_the_report(local_node):
+    pid = 2**22 + 12345  # above pid_max's default: no such process
+    with pytest.raises(NodeError) as ei:
+        dirty.dirty_rate(local_node, LocalShell(), pid, 1, "compare")
+    assert not isinstance(ei.value, CommandFailed)
+    assert ei.value.value["gone"] is True and ei.value.value["rounds"] == 0
+    assert str(ei.value) == ei.value.value["error"] and "\n" not in str(ei.value)
+
+
+def test_dirty_rate_other_failures_stay_command_failed(local_node):
+    with pytest.raises(CommandFailed) as ei:  # the tracker's argparse refuses it: exit 2
+        dirty.dirty_rate(local_node, LocalShell(), 1, 1, "no-such-backend")
+    assert ei.value.value["exit_code"] == 2 and "no-such-backend" in ei.value.value["stderr"]
+
+
+def test_dirty_rate_target_exits_mid_window_keeps_the_partial_rate(local_node, dirtier):
+    """What the dirty-rate task's row shows when the process exits during the window: one
+    line, and the rate of the rounds before the exit (the slow lab test goes through the CLI)."""
+    available("uffd")
+    d = dirtier(256)
+    lo, hi = d.range
+    got: dict[str, BaseException] = {}
+
+    def measure() -> None:
+        try:
+            dirty.dirty_rate(local_node, LocalShell(), d.pid, 120, "auto")
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            got["error"] = e
+
+    t = threading.Thread(target=measure, daemon=True)
+    t.start()
+    try:
+        wait_written(d.pid, lo, hi, set())  # armed (the tracker tracks all writable memory)
+        pages = d.write(list(range(0, 100)))
+        wait_round_done(d, pages)
+    finally:
+        exit_now(d.p)
+    t.join(60)
+    assert not t.is_alive()
+    e = got["error"]
+    assert isinstance(e, NodeError) and not isinstance(e, CommandFailed), repr(e)
+    assert str(e).startswith(f"pid {d.pid} exited ") and "s into the 120 s window" in str(e)
+    assert e.value["gone"] is True and e.value["rounds"] >= 1
+    assert e.value["pages"] >= len(pages)

@@ -22,8 +22,9 @@ BMC call in labkit does is kept, step by step, from ``PowerClient._call``:
   ``PowerClient`` when one is passed in;
 - a per-attempt deadline of ``settings.bmc_timeout`` (a reused session gets STALE_SESSION_AFTER,
   then a fresh login), pyghmi's retransmission (``Retransmit``) inside it;
-- errors translated once (``session.translate``), named by node; a session that failed in any
-  way but a clean completion code is thrown away;
+- a failed attempt handled by the same function as PowerClient's (``session.attempt_failed``:
+  translated, named by node; a session that failed in any way but a clean completion code is
+  thrown away);
 - one ``Outcome`` per node (``labkit.fanout``'s type, error text and progress line).
 
 A node's work is an *op* (``labkit.bmc.ops``, shared with PowerClient): a generator that yields
@@ -53,12 +54,11 @@ from labkit.bmc import ops
 from labkit.bmc.ops import Cmd, Op, Sleep
 from labkit.bmc.session import (
     STALE_SESSION_AFTER,
-    BmcError,
     BmcTimeout,
     Retransmit,
+    attempt_failed,
     check_reply,
     is_retryable,
-    translate,
 )
 from labkit.config import Settings
 from labkit.errors import LabkitError, NodeError, UserError
@@ -153,24 +153,6 @@ class AsyncSession(Retransmit, _simple.Session):
         while self._later:
             fn, response = self._later.pop(0)
             fn(response)
-
-    def close(self, logout: bool = True) -> None:
-        """Log out (one packet, no wait: frees the BMC's session slot) and close the socket."""
-        sock = self.socket
-        if sock is None:
-            return
-        if logout and self.logged:
-            self.lastpayload = None
-            self.incommand = False
-            try:
-                self.logout()
-            except Exception:  # noqa: S110 - best effort, the BMC times the session out anyway
-                pass
-        self.socket = None
-        try:
-            sock.close()
-        except OSError:
-            pass
 
 
 # -- one node's run ------------------------------------------------------------------------------
@@ -300,11 +282,7 @@ class _Job:
         self.wake = None
         bmc = self.node.bmc
         assert bmc is not None and self.clock is not None
-        err = translate(e, self.node.name, bmc.host, bmc.port, bmc.user)
-        if not (isinstance(err, BmcError) and err.code is not None):
-            self._drop()  # anything but a clean error reply: new session next time
-        if isinstance(err, BmcError) and not str(err).startswith(f"{self.node.name}: "):
-            err = type(err)(f"{self.node.name}: BMC {bmc.host}:{bmc.port}: {err}", err.code)
+        err = attempt_failed(e, self.node.name, bmc.host, bmc.port, bmc.user, self._drop)
         if is_retryable(err):
             sleep = self.clock.next_delay()
             if sleep is not None:
@@ -502,7 +480,7 @@ def power_action(nodes: Sequence[Node], action: str, settings: Settings | None =
                  interval: MinInterval | None = None) -> list[Outcome]:
     """on | off | soft | reset | cycle over every node at once, with PowerClient's results
     ({"power", "changed", "confirmed"}); ``wait`` waits for the BMC to report the new state
-    (waiting for SSH is above the BMC layer: PowerClient.on(wait="ssh"))."""
+    (waiting for SSH is above the BMC layer: ``labkit.bringup.power_on``/``power_cycle``)."""
     if action not in ops.ACTIONS:
         raise UserError(f"power action {action!r}: expected one of {', '.join(ops.ACTIONS)}")
     engine = Engine(settings, interval)

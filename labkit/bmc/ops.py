@@ -109,7 +109,8 @@ def status_op(node: Node) -> Op:
 
 def on(node: Node, settings: Settings, wait: bool = False) -> Op:
     """Power on (no command when already on); ``wait`` for the BMC to report on. Waiting for
-    SSH is not the BMC's business (``PowerClient.on(wait="ssh")``)."""
+    SSH is not the BMC's business: that is ``labkit.bringup.power_on`` (power -> console ->
+    SSH)."""
     changed = yield from ensure(node, "on", CHASSIS_ON)
     result: dict[str, Any] = {"power": "on", "changed": changed, "confirmed": not changed}
     if wait and changed:

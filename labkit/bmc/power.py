@@ -27,21 +27,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from labkit.bmc import ops
-from labkit.bmc.ops import (  # noqa: F401 - re-exported: callers import them from here
-    BOOT_DEVICES,
-    POLL_INTERVAL,
-    Cmd,
-    Op,
-    PowerState,
-    Sleep,
-)
-from labkit.bmc.session import (  # noqa: F401 - STALE_SESSION_AFTER re-exported
+from labkit.bmc.ops import PowerState, Sleep
+from labkit.bmc.session import (
     STALE_SESSION_AFTER,
-    BmcError,
     LabSession,
+    attempt_failed,
     is_retryable,
     open_session,
-    translate,
 )
 from labkit.config import Settings
 from labkit.errors import NodeError
@@ -51,8 +43,6 @@ from labkit.retry import MinInterval, RetryPolicy
 log = logging.getLogger("labkit.power")
 
 T = TypeVar("T")
-
-_CHASSIS_ON = ops.CHASSIS_ON
 
 
 def _confirm(wait: bool | str | None) -> bool:
@@ -107,13 +97,7 @@ class PowerClient:
     def on(self, node: Node, wait: bool | str | None = False) -> dict[str, object]:
         """Power on (no command when already on). ``wait`` True/"power" waits for the BMC to
         report on within settings.power_wait. (Power -> console -> SSH: labkit.bringup.)"""
-        confirm = _confirm(wait)
-        changed = self._ensure(node, "on", _CHASSIS_ON)
-        result: dict[str, object] = {"power": "on", "changed": changed, "confirmed": not changed}
-        if confirm and changed:
-            self.wait_for(node, "on", time.monotonic() + self.settings.power_wait)
-            result["confirmed"] = True
-        return result
+        return self._run(node, ops.on(node, self.settings, _confirm(wait)))
 
     def off(self, node: Node, wait: bool = False) -> dict[str, object]:
         """Hard power off (no command when already off)."""
@@ -141,13 +125,6 @@ class PowerClient:
         return self._run(node, ops.wait_for(node, state, deadline))
 
     # -- plumbing --------------------------------------------------------------------------------
-
-    def _ensure(self, node: Node, state: PowerState, operand: int) -> bool:
-        """Send the chassis control only if the node is not already in ``state``."""
-        return self._run(node, ops.ensure(node, state, operand))
-
-    def _control(self, node: Node, operand: int) -> None:
-        self._run(node, ops.control(node, operand))
 
     def _run(self, node: Node, op: ops.Gen[T]) -> T:
         """Drive one op (labkit.bmc.ops) on this thread: each Cmd through :meth:`_call`, a
@@ -204,12 +181,8 @@ class PowerClient:
                     session.deadline = end
                     return fn(session)
                 except BaseException as e:
-                    err = translate(e, node.name, bmc.host, bmc.port, bmc.user)
-                    if not (isinstance(err, BmcError) and err.code is not None):
-                        self._drop(key)  # anything but a clean error reply: new session next time
-                    if isinstance(err, BmcError) and not str(err).startswith(f"{node.name}: "):
-                        err = type(err)(f"{node.name}: BMC {bmc.host}:{bmc.port}: {err}",
-                                        err.code)
+                    err = attempt_failed(e, node.name, bmc.host, bmc.port, bmc.user,
+                                         lambda: self._drop(key))
                     if err is e:
                         raise
                     raise err from None
@@ -240,12 +213,3 @@ class PowerClient:
         if session is not None:
             session.close(logout=False)
 
-
-# Actions by task name, for tasks and tools that dispatch on a string.
-ACTIONS: dict[str, Callable[..., dict[str, object]]] = {
-    "on": PowerClient.on,
-    "off": PowerClient.off,
-    "soft": PowerClient.soft,
-    "reset": PowerClient.reset,
-    "cycle": PowerClient.cycle,
-}

@@ -14,8 +14,8 @@ socket per session, nothing global) and adds what it lacks: retransmission of th
 packet after pyghmi's initial timeout (0.5-1 s, +0.5 s per retry, capped), and a hard deadline
 (``settings.bmc_timeout``) after which the caller gets :class:`BmcTimeout`. No process-wide
 switch is flipped, so other pyghmi users in the process are unaffected. A session that failed
-in any way is thrown away and a new one is logged in (the caller does this; see
-``labkit.bmc.power``).
+in any way is thrown away and a new one is logged in (the caller does this, through
+:func:`attempt_failed`).
 
 Credentials are passed to pyghmi as bytes (with str, a second session to the same BMC hangs and
 re-login raises TypeError). Errors are translated into labkit errors here, once, so that every
@@ -27,6 +27,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pyghmi.exceptions import IpmiException
@@ -105,6 +106,22 @@ def is_retryable(e: BaseException) -> bool:
     return isinstance(e, RetryableError)
 
 
+def attempt_failed(e: BaseException, node: str, host: str, port: int, user: str,
+                   drop: Callable[[], None]) -> BaseException:
+    """What one failed attempt of a BMC command becomes, for both drivers (``PowerClient`` and
+    ``labkit.bmc.engine``): the error translated (:func:`translate`) and named by node, and the
+    session dropped through ``drop`` unless the BMC answered cleanly with a completion code (a
+    session that timed out or broke may be dead without knowing it: log in afresh next time).
+    Returns ``e`` itself when there was nothing to translate, so the caller can re-raise it
+    with its traceback."""
+    err = translate(e, node, host, port, user)
+    if not (isinstance(err, BmcError) and err.code is not None):
+        drop()
+    if isinstance(err, BmcError) and not str(err).startswith(f"{node}: "):
+        err = type(err)(f"{where(node, host, port)}: {err}", err.code)
+    return err
+
+
 class Retransmit:
     """Retransmission for pyghmi's simple session, shared by the blocking :class:`LabSession`
     and the event-driven ``labkit.bmc.engine.AsyncSession``: the outstanding packet is resent
@@ -112,11 +129,37 @@ class Retransmit:
     the owner's deadline, not pyghmi's. Mixed in before ``_simple.Session``."""
 
     _resend_at: float | None = None
+    socket: Any
+    incommand: Any
     timeout: float
     lastpayload: Any
     sessioncontext: Any
     nowait: bool
     hasretried: int
+
+    def close(self, logout: bool = True) -> None:
+        """Log out (one packet, no wait: frees the BMC's session slot) and close the socket.
+        A request still marked in flight is abandoned first: pyghmi would otherwise wait for
+        it before sending the logout."""
+        sock = self.socket
+        if sock is None:
+            return
+        if logout and getattr(self, "logged", 0):
+            self.lastpayload = None
+            self.incommand = False
+            try:
+                self.logout()  # type: ignore[attr-defined]
+            except Exception:  # noqa: S110 - best effort, the BMC times the session out anyway
+                pass
+        # pyghmi registers every logged-in session in a class-level keepalive table that only
+        # its own event loop services: drop ours so a closed session is not kept alive.
+        with _simple.util.protect(_simple.KEEPALIVE_SESSIONS):
+            _simple.Session.keepalive_sessions.pop(self, None)
+        self.socket = None
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     def _xmit_packet(self, retry: bool = True, delay_xmit: Any = None,
                      timeout: Any = None) -> None:
@@ -219,24 +262,6 @@ class LabSession(Retransmit, _simple.Session):
         """One request/response; returns the response data. A non-zero completion code raises
         BmcRetryable (busy & co.) or BmcError."""
         return check_reply(self.raw_command(netfn=netfn, command=cmd, data=data), netfn, cmd)
-
-    def close(self, logout: bool = True) -> None:
-        """Log out (one packet, no wait: frees the BMC's session slot) and close the socket."""
-        sock = self.socket
-        if sock is None:
-            return
-        if logout and getattr(self, "logged", 0):
-            try:
-                self.logout()
-            except Exception:  # noqa: S110 - best effort, the BMC times the session out anyway
-                pass
-        with _simple.util.protect(_simple.KEEPALIVE_SESSIONS):
-            _simple.Session.keepalive_sessions.pop(self, None)
-        self.socket = None
-        try:
-            sock.close()
-        except OSError:
-            pass
 
 
 def open_session(host: str, port: int, user: bytes, password: bytes, deadline: float) -> LabSession:

@@ -78,11 +78,10 @@ from labkit.deploy.plan import (
     plan_upload,
     sh_probe_command,
 )
-from labkit.nodeside import FAST_PYTHONS
 from labkit.nodeside.stage import MANIFEST, PYTHON_CHECK, STAT_INDEX
 
 __all__ = [
-    "CHECK_COLUMNS", "COLUMNS", "DEFAULT_BUNDLE", "DEFAULT_WORKDIR", "FAST_PYTHONS", "HASHES",
+    "CHECK_COLUMNS", "COLUMNS", "DEFAULT_BUNDLE", "DEFAULT_WORKDIR", "HASHES",
     "IGNORED_DIRS", "IGNORED_SUFFIXES", "MANIFEST", "PYTHON_CHECK", "RESERVED", "STAT_INDEX",
     "Bundle", "BundleFile", "Connect", "Deployer", "HashCache", "Plan", "Transfer",
     "agent_command", "build_setting", "bundle_paths", "check_state", "collect_bundle",

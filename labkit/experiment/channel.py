@@ -4,19 +4,22 @@ through the controller to dst, over the same relay path a migration streams thro
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from labkit.config import Settings
 from labkit.errors import LabkitError
 from labkit.experiment.relay import RELAY_CHUNK
 from labkit.inventory import Inventory
 
+if TYPE_CHECKING:
+    from labkit.ssh import ShellPool
+
 
 def measure_channel_rate(inventory: Inventory, settings: Settings, src: str, dst: str,
-                         nbytes: int, pool: Any = None) -> float:  # RemoteShell: pool
-
+                         nbytes: int, pool: ShellPool | None = None) -> float:
     """Bytes/s of ``head -c N /dev/zero`` on src piped through the controller into
-    ``cat > /dev/null`` on dst, in the relay's chunk size, timed until dst has it all."""
+    ``cat > /dev/null`` on dst, in the relay's chunk size, timed until dst has it all.
+    ``pool``: the caller's shells (kept open); None opens a pool for this measurement only."""
     from labkit.ssh import ConnectionPool
 
     own = pool is None

@@ -7,13 +7,16 @@ this, before anything starts."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labkit.config import Settings
 from labkit.errors import LabkitError
 from labkit.experiment import results as res
 from labkit.fanout import fan_out
 from labkit.inventory import Node
+
+if TYPE_CHECKING:
+    from labkit.ssh import ShellPool
 
 
 def power_on(node: Node, settings: Settings) -> dict[str, Any]:
@@ -27,7 +30,7 @@ def power_on(node: Node, settings: Settings) -> dict[str, Any]:
 
 
 def prepare_nodes(nodes: list[Node], settings: Settings,
-                  pool: Any,  # RemoteShell: a ConnectionPool, .get(node) -> the node's shell
+                  pool: ShellPool,
                   *, deploy: bool = True, power: bool = True, events: res.Events | None = None,
                   sweep: bool = True) -> dict[str, Any]:
     """Every node through THE fan-out: power (if it has a BMC), leftover sweep

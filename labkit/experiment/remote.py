@@ -21,7 +21,7 @@ from labkit.inventory import Node
 if TYPE_CHECKING:
     import paramiko
 
-    from labkit.ssh import RemoteProcess
+    from labkit.ssh import RemoteProcess, RemoteShell
 
 
 class MigrationFailed(LabkitError):
@@ -47,8 +47,8 @@ class Remote:
     a queue (JSON lines) unless ``raw`` (then the caller reads the channel, e.g. a relay),
     stdin written by us, stderr kept for error messages."""
 
-    def __init__(self, client: Any,  # RemoteShell
-                 node: str, cmd: str, label: str, *, raw: bool = False,
+    def __init__(self, client: RemoteShell, node: str, cmd: str, label: str, *,
+                 raw: bool = False,
                  env: dict[str, str] | None = None):
         self.client = client
         self.node = node

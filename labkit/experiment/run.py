@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labkit.config import Settings
 from labkit.errors import LabkitError, UserError
@@ -29,6 +29,9 @@ from labkit.experiment.prepare import prepare_nodes, report_leftovers
 from labkit.experiment.remote import MigrationFailed, Remote, payload_command
 from labkit.experiment.results import Result
 from labkit.inventory import Inventory, Node
+
+if TYPE_CHECKING:
+    from labkit.ssh import ShellPool
 
 # slower than this (bytes/s, end to end: relay, apply, hash) a stream counts as stuck
 MIN_STREAM_RATE = 4 << 20
@@ -90,7 +93,7 @@ class MigrateRun:
 
     def __init__(self, inventory: Inventory, settings: Settings, config: MigrateConfig, *,
                  folder: Path | None = None, deploy: bool = True, power: bool = True,
-                 pool: Any = None,  # RemoteShell: a ConnectionPool; None opens one
+                 pool: ShellPool | None = None,  # None: the run opens (and closes) its own
                  prepared: dict[str, Any] | None = None):
         self.inv = inventory
         self.settings = settings
@@ -111,7 +114,7 @@ class MigrateRun:
             from labkit.ssh import ConnectionPool
 
             pool = ConnectionPool(settings)
-        self.pool = pool
+        self.pool: ShellPool = pool
         self.prepared = prepared
         self.remotes: list[Remote] = []
         self.pids: dict[str, set[int]] = {config.src: set(), config.dst: set()}
@@ -258,7 +261,7 @@ def _version() -> str:
 
 def run_migrate_test(inventory: Inventory, settings: Settings, config: MigrateConfig, *,
                      folder: Path | None = None, deploy: bool = True, power: bool = True,
-                     pool: Any = None,  # RemoteShell: a ConnectionPool; None opens one
+                     pool: ShellPool | None = None,  # None: the run opens (and closes) its own
                      prepared: dict[str, Any] | None = None) -> Result:
     """One verified pre-copy migration. Raises RunFailed (a MigrationFailed: the cause's
     message and exit code; ``.value['folder']`` is the results folder, written either way)."""

@@ -58,7 +58,7 @@ BOOTDEV_ALIASES = {"network": "pxe", "net": "pxe", "hd": "disk", "setup": "bios"
 
 
 class NodeHook(Protocol):
-    """What the BMC needs from the machine behind it (labkit.fake.node implements it)."""
+    """What the BMC needs from the machine behind it (FakeNode, fake/base.py, implements it)."""
 
     def start(self) -> None: ...
     def stop(self) -> None: ...

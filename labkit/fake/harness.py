@@ -6,12 +6,14 @@
 * ``SshNodeSet``: SSH-only nodes in this process, for tests of the SSH layer that need no BMC.
 
 Both talk to what they start only as the controller would (inventory, SSH, the control
-socket); ``free_port`` (``fake/ports.py``) is re-exported here for tests."""
+socket). ``start_with_pid`` starts a process under a chosen, just-freed pid: what tests of
+"never signal a reaped pid" need to make pid reuse happen on purpose."""
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from labkit.fake.openssh import OpenSshNode
     from labkit.fake.sshd import PythonSshNode
 
-__all__ = ["DEFAULTS", "FakeLabHandle", "SshNodeSet", "free_port", "start_fake_lab"]
+__all__ = ["DEFAULTS", "FakeLabHandle", "SshNodeSet", "start_fake_lab", "start_with_pid"]
 
 DEFAULTS: dict[str, Any] = {
     "count": 2,
@@ -136,6 +138,30 @@ def start_fake_lab(folder: Path, **options: Any) -> FakeLabHandle:
         for n in names:
             handle.control.wait(n, timeout=30, phase="up")
     return handle
+
+
+# --- pid reuse, on purpose --------------------------------------------------------------------
+
+NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+
+
+def start_with_pid(pid: int, argv: list[str], tries: int = 50,
+                   **popen: Any) -> subprocess.Popen | None:
+    """Start ``argv`` as process ``pid`` (which must be free: a reaped process's), by setting
+    the kernel's last-allocated pid just below it; None where that is not allowed (not root,
+    or no /proc/sys/kernel/ns_last_pid) or another process on the machine kept taking the pid.
+    A process that got another pid is ended and waited for before the next try."""
+    for _ in range(tries):
+        try:
+            NS_LAST_PID.write_text(str(pid - 1))
+        except OSError:
+            return None
+        p = subprocess.Popen(argv, **popen)
+        if p.pid == pid:
+            return p
+        p.kill()
+        p.wait()
+    return None
 
 
 # --- a bare SSH lab in this process (no BMCs) ------------------------------------------------

@@ -232,7 +232,10 @@ class LabServer:
     # --- run / stop -----------------------------------------------------------------------
     def run(self) -> None:
         pid_file = self.state_dir / PID_FILE
-        pid_file.write_text(f"{os.getpid()}\n")
+        # pid and start time: together they name this process for as long as the machine runs
+        # (a pid alone may be reused after a crash or a reboot; down() must not signal that)
+        me = os.getpid()
+        pid_file.write_text(f"{me} {_start_time(me) or ''}".strip() + "\n")
         log.info("fake lab up: %d BMC(s), %d SSH node(s), pid %d", len(self.bmcs),
                  len(self.nodes), os.getpid())
         try:
@@ -240,7 +243,7 @@ class LabServer:
         finally:
             self.close()
             try:
-                if pid_file.read_text().strip() == str(os.getpid()):
+                if pid_file.read_text().split()[:1] == [str(os.getpid())]:
                     pid_file.unlink()
             except OSError:
                 pass
@@ -284,18 +287,60 @@ def serve(inventory_path: str | os.PathLike) -> int:
 
 # --- managing the background process ---------------------------------------------------------
 
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) from /proc/PID/stat, or None when there is
+    no such process. The command name may hold spaces and parentheses: split after the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    st = _proc_stat(pid)
+    return st[1] if st is not None else None
+
+
+def _is_lab_process(pid: int) -> bool:
+    """Is ``pid`` running ``... labkit.fake.lab serve ...`` (what ``up`` starts)?"""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(a == b"labkit.fake.lab" and argv[i + 1:i + 2] == [b"serve"]
+               for i, a in enumerate(argv))
+
+
+def _lab(state_dir: Path) -> tuple[int, int] | None:
+    """(pid, start time) of the lab that lab.pid names, or None when the file is missing or
+    garbage or names a process that is not that lab: a stale file (the lab crashed, or the
+    machine rebooted) whose pid now belongs to something else, which must never be signalled.
+    The start time recorded beside the pid must match; a file without one (older labkit) is
+    believed only if the process runs ``labkit.fake.lab serve``, as the lab always does."""
+    try:
+        fields = (state_dir / PID_FILE).read_text().split()
+        pid = int(fields[0])
+        recorded = int(fields[1]) if len(fields) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None
+    st = _proc_stat(pid)
+    if st is None or st[0] in "ZX" or recorded not in (None, st[1]):
+        return None
+    if not _is_lab_process(pid):
+        return None
+    return pid, st[1]
+
+
 def _pid(state_dir: Path) -> int | None:
-    try:
-        pid = int((state_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return pid
+    """The running lab's pid, or None (see ``_lab``)."""
+    lab = _lab(state_dir)
+    return lab[0] if lab is not None else None
 
 
 def _log_tail(state_dir: Path, lines: int = 5) -> str:
@@ -341,38 +386,51 @@ def up(inventory_path: str | os.PathLike, timeout: float = START_TIMEOUT) -> dic
 def down(inventory_path: str | os.PathLike | None = None, *, state_dir: Path | None = None,
          timeout: float = STOP_TIMEOUT) -> bool:
     """Stop the lab; True if one was running. Polite first (control op), then SIGTERM, then
-    SIGKILL of the whole process group (nodes' children included)."""
+    SIGKILL of the whole process group (nodes' children included). Every signal goes only to
+    the process lab.pid named, checked by its start time just before: a stale lab.pid is
+    removed and reported as "not running", and nothing is signalled."""
     if state_dir is None:
         state_dir = state_dir_of(inv.load(inventory_path, check_secrets=False))
-    pid = _pid(state_dir)
-    if pid is None:
+    lab = _lab(state_dir)
+    if lab is None:
         (state_dir / PID_FILE).unlink(missing_ok=True)
         return False
     try:
         LabControl(state_dir, timeout=3).shutdown()
     except LabkitError:
-        _signal(pid, signal.SIGTERM)
-    if not _wait_gone(pid, timeout):
-        _signal(pid, signal.SIGTERM)
-        if not _wait_gone(pid, 2.0):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                _signal(pid, signal.SIGKILL)
-            _wait_gone(pid, 2.0)
+        _signal(lab, signal.SIGTERM)
+    if not _wait_gone(lab, timeout):
+        _signal(lab, signal.SIGTERM)
+        if not _wait_gone(lab, 2.0):
+            _signal(lab, signal.SIGKILL, group=True)
+            _wait_gone(lab, 2.0)
     (state_dir / PID_FILE).unlink(missing_ok=True)
     (state_dir / SOCKET_NAME).unlink(missing_ok=True)
     return True
 
 
-def _signal(pid: int, sig: int) -> None:
+def _signal(lab: tuple[int, int], sig: int, group: bool = False) -> None:
+    """Signal the lab (and with ``group`` its process group, which it leads) if it is still
+    the process of that start time: once it has exited its pid may name another process."""
+    pid, start = lab
+    if _start_time(pid) != start:
+        return
+    if group:
+        try:
+            os.killpg(pid, sig)
+            return
+        except OSError:
+            pass  # not a group leader (run in the foreground): the lab alone
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def _wait_gone(lab: tuple[int, int], timeout: float) -> bool:
+    """Wait until the lab has exited (a zombie counts: it runs no more). Our own child (tests)
+    is reaped here."""
+    pid, start = lab
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -381,9 +439,8 @@ def _wait_gone(pid: int, timeout: float) -> bool:
                 return True
         except ChildProcessError:
             pass
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        st = _proc_stat(pid)
+        if st is None or st[1] != start or st[0] in "ZX":
             return True
         time.sleep(0.02)
     return False

@@ -34,6 +34,19 @@ def sshd_path() -> str | None:
     return SSHD if os.access(SSHD, os.X_OK) else shutil.which("sshd")
 
 
+def _report(out: bytes | None) -> list[int] | None:
+    """The pids a watchdog's report says it killed, or None when the report is not the one JSON
+    object it writes (cut off mid-line, or garbage)."""
+    try:
+        report = json.loads(out or b"{}")
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None
+    killed = report.get("killed", []) if isinstance(report, dict) else None
+    if not isinstance(killed, list) or not all(isinstance(p, int) for p in killed):
+        return None
+    return killed
+
+
 class OpenSshNode(FakeNode):
     """A fake node served by a real OpenSSH ``sshd -D`` (one per node, own config in the state
     folder beside the host key). A ForceCommand wrapper puts every session — commands, shells and
@@ -150,14 +163,22 @@ class OpenSshNode(FakeNode):
         if proc is not None:
             try:
                 out, _ = proc.communicate(timeout=STOP_TIMEOUT)  # closes the lifeline
-                killed = json.loads(out or b"{}").get("killed", [])
-                clean = proc.returncode == 0
-            except (subprocess.TimeoutExpired, ValueError):
+            except subprocess.TimeoutExpired:
+                # still our unreaped child, so its pid is still its own: power off from here
                 self.log.warning("node %s: sshd watchdog did not report; powering off here",
                                  self.name)
                 killed, _ = sshd_watchdog.power_off(proc.pid, self.marker,
                                                     interval=SWEEP_INTERVAL)
                 proc.communicate()
+            else:
+                # reaped: its pid may already name a stranger, so nothing is signalled by it;
+                # a report we cannot read leaves clean False, and the marker sweep below runs
+                report = _report(out)
+                if report is None:
+                    self.log.warning("node %s: sshd watchdog's report is unreadable: %r",
+                                     self.name, out[-200:])
+                else:
+                    killed, clean = report, proc.returncode == 0
         survivors: list[int] = []
         if not clean:  # no watchdog, or one that left something: sweep from here
             more, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)

@@ -70,7 +70,7 @@ class PythonSshNode(FakeNode):
         super().__init__(name, root, host, port, host_key, authorized_keys, log)
         self._listener: socket.socket | None = None
         self._transports: set[paramiko.Transport] = set()
-        self._procs: set[subprocess.Popen] = set()
+        self._procs: set[_Proc] = set()
         self._host_key: paramiko.Ed25519Key | None = None
         self._closed = False
 
@@ -116,8 +116,12 @@ class PythonSshNode(FakeNode):
             sock.close()
         for t in transports:
             t.close()
-        killed, survivors = killmarked.kill([self.marker], extra=[p.pid for p in procs],
-                                            interval=SWEEP_INTERVAL)
+        # Each session's group, through its _Proc (signalled only while unreaped: a pid taken
+        # from the snapshot may have been reaped by its session since, and reused); then
+        # everything carrying the marker, wherever it went.
+        for p in procs:
+            p.kill_group()
+        killed, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
         if sock is not None or killed:
             self.log.info("node %s: ssh stopped, %d process(es) killed", self.name, len(killed))
         if survivors:
@@ -185,19 +189,54 @@ class PythonSshNode(FakeNode):
         with self._lock:
             self._transports.discard(t)
 
-    def _spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> _Proc:
         with self._lock:
             if self._listener is None:
                 raise OSError(errno.ECONNABORTED, "node is powering off")
-            p = subprocess.Popen(argv, cwd=self.root, env=env, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                 start_new_session=True, close_fds=True)
+            p = _Proc(argv, cwd=self.root, env=env, stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                      start_new_session=True, close_fds=True)
             self._procs.add(p)
         return p
 
-    def _forget(self, p: subprocess.Popen) -> None:
+    def _forget(self, p: _Proc) -> None:
         with self._lock:
             self._procs.discard(p)
+
+
+class _Proc(subprocess.Popen):
+    """A session's process, leader of its own session and process group, that is signalled
+    only while it is not yet reaped: until then its pid, and the group id it shares, cannot
+    name anyone else. Reaping and signalling take one lock, so neither can slip between the
+    other's check and act. (Popen's own lock is held through a blocking wait(), so a kill that
+    took it would wait for the very exit it is meant to cause.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._reap_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process's group, unless it has been reaped."""
+        with self._reap_lock:
+            if self.returncode is None:
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def running(self) -> bool:
+        with self._reap_lock:
+            return self.poll() is None
+
+    def reap(self) -> int:
+        """Wait for the exit without reaping (a zombie still owns its pid, so ``kill_group``
+        stays safe meanwhile), then reap under the lock; the exit code."""
+        try:
+            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:  # already reaped
+            pass
+        with self._reap_lock:
+            return self.wait()
 
 
 def _forward(ch: paramiko.Channel, dest: tuple[str, int]) -> None:
@@ -341,7 +380,7 @@ class _Session:
     """Pumps one process's stdin/stdout/stderr over its channel; a closed channel kills the
     process group (what a dropped connection or a Ctrl-C on the controller means)."""
 
-    def __init__(self, node: PythonSshNode, channel: paramiko.Channel, proc: subprocess.Popen):
+    def __init__(self, node: PythonSshNode, channel: paramiko.Channel, proc: _Proc):
         self.node = node
         self.ch = channel
         self.p = proc
@@ -353,10 +392,7 @@ class _Session:
         threading.Thread(target=self._main, daemon=True).start()
 
     def _kill(self) -> None:
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.p.kill_group()
 
     def _stdin(self) -> None:
         stdin = self.p.stdin
@@ -374,7 +410,7 @@ class _Session:
             pass
         # Client EOF is normal; a closed channel or dead connection while the process still
         # runs means the controller went away: nothing may survive it.
-        while self.p.poll() is None:
+        while self.p.running():
             transport = self.ch.get_transport()
             if self.ch.closed or transport is None or not transport.is_active():
                 self._kill()
@@ -404,7 +440,7 @@ class _Session:
     def _main(self) -> None:
         self._pump(self.p.stdout, False)
         self._err.join()
-        rc = self.p.wait()
+        rc = self.p.reap()
         self.node._forget(self.p)
         if rc < 0:
             rc = 128 - rc  # killed by a signal: shell convention

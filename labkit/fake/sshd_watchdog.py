@@ -75,11 +75,16 @@ def power_off(root: int, marker: bytes, budget: float = 2.0,
     """Kill ``root`` (sshd, or a watchdog that did not answer), its whole tree and everything
     carrying ``marker``. The tree is frozen first, top down, so sshd cannot fork a connection
     while it is being swept; frozen processes die by SIGKILL all the same.
+
+    ``root`` must be the caller's own child, not yet reaped (running or a zombie): only then is
+    its pid certain to still be that process and not a stranger that reused it. Once it has
+    been waited for, sweep by ``marker`` alone (``killmarked.kill``).
     Returns (killed, survivors) as ``killmarked.kill`` does."""
     _stop([root])
     _stop(descendants(root))
     tree = [root, *descendants(root)]  # what forked before its parent froze
-    return _killmarked().kill([marker], extra=tree, budget=budget, interval=interval)
+    # unchecked: sshd and its connections carry no marker, and this tree was just seen, frozen
+    return _killmarked().kill([marker], unchecked=tree, budget=budget, interval=interval)
 
 
 def spawn(command: list[str]) -> int:
@@ -99,19 +104,20 @@ def exited(pid: int) -> bool:
         return True
 
 
-class _Signalled(Exception):
-    pass
+def _ignore(signum: int, frame: object) -> None:
+    """A Python-level handler that does nothing: the C-level one has already written the signal
+    to the wakeup fd, which ``watch`` polls. Raising from here instead would let the exception
+    land anywhere, e.g. right after ``exited`` reaped sshd but before it returned: sshd would
+    then be taken for alive and its reaped — reusable — pid signalled."""
 
 
-def _raise(signum: int, frame: object) -> None:
-    raise _Signalled(signum)
-
-
-def watch(sshd: int) -> bool:
-    """Block until the lab closes our stdin (or dies), sshd exits, or a signal asks us to end.
-    Returns whether sshd has exited (and was reaped)."""
+def watch(sshd: int, wakeup: int) -> bool:
+    """Block until the lab closes our stdin (or dies), sshd exits, or a signal (written to
+    ``wakeup`` by ``signal.set_wakeup_fd``) asks us to end. Returns whether sshd has exited
+    and was reaped; False means it is still our unreaped child."""
     poller = select.poll()
     poller.register(0, select.POLLIN)  # POLLHUP/POLLERR are always reported
+    poller.register(wakeup, select.POLLIN)
     try:
         pidfd = os.pidfd_open(sshd)
         poller.register(pidfd, select.POLLIN)
@@ -120,7 +126,7 @@ def watch(sshd: int) -> bool:
     try:
         while not exited(sshd):
             for fd, _events in poller.poll(None if pidfd is not None else 1000):
-                if fd == 0 and not os.read(0, 4096):
+                if fd == wakeup or (fd == 0 and not os.read(0, 4096)):
                     return False
         return True
     finally:
@@ -149,24 +155,31 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         sys.stderr.write(f"sshd_watchdog: {e}\n{__doc__.split(chr(10) * 2)[2]}\n")
         return 2
+    # Signals are handled synchronously: they only wake ``watch`` through a pipe, so sshd's
+    # state (reaped or not) is always what ``gone`` says, whenever a signal arrives.
+    rfd, wfd = os.pipe()  # close-on-exec: sshd does not inherit it
+    os.set_blocking(wfd, False)
+    signal.set_wakeup_fd(wfd)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _raise)
+        signal.signal(sig, _ignore)
     sshd: int | None = None
     gone = False
     try:
         sshd = spawn(command)
+    except OSError as e:
+        sys.stderr.write(f"sshd_watchdog: cannot start {command[0]}: {e}\n")
+    if sshd is not None:
         _killmarked()  # while sshd starts, not at power-off
-        gone = watch(sshd)
-    except _Signalled:  # being asked to end is being asked to power off
-        pass
+        gone = watch(sshd, rfd)  # being asked to end is being asked to power off
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the sweep short
-    if sshd is None:
-        killed, survivors = _killmarked().kill([marker], budget=budget, interval=interval)
-    elif not gone:
+    if sshd is not None and not gone:  # still our unreaped child: its pid is its own
         killed, survivors = power_off(sshd, marker, budget, interval)
-        os.waitpid(sshd, 0)
-    else:  # sshd died by itself: its sessions may live on
+        try:
+            os.waitpid(sshd, 0)
+        except ChildProcessError:  # reaped after all (nothing else here waits for it)
+            pass
+    else:  # never started, or died by itself: its sessions may live on
         killed, survivors = _killmarked().kill([marker], budget=budget, interval=interval)
     try:
         sys.stdout.write(f'{{"killed": {killed}, "survivors": {survivors}}}\n')

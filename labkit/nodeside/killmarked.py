@@ -16,8 +16,13 @@ fake lab on the controller's own /proc. Stdlib only; python3 >= 3.6.
                           [--within LABKIT_NODE_ROOT=/x] [--groups all|safe|none]
                           [--grace 1.0] [--budget 2.0]
 
+A marker is one exact ``NAME=value`` entry with a non-empty value; there is no prefix form, so
+no marker can match every run of every controller. With markers, a ``--pid`` is ended only if it
+still carries one of them (and ``--within``): a recorded pid may have died and been reused by
+someone else's process since. With no marker the pids are ended as given, never their groups.
+
 prints one JSON line ``{"killed": [pids], "survivors": [pids]}``; exit 0 when nothing marked
-is left, 1 when something survived the budget.
+is left, 1 when something survived the budget; 2 on bad usage (nothing killed).
 """
 
 import os
@@ -50,7 +55,8 @@ def stat(pid):
 
 
 def pids():
-    """Every pid in /proc except our own (and our parent's shell, which ran us)."""
+    """Every pid in /proc except our own: we carry no marker when shipped (kill_command is not
+    wrapped), but imported by a marked process we must not signal ourselves."""
     me = os.getpid()
     out = []
     for name in os.listdir("/proc"):
@@ -63,26 +69,36 @@ def _as_bytes(s):
     return s if isinstance(s, bytes) else s.encode()
 
 
+def valid(marker):
+    """Is ``marker`` (bytes) one exact ``NAME=value`` entry, both parts non-empty? ``NAME=``
+    alone is refused: as a prefix it would mean every labkit process of every controller, and as
+    an exact entry nothing labkit ever sets."""
+    name, eq, val = marker.partition(b"=")
+    return bool(name and eq and val and b"\0" not in marker)
+
+
+def checked(marker):
+    """``marker`` as bytes, or ValueError if it is not a valid ``NAME=value``."""
+    m = _as_bytes(marker)
+    if not valid(m):
+        raise ValueError(f"marker {m!r} is not NAME=value with a non-empty value")
+    return m
+
+
 def carries(env, markers, within=None):
     """Does an environment (list of entries) carry any of ``markers`` (exact ``NAME=value``
-    entries, or ``NAME=`` prefixes when a marker ends with '=') — and ``within`` if given?"""
+    entries) — and ``within`` if given?"""
     if env is None:
         return False
     if within is not None and within not in env:
         return False
-    for m in markers:
-        if m.endswith(b"="):
-            if any(e.startswith(m) for e in env):
-                return True
-        elif m in env:
-            return True
-    return False
+    return any(m in env for m in markers)
 
 
 def marked(markers, within=None):
     """Live (not zombie) pids whose environment carries one of ``markers``."""
-    markers = [_as_bytes(m) for m in markers]
-    within = _as_bytes(within) if within is not None else None
+    markers = [checked(m) for m in markers]
+    within = checked(within) if within is not None else None
     out = []
     for pid in pids():
         # environment first: most processes are not ours, and one read rules them out (a
@@ -99,29 +115,31 @@ def alive(pid):
     return st is not None and st[0] not in "ZX"
 
 
-def _groups(victims, mode):
-    """Process groups to signal as a whole. "all": the group led by each victim (catches members
-    that cleared their environment); "safe": a victim's group only if every live member is a
-    victim (nothing unmarked is ever signalled); "none": no groups."""
-    if mode == "none":
+def _groups(victims, leaders, mode):
+    """Process groups to signal as a whole, found from ``leaders`` (the marked victims only: a
+    pid we were merely given may be someone else's by now, and so may its group). "all": the
+    group led by each (catches members that cleared their environment); "safe": a leader's
+    group only if every live member is a victim (nothing unmarked is ever signalled); "none":
+    no groups."""
+    if mode == "none" or not leaders:
         return set()
     if mode == "all":
-        return set(victims)
+        return set(leaders)
     members = {}
     for pid in pids():
         st = stat(pid)
         if st is not None and st[0] not in "ZX":
             members.setdefault(st[2], set()).add(pid)
     groups = set()
-    for pid in victims:
+    for pid in leaders:
         st = stat(pid)
         if st is not None and members.get(st[2], set()) <= set(victims):
             groups.add(st[2])
     return groups
 
 
-def _signal(victims, sig, mode):
-    for g in _groups(victims, mode):
+def _signal(victims, leaders, sig, mode):
+    for g in _groups(victims, leaders, mode):
         try:
             os.killpg(g, sig)
         except OSError:
@@ -133,38 +151,56 @@ def _signal(victims, sig, mode):
             pass
 
 
-def kill(markers, extra=(), within=None, groups="all", grace=0.0, budget=2.0, interval=0.02):
-    """End ``extra`` pids and every process carrying one of ``markers``.
+def kill(markers, extra=(), within=None, groups="all", grace=0.0, budget=2.0, interval=0.02,
+         unchecked=()):
+    """End every process carrying one of ``markers`` (exact ``NAME=value`` entries; ValueError
+    for a malformed or empty one), and ``extra`` pids.
+
+    ``extra`` pids are recorded ones (a workload's pid, a child already reaped) and may belong
+    to someone else by now: with markers, one is ended only if it still carries a marker (and
+    ``within``), which the marker scan finds anyway; with no markers, it is ended as given (if
+    it carries ``within``, when given) but its group never is. ``unchecked`` pids are ended
+    whether marked or not, never their groups: only for pids the caller has just seen alive
+    and holds still (a frozen process tree it enumerated), never for recorded ones.
 
     ``grace`` > 0 sends SIGTERM (and SIGCONT, so a stopped process receives it) first and waits
     up to ``grace`` seconds; then SIGKILL, scanning again until nothing marked is left or
     ``budget`` seconds have passed. Returns (killed, survivors): sorted pid lists."""
     if groups not in GROUP_MODES:
         raise ValueError(f"groups must be one of {', '.join(GROUP_MODES)}")
-    extra = [int(p) for p in extra]
+    markers = [checked(m) for m in markers]
+    within = checked(within) if within is not None else None
+    extra = [] if markers else [int(p) for p in extra]
+    unchecked = [int(p) for p in unchecked]
     killed = set()
 
-    def victims():
-        return sorted(set(marked(markers, within)) | set(p for p in extra if alive(p)))
+    def given(pid):
+        return alive(pid) and (within is None or within in (environ(pid) or ()))
 
-    now = victims()
+    def scan():
+        """(victims, leaders): everything to signal, and the marked ones whose groups may be."""
+        leaders = set(marked(markers, within)) if markers else set()
+        rest = {p for p in extra if given(p)} | {p for p in unchecked if alive(p)}
+        return sorted(leaders | rest), leaders
+
+    now, leaders = scan()
     if grace > 0 and now:
-        _signal(now, signal.SIGTERM, groups)
-        _signal(now, signal.SIGCONT, groups)
+        _signal(now, leaders, signal.SIGTERM, groups)
+        _signal(now, leaders, signal.SIGCONT, groups)
         killed.update(now)
         end = time.monotonic() + grace
         while now and time.monotonic() < end:
             time.sleep(interval)
-            now = victims()
+            now, leaders = scan()
     end = time.monotonic() + budget
     while now:
-        _signal(now, signal.SIGKILL, groups)
+        _signal(now, leaders, signal.SIGKILL, groups)
         killed.update(now)
         if time.monotonic() > end:
             break
         time.sleep(interval)
-        now = victims()
-    return sorted(killed), victims()
+        now, leaders = scan()
+    return sorted(killed), scan()[0]
 
 
 class Usage(Exception):
@@ -219,8 +255,8 @@ def main(argv, out=None):
         if pos:
             raise Usage(f"unexpected argument {pos[0]!r}")
         for m in o["marker"] + ([o["within"]] if "within" in o else []):
-            if "=" not in m:
-                raise Usage(f"marker {m!r} is not NAME=value")
+            if not valid(m.encode()):
+                raise Usage(f"marker {m!r} is not NAME=value with a non-empty value")
         if not o["marker"] and not o["pid"]:
             raise Usage("nothing to kill: give --marker or --pid")
         groups = o.get("groups", "all")

@@ -11,7 +11,8 @@ A line protocol over stdin/stdout, one JSON object per line:
    ``WORKDIR/SCRATCH/<tag>/`` (KINDS, comma-separated: ``processes``, ``files``);
 2. reads the verdict ``{"dead": [tags], "dirs": [folder names], "grace": seconds}`` — only the
    controller can tell which controllers are dead (they ran on its host); EOF instead means the
-   controller went away, and nothing is changed;
+   controller went away, and nothing is changed; an empty or malformed tag is ignored (as a
+   marker, ``CTL_VAR=`` would mean every controller's processes);
 3. ends the processes of the dead tags with ``killmarked`` (SIGTERM + SIGCONT, the grace, then
    SIGKILL until none is left; a process group only when every member carries a dead tag, so
    nothing without our marker is ever signalled), removes the dead controllers' folders, and
@@ -77,9 +78,18 @@ def folders(scratch):
         return []
 
 
+def tags(dead):
+    """The usable tags of a verdict's "dead" list. An empty one would make the marker
+    ``CTL_VAR=``, and anything but a non-empty string (no NUL) is no tag we ever listed: both
+    are dropped, never widened into "every controller's processes"."""
+    if not isinstance(dead, list):
+        return []
+    return sorted({t for t in dead if isinstance(t, str) and t and "\0" not in t})
+
+
 def settle(verdict, scratch, ctl_var, within=None):
     """Act on the controller's verdict; the report line's object."""
-    dead = sorted(set(verdict.get("dead", [])))
+    dead = tags(verdict.get("dead", []))
     killed, survivors = [], []
     if dead:
         killed, survivors = killmarked.kill(

@@ -1,8 +1,9 @@
 """The controller's SSH layer: how labkit reaches a node, runs commands there, moves files and
 streams, and ends what it started.
 
-    shell.py     THE contract the rest of labkit uses: ``RemoteShell`` (a Protocol) and
-                 ``RunResult``, the one result type of a remote command
+    shell.py     THE contract the rest of labkit uses: ``RemoteShell`` (a Protocol),
+                 ``RunResult`` (the one result type of a remote command) and ``ShellPool`` (a
+                 Protocol: one shell per node within a run)
     errors.py    SshError and kin, CommandFailed
     target.py    ``resolve``: the inventory's ssh: block merged over ~/.ssh/config -> ``Target``
     hostkeys.py  known_hosts checks: unknown refused (unless TOFU), changed always refused
@@ -24,7 +25,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
-    "RemoteShell": "shell", "RunResult": "shell",
+    "RemoteShell": "shell", "RunResult": "shell", "ShellPool": "shell",
     "SshError": "errors", "SshUnreachable": "errors", "HostKeyError": "errors",
     "SshAuthError": "errors", "CommandFailed": "errors",
     "Target": "target", "resolve": "target", "ssh_config_path": "target",
@@ -44,7 +45,7 @@ _WHERE = {
 __all__ = [
     "ACK_EVERY", "CHUNK", "CTL_VAR", "CommandFailed", "ConnectionPool", "DEFAULT_IDENTITIES",
     "FAST_CIPHERS", "HostKeyError", "IN_FLIGHT", "MAX_PACKET", "RUN_VAR", "RemoteProcess",
-    "RemoteShell", "RunResult", "SFTP_CHUNK", "SshAuthError", "SshClient", "SshError",
+    "RemoteShell", "RunResult", "SFTP_CHUNK", "ShellPool", "SshAuthError", "SshClient", "SshError",
     "SshUnreachable", "Target", "WINDOW", "check_host_key", "controller_tag", "exec_streaming",
     "fingerprint", "proc_start_time", "resolve", "ssh_config_path", "wait_ssh",
 ]
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from labkit.ssh.pool import ConnectionPool
     from labkit.ssh.process import CTL_VAR, RUN_VAR, RemoteProcess, controller_tag, proc_start_time
     from labkit.ssh.run import CHUNK
-    from labkit.ssh.shell import RemoteShell, RunResult
+    from labkit.ssh.shell import RemoteShell, RunResult, ShellPool
     from labkit.ssh.stream import ACK_EVERY, IN_FLIGHT, exec_streaming
     from labkit.ssh.target import DEFAULT_IDENTITIES, Target, resolve, ssh_config_path
     from labkit.ssh.transfer import SFTP_CHUNK

@@ -10,6 +10,7 @@ byte on anything with AES-NI.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -193,23 +194,37 @@ class SshClient:
 
     def _kill_run(self, run_id: str) -> None:
         """End every process of one run (by its LABKIT_RUN id), and their process groups, over
-        a fresh channel on the same connection."""
+        a fresh channel on the same connection. A kill that fails is logged (a warning naming
+        node, run and survivors, or why the program could not run: it needs the node's python3
+        >= 3.6), never silent: what it leaves behind holds the node's memory and CPU."""
+        out, err = bytearray(), bytearray()
+        status: int | None = None
         try:
             ch = self._open_channel()
             try:
                 ch.exec_command(kill_command(run_id))
                 ch.shutdown_write()
                 end = time.monotonic() + self.settings.ssh_timeout
-                while not ch.exit_status_ready() and time.monotonic() < end:
-                    select.select([ch], [], [], 0.1)
+                while True:
+                    done = ch.exit_status_ready()  # read first: the output comes before it
                     while ch.recv_ready():
-                        ch.recv(CHUNK)
+                        out += ch.recv(CHUNK)
                     while ch.recv_stderr_ready():
-                        ch.recv_stderr(CHUNK)
+                        err += ch.recv_stderr(CHUNK)
+                    del out[:-KILL_OUTPUT_MAX], err[:-KILL_OUTPUT_MAX]
+                    if done or time.monotonic() >= end:
+                        break
+                    select.select([ch], [], [], 0.1)
+                if done:
+                    status = ch.recv_exit_status()
             finally:
                 ch.close()
         except (SshError, OSError, EOFError, paramiko.SSHException) as e:
             log.warning("%s: could not kill run %s: %s", self.node, run_id, exc_text(e))
+            return
+        problem = kill_problem(status, bytes(out), bytes(err))
+        if problem:
+            log.warning("%s: could not kill run %s: %s", self.node, run_id, problem)
 
     # -- files (labkit.ssh.transfer) --
 
@@ -234,6 +249,32 @@ class SshClient:
 
     def get_file(self, remote: str, local: str | os.PathLike) -> None:
         Path(local).write_bytes(self.get_bytes(remote))
+
+
+KILL_OUTPUT_MAX = 64 * 1024  # of the kill's stdout/stderr kept: one JSON line, an error tail
+
+
+def kill_problem(status: int | None, stdout: bytes, stderr: bytes) -> str | None:
+    """What went wrong with a run's kill (``kill_command``), from its exit status (None: no
+    answer in time) and output; None when it ended everything. The program prints
+    ``{"killed": [...], "survivors": [...]}`` and exits 0, or 1 with survivors; anything else
+    means it did not run (no python3 on the node, too old a one), said on its stderr."""
+    if status is None:
+        return "the kill did not answer in time"
+    survivors: list[int] | None = None
+    for line in reversed(stdout.decode(errors="replace").splitlines()):
+        try:
+            report = json.loads(line)
+            survivors = [int(p) for p in report["survivors"]]
+            break
+        except (ValueError, TypeError, KeyError):
+            continue
+    if survivors:
+        return f"processes {', '.join(map(str, survivors))} survived (exit {status})"
+    if status == 0 and survivors is not None:
+        return None
+    tail = stderr.decode(errors="replace").strip()[-300:] or "no output"
+    return f"the kill exited {status}: {tail}"
 
 
 def _authenticate(t: paramiko.Transport, target: Target, where: str) -> None:

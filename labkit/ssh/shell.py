@@ -1,5 +1,5 @@
 """The remote shell as the rest of labkit sees it: run a command, start one to stream through,
-and the one result type of a finished command.
+the one result type of a finished command, and a pool of shells to many nodes.
 
 Deploy, the janitor, sync and the experiment take a ``RemoteShell``, not an ``SshClient``: what
 they need is these few calls, and a test or another transport (a VM's serial agent, a local
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import threading
 
     from labkit.config import Settings
+    from labkit.inventory import Node
     from labkit.ssh.process import RemoteProcess
 
 
@@ -71,4 +72,25 @@ class RemoteShell(Protocol):
 
     def open_exec(self, cmd: str, *, env: dict[str, str] | None = None) -> RemoteProcess:
         """Start ``cmd`` and hand back its process, to stream through its channel."""
+        ...
+
+
+class ShellPool(Protocol):
+    """Shells to many nodes within one run: one per node, shared by a fan-out's threads.
+
+    What a run, a preparation or a channel test takes when its caller wants connections reused
+    across calls (a ``--matrix`` reuses one pool for every cell). ``ConnectionPool`` implements
+    it over SSH."""
+
+    def get(self, node: Node) -> RemoteShell:
+        """The node's shell, connecting (or reconnecting a dead one) as needed."""
+        ...
+
+    def drop(self, node: Node | str) -> None:
+        """Forget and close the node's shell, e.g. after it was powered off; the next
+        ``get`` connects anew."""
+        ...
+
+    def close_all(self) -> None:
+        """Close every shell the pool holds (the pool's owner calls this when done)."""
         ...

@@ -162,10 +162,9 @@ def labtask(*args: Any, changes: bool | None = None, **kwargs: Any):
                 raise Exit(code=130) from None
             except BrokenPipeError:
                 # output piped into `head` and friends: stop quietly, like any Unix tool
-                import os
+                from labkit.cli import silence_stdout
 
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
+                silence_stdout()
                 raise Exit(code=141) from None
             finally:
                 _DECLARED.reset(token)

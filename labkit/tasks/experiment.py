@@ -4,13 +4,16 @@ process on a node). Parsing and printing only: the work is in labkit.experiment.
 from __future__ import annotations
 
 import json as jsonlib
-import shlex
+from typing import TYPE_CHECKING, Any
 
 from invoke import Context
 from invoke.exceptions import Exit
 
 from labkit.errors import UserError
 from labkit.tasks.common import lab, labtask
+
+if TYPE_CHECKING:
+    from labkit.inventory import Node
 
 MIGRATE_HELP = {
     "src": "node the workload starts on",
@@ -89,8 +92,9 @@ def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = Non
 
     The tracker attaches to the process (ptrace, userfaultfd or soft-dirty bits): that changes
     someone's running process, so a node leased by someone else is refused unless --force."""
+    from labkit.experiment import dirty
     from labkit.experiment.config import TRACKERS
-    from labkit.experiment.migrate import payload_dir
+    from labkit.ssh import SshClient
     from labkit.tasks.common import finish
 
     if pid <= 0:
@@ -106,28 +110,12 @@ def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = Non
     lab_ = lab(c, inventory)
     selected = lab_.select(nodes, change=True, force=force)
 
-    def act(node):
-        from labkit.errors import NodeError
-        from labkit.ssh import CommandFailed, SshClient
-
+    def act(node: Node) -> dict[str, Any]:
         with SshClient.connect(node, lab_.settings) as client:
-            cmd = (f"cd {shlex.quote(payload_dir(node))} && exec python3 tracker.py dirty-rate "
-                   f"--pid {int(pid)} --seconds {secs} --backend {tracker}")
-            try:
-                r = client.check(cmd, timeout=secs + lab_.settings.command_timeout)
-            except CommandFailed as e:  # exit 3: the process exited; its last line says so
-                lines = (e.value.get("stdout") or "").strip().splitlines()
-                gone = jsonlib.loads(lines[-1]) if e.value.get("exit_code") == 3 and lines else {}
-                if gone.get("gone"):
-                    raise NodeError(gone["error"], value=gone) from None
-                raise
-        out = jsonlib.loads(r.stdout.decode().strip().splitlines()[-1])
-        return out
+            return dirty.dirty_rate(node, client, pid, secs, tracker)
 
     outcomes = lab_.fan_out(selected, act, label="dirty-rate")
-    finish(outcomes, as_json=json, columns=("backend", "seconds", "pages", "mib_per_s"))
-
-
+    finish(outcomes, as_json=json, columns=dirty.COLUMNS)
 
 
 TASKS = [migrate_test, dirty_rate]

@@ -1,9 +1,11 @@
 """Tasks: power-status, power-on/off/soft/reset/cycle, boot-device, console.
 
-Each task parses options, fans the library call (labkit.bmc.power, labkit.bringup for
-power -> console -> SSH, labkit.bmc.console) out over the selected nodes and prints the
-outcomes; the logic lives in the library. Library modules are imported in the task bodies:
-building the namespace (every ``labkit`` command) must not pay for pyghmi."""
+Each task parses options, runs the library call over the selected nodes and prints the
+outcomes; the logic lives in the library. The power verbs and boot-device go to every BMC at
+once through ``labkit.bmc.engine`` (one selector loop, one thread); only ``--wait=ssh`` (power
+-> console -> SSH, ``labkit.bringup``) fans ``PowerClient`` out over threads, since waiting for
+SSH is above the BMC layer. Library modules are imported in the task bodies: building the
+namespace (every ``labkit`` command) must not pay for pyghmi."""
 
 from __future__ import annotations
 
@@ -24,16 +26,28 @@ CYCLE_WAIT_HELP = ("wait until the BMC reports on again (--wait or --wait=power)
                    "also waits for SSH (labkit.ssh_wait)")
 
 
-def _run(lab_: Lab, nodes: str | None, label: str, action: Callable[[Any, Any], dict[str, Any]],
-         as_json: bool, columns: tuple[str, ...] = POWER_COLUMNS, *, change: bool,
-         force: bool = False) -> None:
-    """``change``: the action changes the nodes, so leased nodes are refused unless ``force``."""
-    selected = lab_.select(nodes, change=change, force=force)
+def _action(lab_: Lab, nodes: str | None, action: str, wait: bool, as_json: bool,
+            force: bool) -> None:
+    """A power action on every selected node at once (``labkit.bmc.engine``). The nodes are
+    changed, so leased ones are refused unless ``force``."""
+    selected = lab_.select(nodes, change=True, force=force)
+    from labkit.bmc import engine
+
+    finish(engine.power_action(selected, action, lab_.settings, wait=wait,
+                               label=f"power-{action}"),
+           as_json=as_json, columns=POWER_COLUMNS)
+
+
+def _bringup(lab_: Lab, nodes: str | None, label: str,
+             action: Callable[[Any, Any], dict[str, Any]], as_json: bool, force: bool) -> None:
+    """``--wait=ssh``: ``action(client, node)`` (labkit.bringup) per node on the thread
+    fan-out, the BMC part through one shared ``PowerClient``."""
+    selected = lab_.select(nodes, change=True, force=force)
     from labkit.bmc.power import PowerClient
 
     with PowerClient(lab_.settings) as client:
         outcomes = lab_.fan_out(selected, lambda n: action(client, n), label=label)
-    finish(outcomes, as_json=as_json, columns=columns)
+    finish(outcomes, as_json=as_json, columns=POWER_COLUMNS)
 
 
 def _positional(task: str, value: str) -> None:
@@ -61,33 +75,33 @@ def power_on(c: Context, inventory: str | None = None, nodes: str | None = None,
 
     mode = bringup.normalize_wait(wait)  # a bad value is a usage error before any BMC is touched
     lab_ = lab(c, inventory)
-    _run(lab_, nodes, "power-on",
-         lambda client, n: bringup.power_on(client, n, lab_.settings, wait=mode), json,
-         change=True, force=force)
+    if mode == "ssh":
+        _bringup(lab_, nodes, "power-on",
+                 lambda client, n: bringup.power_on(client, n, lab_.settings, wait=mode), json,
+                 force)
+    else:
+        _action(lab_, nodes, "on", mode == "power", json, force)
 
 
 @labtask(help={"wait": "wait until the BMC reports off"}, changes=True)
 def power_off(c: Context, inventory: str | None = None, nodes: str | None = None,
               wait: bool = False, json: bool = False, force: bool = False) -> None:
     """Hard power off (nothing is sent to a node that is already off)."""
-    _run(lab(c, inventory), nodes, "power-off", lambda client, n: client.off(n, wait=wait), json,
-         change=True, force=force)
+    _action(lab(c, inventory), nodes, "off", wait, json, force)
 
 
 @labtask(help={"wait": "wait until the BMC reports off"}, changes=True)
 def power_soft(c: Context, inventory: str | None = None, nodes: str | None = None,
                wait: bool = False, json: bool = False, force: bool = False) -> None:
     """Ask the OS to shut down (ACPI soft-off)."""
-    _run(lab(c, inventory), nodes, "power-soft", lambda client, n: client.soft(n, wait=wait),
-         json, change=True, force=force)
+    _action(lab(c, inventory), nodes, "soft", wait, json, force)
 
 
 @labtask(changes=True)
 def power_reset(c: Context, inventory: str | None = None, nodes: str | None = None,
                 json: bool = False, force: bool = False) -> None:
     """Hard reset."""
-    _run(lab(c, inventory), nodes, "power-reset", lambda client, n: client.reset(n), json,
-         change=True, force=force)
+    _action(lab(c, inventory), nodes, "reset", False, json, force)
 
 
 @labtask(optional=["wait"], help={"wait": CYCLE_WAIT_HELP}, changes=True)
@@ -98,9 +112,12 @@ def power_cycle(c: Context, inventory: str | None = None, nodes: str | None = No
 
     mode = bringup.normalize_wait(wait)
     lab_ = lab(c, inventory)
-    _run(lab_, nodes, "power-cycle",
-         lambda client, n: bringup.power_cycle(client, n, lab_.settings, wait=mode), json,
-         change=True, force=force)
+    if mode == "ssh":
+        _bringup(lab_, nodes, "power-cycle",
+                 lambda client, n: bringup.power_cycle(client, n, lab_.settings, wait=mode),
+                 json, force)
+    else:
+        _action(lab_, nodes, "cycle", mode == "power", json, force)
 
 
 @labtask(help={"device": "pxe | disk | bios | default",
@@ -109,14 +126,14 @@ def power_cycle(c: Context, inventory: str | None = None, nodes: str | None = No
 def boot_device(c: Context, device: str, inventory: str | None = None, nodes: str | None = None,
                 persistent: bool = False, json: bool = False, force: bool = False) -> None:
     """Set the boot device override: boot-device -n SEL pxe|disk|bios|default [--persistent]."""
-    from labkit.bmc.power import BOOT_DEVICES
+    from labkit.bmc import engine, ops
 
     _positional("boot-device", device)
-    if device not in BOOT_DEVICES:
-        raise UserError(f"boot device {device!r}: expected one of {', '.join(BOOT_DEVICES)}")
-    _run(lab(c, inventory), nodes, "boot-device",
-         lambda client, n: client.set_boot_device(n, device, persistent), json,
-         ("boot_device", "persistent"), change=True, force=force)
+    ops.check_boot_device(device)  # a usage error before the lease check or any BMC
+    lab_ = lab(c, inventory)
+    selected = lab_.select(nodes, change=True, force=force)
+    finish(engine.set_boot_device(selected, device, lab_.settings, persistent=persistent),
+           as_json=json, columns=("boot_device", "persistent"))
 
 
 @labtask(help={"node": "the node whose serial console to open",

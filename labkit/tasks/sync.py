@@ -44,8 +44,8 @@ def sync(ctx: Context, repo: str | None = None, dry_run: bool = False, json: boo
     tree = repo or lab_.settings.research_tree or None
     if nodes is not None:
         selected = lab_.select(nodes, change=not dry_run, force=force, check_secrets=False)
-        outcomes = syncmod.sync_nodes(lab_, selected, tree, mode=mode, dry_run=dry_run,
-                                      fetch=not no_fetch)
+        outcomes = syncmod.sync_nodes(lab_.settings, selected, tree, mode=mode,
+                                      dry_run=dry_run, fetch=not no_fetch)
         finish(outcomes, as_json=json, columns=("status", "before", "after", "pulled",
                                                 "stashed", "conflicts"))
         return
