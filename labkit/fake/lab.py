@@ -30,6 +30,7 @@ from labkit import inventory as inv
 from labkit.errors import LabkitError, UserError
 from labkit.fake.control import SOCKET_NAME, ControlServer, LabControl
 from labkit.fake.ports import free_port
+from labkit.nodeside import killmarked
 
 PID_FILE = "lab.pid"
 LOG_FILE = "lab.log"
@@ -288,18 +289,9 @@ def serve(inventory_path: str | os.PathLike) -> int:
 # --- managing the background process ---------------------------------------------------------
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) from /proc/PID/stat, or None when there is
-    no such process. The command name may hold spaces and parentheses: split after the last ')'."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc(5)
-    except (IndexError, ValueError):
-        return None
+    """(state, start time in clock ticks since boot), or None when there is no such process."""
+    st = killmarked.stat(pid)
+    return (st[0], st[3]) if st is not None else None
 
 
 def _start_time(pid: int) -> int | None:

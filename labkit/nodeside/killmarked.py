@@ -43,15 +43,20 @@ def environ(pid):
 
 
 def stat(pid):
-    """(state, ppid, pgrp) from /proc/PID/stat, or None. The command name may hold spaces and
-    parentheses, so fields are split after the last ')'."""
+    """(state, ppid, pgrp, start) from /proc/PID/stat, or None; ``start`` is the start time in
+    clock ticks since boot (field 22 of proc(5)), which tells a process from a later one that
+    reused its pid. The command name may hold spaces and parentheses, so fields are split
+    after the last ')'. The one parser of that file for labkit, node side and controller side."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     fields = data[data.rfind(b")") + 2:].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2])
+    try:
+        return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def pids():

@@ -34,14 +34,10 @@ _ctl: tuple[int, str] | None = None
 def proc_start_time(pid: int | str = "self") -> str | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None (no such
     process, or no /proc: then only the pid can be checked)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm (field 2) may hold spaces and parentheses: split after its last ')'
-    fields = data[data.rfind(b")") + 2:].split()
-    return fields[19].decode() if len(fields) > 19 else None
+    from labkit.nodeside import killmarked
+
+    st = killmarked.stat(os.getpid() if pid == "self" else int(pid))
+    return str(st[3]) if st is not None else None
 
 
 def controller_tag() -> str:
