@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from labkit.config import Settings
@@ -102,35 +103,33 @@ def wait_ssh(node: Node, settings: Settings, watch: BootWatch | None = None) -> 
                              value={**e.value, "console_tail": tail}) from None
 
 
-def power_on(client: PowerClient, node: Node, settings: Settings,
-             wait: bool | str | None = False) -> dict[str, object]:
-    """Power on (nothing sent when already on) and wait as ``wait`` says (module docstring).
-    Returns {"power", "changed", "confirmed"} (+ "ssh": True with wait="ssh")."""
+def _act_and_wait(act: Callable[[bool], dict[str, object]], node: Node, settings: Settings,
+                  wait: bool | str | None) -> dict[str, object]:
+    """Run a power action that ends with the node on (``act(wait_for_power)``), then wait as
+    ``wait`` says. For "ssh" the console is watched from before the power command, so the
+    boot log is in the tail when SSH never answers."""
     mode = normalize_wait(wait)
     if mode != "ssh":
-        return client.on(node, wait=mode == "power")
-    watch = BootWatch(node, settings)  # before the power command: the boot log comes first
+        return act(mode == "power")
+    watch = BootWatch(node, settings)
     try:
-        result = client.on(node, wait=True)
+        result = act(True)
         wait_ssh(node, settings, watch)
         result["ssh"] = True
         return result
     finally:
         watch.close()
+
+
+def power_on(client: PowerClient, node: Node, settings: Settings,
+             wait: bool | str | None = False) -> dict[str, object]:
+    """Power on (nothing sent when already on) and wait as ``wait`` says (module docstring).
+    Returns {"power", "changed", "confirmed"} (+ "ssh": True with wait="ssh")."""
+    return _act_and_wait(lambda w: client.on(node, wait=w), node, settings, wait)
 
 
 def power_cycle(client: PowerClient, node: Node, settings: Settings,
                 wait: bool | str | None = False) -> dict[str, object]:
     """Off, wait for off, ``settings.cycle_delay``, on (PowerClient.cycle), then wait as
     ``wait`` says, like :func:`power_on`."""
-    mode = normalize_wait(wait)
-    if mode != "ssh":
-        return client.cycle(node, wait=mode == "power")
-    watch = BootWatch(node, settings)
-    try:
-        result = client.cycle(node, wait=True)
-        wait_ssh(node, settings, watch)
-        result["ssh"] = True
-        return result
-    finally:
-        watch.close()
+    return _act_and_wait(lambda w: client.cycle(node, wait=w), node, settings, wait)

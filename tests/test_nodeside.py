@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from proctrees import TREE, wait_pid
 
 import labkit.nodeside as ns
 from labkit.nodeside import killmarked
@@ -21,31 +21,6 @@ from labkit.nodeside import killmarked
 ROOT = Path(__file__).resolve().parents[1]
 NODE_SIDE = [*sorted((ROOT / "labkit/nodeside").glob("*.py")),
              *sorted((ROOT / "labkit/payloads").glob("*.py"))]
-
-# A process tree that hides from process groups and parents: the child leaves the group with
-# setsid, then double-forks, so its grandchild is re-parented to init. All carry the marker.
-TREE = r"""
-import os, sys, time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        if os.fork() == 0:
-            open(sys.argv[1] + ".gc", "w").write(str(os.getpid()))
-            time.sleep(600)
-        os._exit(0)
-    time.sleep(600)
-open(sys.argv[1] + ".top", "w").write(str(os.getpid()))
-time.sleep(600)
-"""
-
-
-def _wait_file(path: Path, timeout: float = 10) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and path.read_text():
-            return int(path.read_text())
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never written")
 
 
 def _alive(pid: int) -> bool:
@@ -112,8 +87,8 @@ def test_kill_finds_setsid_and_double_forked_children(tmp_path: Path) -> None:
     marked = _spawn({"LABKIT_RUN": run}, TREE, str(tmp_path / "m"))
     other = _spawn({"LABKIT_RUN": "someone-else"}, TREE, str(tmp_path / "o"))
     try:
-        top, gc = _wait_file(tmp_path / "m.top"), _wait_file(tmp_path / "m.gc")
-        o_top, o_gc = _wait_file(tmp_path / "o.top"), _wait_file(tmp_path / "o.gc")
+        top, gc = wait_pid(tmp_path / "m.top"), wait_pid(tmp_path / "m.gc")
+        o_top, o_gc = wait_pid(tmp_path / "o.top"), wait_pid(tmp_path / "o.gc")
         assert os.getpgid(gc) != os.getpgid(top)  # the grandchild really left the group
         cmd = ns.command("killmarked", "--marker", f"LABKIT_RUN={run}", exec_=False)
         r = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, timeout=30)
@@ -137,7 +112,7 @@ def test_within_keeps_to_one_fake_node(tmp_path: Path) -> None:
     a = _spawn({"LABKIT_CTL": mark, "LABKIT_NODE_ROOT": "/lab/node1"}, TREE, str(tmp_path / "a"))
     b = _spawn({"LABKIT_CTL": mark, "LABKIT_NODE_ROOT": "/lab/node2"}, TREE, str(tmp_path / "b"))
     try:
-        a_gc, b_gc = _wait_file(tmp_path / "a.gc"), _wait_file(tmp_path / "b.gc")
+        a_gc, b_gc = wait_pid(tmp_path / "a.gc"), wait_pid(tmp_path / "b.gc")
         killed, survivors = killmarked.kill([f"LABKIT_CTL={mark}".encode()],
                                             within=b"LABKIT_NODE_ROOT=/lab/node1")
         assert a_gc in killed and survivors == []
@@ -162,7 +137,7 @@ def test_safe_groups_spare_a_group_with_an_unmarked_member(tmp_path: Path) -> No
             "time.sleep(600)\n")
     leader = _spawn({f"LABKIT_TEST_{run}": "x"}, code, str(tmp_path / "child"))
     try:
-        child = _wait_file(tmp_path / "child")
+        child = wait_pid(tmp_path / "child")
         assert os.getpgid(child) == leader.pid
         killed, survivors = killmarked.kill([f"LABKIT_TEST_{run}=x".encode()], groups="safe")
         assert killed == [leader.pid] and survivors == []
@@ -186,7 +161,7 @@ def test_a_given_pid_without_the_marker_is_left_alone(tmp_path: Path) -> None:
     mine = _spawn({"LABKIT_RUN": run}, "import time; time.sleep(600)")
     other = _spawn({"LABKIT_RUN": "someone-else"}, LEADER, str(tmp_path / "o"))
     try:
-        child = _wait_file(tmp_path / "o.child")
+        child = wait_pid(tmp_path / "o.child")
         assert os.getpgid(child) == other.pid
         killed, survivors = killmarked.kill([f"LABKIT_RUN={run}".encode()],
                                             extra=[other.pid, mine.pid], groups="all")
@@ -244,7 +219,7 @@ def test_grace_sends_term_first_and_cont_to_a_stopped_process(tmp_path: Path) ->
             "time.sleep(600)\n")
     p = _spawn({"LABKIT_RUN": run}, code, str(tmp_path / "t"))
     try:
-        _wait_file(tmp_path / "t.ready")
+        wait_pid(tmp_path / "t.ready")
         os.kill(p.pid, signal.SIGSTOP)
         killed, survivors = killmarked.kill([f"LABKIT_RUN={run}".encode()], grace=5)
         assert killed == [p.pid] and survivors == []

@@ -9,30 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from proctrees import TREE, wait_pid
 
 from labkit import nodeside
 from labkit.nodeside import killmarked
 
-# leaves its process group with setsid and double-forks: only the environment still says whose
-TREE = r"""
-import os, sys, time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        if os.fork() == 0:
-            open(sys.argv[1] + ".gc", "w").write(str(os.getpid()))
-            time.sleep(600)
-        os._exit(0)
-    time.sleep(600)
-open(sys.argv[1] + ".top", "w").write(str(os.getpid()))
-time.sleep(600)
-"""
 # says so when it gets SIGTERM (so a SIGSTOPped one must also have been sent SIGCONT)
 POLITE = r"""
 import os, signal, sys, time
@@ -54,15 +40,6 @@ open(sys.argv[1] + ".top", "w").write(str(os.getpid()))
 time.sleep(600)
 """
 DEAD, LIVE = "deadhost:11:1", "livehost:22:2"
-
-
-def wait_pid(path: Path, timeout: float = 10) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and path.read_text():
-            return int(path.read_text())
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never written")
 
 
 class Scene:

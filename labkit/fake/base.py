@@ -44,6 +44,17 @@ class FakeNode:
         self.marker = f"{ENV_ROOT}={self.root}".encode()
         self._lock = threading.RLock()
 
+    def _stopped(self, what: str, killed: list[int], survivors: list[int], *,
+                 say: bool = True) -> None:
+        """Log a power-off the same way for every kind of node: what was killed, and loudly
+        what survived (a process that outlives its node's power is a fake-lab defect)."""
+        if say:
+            self.log.info("node %s: %s stopped, %d process(es) killed", self.name, what,
+                          len(killed))
+        if survivors:
+            self.log.warning("node %s: %d process(es) survived power-off: %s", self.name,
+                             len(survivors), survivors)
+
 
 def ensure_host_key(path: Path) -> paramiko.Ed25519Key:
     """Load the node's ed25519 host key, generating it once (kept across restarts, like a real

@@ -183,12 +183,7 @@ class OpenSshNode(FakeNode):
         if not clean:  # no watchdog, or one that left something: sweep from here
             more, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
             killed += more
-        if proc is not None:
-            self.log.info("node %s: sshd stopped, %d process(es) killed", self.name,
-                          len(killed))
-        if survivors:
-            self.log.warning("node %s: %d process(es) survived power-off: %s", self.name,
-                             len(survivors), survivors)
+        self._stopped("sshd", killed, survivors, say=proc is not None)
 
     def close(self) -> None:
         self.stop()

@@ -122,11 +122,7 @@ class PythonSshNode(FakeNode):
         for p in procs:
             p.kill_group()
         killed, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
-        if sock is not None or killed:
-            self.log.info("node %s: ssh stopped, %d process(es) killed", self.name, len(killed))
-        if survivors:
-            self.log.warning("node %s: %d process(es) survived power-off: %s", self.name,
-                             len(survivors), survivors)
+        self._stopped("ssh", killed, survivors, say=sock is not None or bool(killed))
 
     def close(self) -> None:
         self.stop()
