@@ -296,3 +296,36 @@ def test_matrix_cell_with_a_dead_peer_records_why_and_the_matrix_goes_on(lab, tm
     assert cell["error"]["peer"] == "source agent"
     assert any("soft-dirty" in line for line in cell["error"]["stderr"])
     assert leftovers(lab) == []
+
+
+# --- the channel baseline: the same relay path, the same rule --------------------------------------
+def test_channel_rate_fails_at_once_when_the_sink_dies(lab, settings):
+    """measure_channel_rate relays src -> dst like a migration. A sink killed mid-stream fails
+    it at once naming the node and how the sink ended (it used to surface as a bare OSError
+    from paramiko, or, dying at the end, as a measurement of bytes that never arrived)."""
+    from labkit.errors import LabkitError
+    from labkit.experiment import measure_channel_rate
+
+    inv = lab.inventory()
+    assert measure_channel_rate(inv, settings, "node1", "node2", 8 << 20) > 0
+    out: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            out["rate"] = measure_channel_rate(inv, settings, "node1", "node2", 64 << 30)
+        except LabkitError as e:
+            out["error"] = e
+        out["done"] = time.monotonic()
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    sink = _first(lab, "node2", "cat")
+    t_kill = time.monotonic()
+    os.kill(sink, signal.SIGKILL)
+    t.join(60)
+    assert "error" in out, out
+    assert out["done"] - t_kill < FAST
+    msg = str(out["error"])
+    assert msg.startswith("node2: channel sink ") and "while we waited for the channel" in msg
+    assert [p for p in node_processes(lab, "node1", "head") + node_processes(lab, "node2", "cat")
+            if Path(f"/proc/{p}").exists()] == []
