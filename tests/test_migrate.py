@@ -328,6 +328,7 @@ def test_every_wait_fails_when_any_peer_of_the_run_ends(tmp_path):
         return Remote(_Shell(_Chan()), node, "x", label, raw=raw, peers=peers)
 
     wl, other = remote("node1", "workload"), remote("node2", "helper")
+    waiter = remote("node2", "waiter")  # a process whose answer a wait expects
     src, dst = remote("node1", "source agent", raw=True), remote("node2", "restore agent")
     pump = Pump(src, dst, events, "t")
     other.quit()
@@ -348,13 +349,13 @@ def test_every_wait_fails_when_any_peer_of_the_run_ends(tmp_path):
         pump.wait(30, "the end of round 0", src_type=1)
     assert time.monotonic() - done["t"] < 2
     with pytest.raises(MigrationFailed, match="node1: workload exited"):  # any later wait too
-        dst.next(30, "a reply")
+        waiter.next(30, "a reply")
     gone = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [(e["event"], e["peer"], e["exit_status"]) for e in gone] == [
         ("peer-exit", "workload", 137)]
     peers.close()
-    dst.lines.put({"ok": True})
-    assert dst.next(1, "a reply") == {"ok": True}
+    waiter.lines.put({"ok": True})
+    assert waiter.next(1, "a reply") == {"ok": True}
 
 
 def test_wait_budget_follows_size_and_command_timeout():

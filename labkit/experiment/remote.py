@@ -99,6 +99,7 @@ class Remote:
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self._lock = threading.Lock()  # one writer on stdin at a time
         self._end_lock = threading.Lock()
+        self._err_lock = threading.Lock()  # stderr is read by the reader and by waiters
         self._err = b""
         self.ended = threading.Event()
         self.exit_status: int | None = None
@@ -173,18 +174,19 @@ class Remote:
         self.send(line)
 
     def _drain_stderr(self) -> None:
-        err = b""
-        try:
-            while self.ch.recv_stderr_ready():
-                err += self.ch.recv_stderr(65536)
-        except OSError:
-            pass
-        self._err += err
+        with self._err_lock:
+            try:
+                while self.ch.recv_stderr_ready():
+                    self._err += self.ch.recv_stderr(65536)
+            except OSError:
+                pass
 
     def stderr_lines(self, n: int = STDERR_LINES) -> list[str]:
         """The last ``n`` non-blank lines the process wrote to stderr (all of it is kept)."""
         self._drain_stderr()
-        lines = [ln for ln in self._err.decode(errors="replace").splitlines() if ln.strip()]
+        with self._err_lock:
+            text = self._err.decode(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         return lines[-n:]
 
     def stderr_tail(self) -> str:
@@ -230,6 +232,8 @@ class Remote:
             while True:
                 if self.peers is not None:
                     self.peers.check(what, own=(self,))
+                if self.ended.is_set() and self.lines.empty():
+                    raise self.gone(what)  # its last line (or eof) went to an earlier wait
                 try:
                     obj = self.lines.get(timeout=max(0.0, end - time.monotonic()))
                 except queue.Empty:
