@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 _WHERE = {
     "RemoteShell": "shell", "RunResult": "shell", "ShellPool": "shell",
     "SshError": "errors", "SshUnreachable": "errors", "HostKeyError": "errors",
-    "SshAuthError": "errors", "CommandFailed": "errors",
+    "SshAuthError": "errors", "CommandFailed": "errors", "exit_text": "errors",
+    "last_error_line": "errors",
     "Target": "target", "resolve": "target", "ssh_config_path": "target",
     "DEFAULT_IDENTITIES": "target",
     "fingerprint": "hostkeys", "check_host_key": "hostkeys",
@@ -47,7 +48,8 @@ __all__ = [
     "FAST_CIPHERS", "HostKeyError", "IN_FLIGHT", "MAX_PACKET", "RUN_VAR", "RemoteProcess",
     "RemoteShell", "RunResult", "SFTP_CHUNK", "ShellPool", "SshAuthError", "SshClient", "SshError",
     "SshUnreachable", "Target", "WINDOW", "check_host_key", "controller_tag", "exec_streaming",
-    "fingerprint", "proc_start_time", "resolve", "ssh_config_path", "wait_ssh",
+    "exit_text", "fingerprint", "last_error_line", "proc_start_time", "resolve", "ssh_config_path",
+    "wait_ssh",
 ]
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
         SshAuthError,
         SshError,
         SshUnreachable,
+        exit_text,
+        last_error_line,
     )
     from labkit.ssh.hostkeys import check_host_key, fingerprint
     from labkit.ssh.pool import ConnectionPool
