@@ -17,11 +17,20 @@ streams, and ends what it started.
 
 Names are re-exported here, loaded on first use, so that importing ``labkit.ssh`` (or
 ``labkit.ssh.shell`` for a type) does not pay for paramiko until a connection is made.
+
+paramiko logs what its transport thread sees (``Socket exception: Connection reset by peer``
+when a node is powered off under a live connection, ``Exception (client)`` tracebacks under
+load) at ERROR, and with no logging configured Python prints those on stderr, between the
+task's lines. Each one is a lost connection that the command running over it already reports in
+the node's error text ("connection lost ... node powered off or rebooted?"), so paramiko's
+logger gets a handler that drops them: noise for a user of the CLI; a program that sets up
+logging itself (a root handler) still receives them.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
@@ -51,6 +60,8 @@ __all__ = [
     "exit_text", "fingerprint", "last_error_line", "proc_start_time", "resolve", "ssh_config_path",
     "wait_ssh",
 ]
+
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from labkit.ssh.client import FAST_CIPHERS, MAX_PACKET, WINDOW, SshClient

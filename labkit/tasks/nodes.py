@@ -41,7 +41,8 @@ class LinePrefixer:
         cut = self.buf.rfind(b"\n", len(self.buf) - len(data)) + 1
         pieces: list[bytes] = []
         if cut:
-            pieces += bytes(self.buf[:cut - 1]).split(b"\n")
+            for line in bytes(self.buf[:cut - 1]).split(b"\n"):
+                pieces += [line[i:i + LINE_MAX] for i in range(0, len(line), LINE_MAX)] or [b""]
             del self.buf[:cut]
         while len(self.buf) >= LINE_MAX:
             pieces.append(bytes(self.buf[:LINE_MAX]))
