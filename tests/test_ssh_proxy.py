@@ -155,7 +155,7 @@ def test_proxycommand_ssh_w_through_a_jump_node(lab: SshNodeSet, tmp_path: Path,
                      f"  UserKnownHostsFile {lab.known_hosts}\n  BatchMode yes\n")
     config(tmp_path, monkeypatch,
            f"Host n2\n  HostName 127.0.0.1\n  Port {p2}\n"
-           f"  ProxyCommand touch {tmp_path}/used && exec ssh -F {inner} -W %h:%p bastion\n")
+           f"  ProxyCommand sh -c 'touch {tmp_path}/used; exec ssh -F {inner} -W %h:%p bastion'\n")
     with SshClient.connect(alias(lab, "n2"), SETTINGS) as c:
         assert c.run("echo $LABKIT_NODE").stdout == b"node2\n"
     assert (tmp_path / "used").exists()
