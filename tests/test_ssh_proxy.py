@@ -263,3 +263,10 @@ def test_no_proxy_process_left_after_a_failed_connect(lab: SshNodeSet, tmp_path:
         SshClient.connect(alias(lab, "n1"), SETTINGS)
     assert pid_gone(json.loads(log.read_text())[0])
     assert os.environ["HOME"].startswith(str(tmp_path))
+
+
+def test_include_is_not_silently_ignored(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config(tmp_path, monkeypatch, "Host a\n  User x\nInclude conf.d/*\n")
+    resolve(Node("a", None, SshSpec(host="a")), SETTINGS)
+    assert f"{cfg}:3: Include is not supported" in caplog.text

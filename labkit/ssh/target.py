@@ -13,6 +13,7 @@ Of ProxyJump and ProxyCommand the first one the config gives wins, as in OpenSSH
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from labkit.config import Settings
 from labkit.errors import LabkitError
 from labkit.inventory import Node, SshSpec
 from labkit.ssh.errors import SshError
+
+log = logging.getLogger("labkit.ssh")
 
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 PROXY_TOKENS = "%hnpr"  # what OpenSSH expands in ProxyCommand; anything else is its fatal error
@@ -75,6 +78,7 @@ class _Parsed(paramiko.SSHConfig):
     TOKENS_BY_CONFIG_KEY = {**paramiko.SSHConfig.TOKENS_BY_CONFIG_KEY, "proxycommand": []}
 
 
+_warned: set[tuple[Path, int]] = set()
 _KEYWORD = re.compile(r"\s*(\w+)(?:\s*=\s*|\s+)(.*?)\s*$")
 
 
@@ -100,6 +104,10 @@ class SshConfig:
             m = _KEYWORD.match(line)
             if m and not line.lstrip().startswith("#"):
                 lines.append((n, m.group(1).lower(), m.group(2)))
+                if lines[-1][1] == "include" and (path, n) not in _warned:
+                    _warned.add((path, n))  # said once per process, not per node
+                    log.warning("%s:%d: Include is not supported: what the included files "
+                                "say is not used", path, n)
         return cls(path, parsed, lines)
 
     def lookup(self, host: str) -> dict[str, Any]:
