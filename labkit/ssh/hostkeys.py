@@ -154,16 +154,28 @@ def read_known(paths: tuple[Path, ...] | list[Path]) -> tuple[list[KnownLine], l
     lines: list[KnownLine] = []
     bad: list[BadLine] = []
     for path in paths:
-        if not path.exists():
-            continue
         try:
-            text = path.read_text(errors="replace")
+            st = path.stat()
+        except FileNotFoundError:
+            continue
         except OSError as e:
             raise SshError(f"{path}: cannot read known_hosts: {e.strerror or e}") from None
-        got, wrong = parse_known_hosts(text, path)
-        lines += got
-        bad += wrong
+        sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = _parsed.get(path)
+        if hit is None or hit[0] != sig:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError as e:
+                raise SshError(f"{path}: cannot read known_hosts: {e.strerror or e}") from None
+            hit = _parsed[path] = (sig, *parse_known_hosts(text, path))
+        lines += hit[1]
+        bad += hit[2]
     return lines, bad
+
+
+# Parsed files by path, reused while (device, inode, size, mtime) stay the same: a fan-out
+# reads the same known_hosts twice per node, and hashed names cost an HMAC per line.
+_parsed: dict[Path, tuple[tuple[int, int, int, int], list[KnownLine], list[BadLine]]] = {}
 
 
 def known_key_types(target: Target) -> list[str]:
