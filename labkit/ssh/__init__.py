@@ -8,6 +8,7 @@ streams, and ends what it started.
     target.py    ``resolve``: the inventory's ssh: block merged over ~/.ssh/config -> ``Target``
     hostkeys.py  known_hosts checks: unknown refused (unless TOFU), changed always refused
     client.py    ``SshClient``: connect, auth, ProxyJump; run, check, open_exec (a RemoteShell)
+    proxy.py     a ProxyCommand from ssh_config, run as OpenSSH runs it
     run.py       the run loop: output, stdin, timeout and cancel of one command
     process.py   ``RemoteProcess`` and the markers: LABKIT_RUN / LABKIT_CTL, controller_tag
     stream.py    a flow-controlled stream into a command's stdin (deploy's stage step)
