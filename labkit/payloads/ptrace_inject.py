@@ -359,17 +359,33 @@ def ptrace_denied_reason(pid: int) -> str:
     elif scope == 3:
         reasons.append("kernel.yama.ptrace_scope=3: ptrace disabled")
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("TracerPid:") and int(line.split()[1]) != 0:
-                reasons.append(f"already traced by pid {line.split()[1]}")
-            if line.startswith("Seccomp:") and line.split()[1] != "0":
-                reasons.append(f"target under seccomp mode {line.split()[1]}")
+        theirs = _status(f"/proc/{pid}/status")
+        ours = _status("/proc/self/status")
+        if theirs.get("TracerPid", "0") != "0":
+            reasons.append(f"already traced by pid {theirs['TracerPid']}")
         st = os.stat(f"/proc/{pid}")
         if os.geteuid() != 0 and st.st_uid != os.geteuid():
             reasons.append(f"target owned by uid {st.st_uid}, we are uid {os.geteuid()}")
-    except OSError:
+        extra = int(theirs.get("CapPrm", "0"), 16) & ~int(ours.get("CapPrm", "0"), 16)
+        if extra:
+            reasons.append(f"the target holds capabilities we lack (CapPrm bits {extra:#x})")
+    except (OSError, ValueError):
         pass
-    return "; ".join(reasons) or "unknown reason"
+    if not reasons and scope is None:
+        reasons.append("no Yama, no other tracer, same uid: a security module or container "
+                       "policy refuses it")
+    return "; ".join(reasons)
+
+
+def _status(path: str) -> dict[str, str]:
+    """/proc/PID/status as {field: first word}."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if v.split():
+                out[k] = v.split()[0]
+    return out
 
 
 class Freezer:
