@@ -412,6 +412,10 @@ class Freezer:
                             continue  # gone, or a zombie (EPERM): nothing of it runs
                         if exiting(pid):
                             raise InjectError(errno.ESRCH, f"process {pid} exited") from e
+                        if e.errno == errno.EPERM:
+                            raise InjectError(
+                                errno.EPERM, f"ptrace(PTRACE_SEIZE, {tid}) denied: "
+                                f"{os.strerror(e.errno)} ({ptrace_denied_reason(pid)})") from e
                         raise
                     self.held[tid] = 0
                     ptrace(PTRACE_INTERRUPT, tid)

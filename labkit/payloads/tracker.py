@@ -898,7 +898,7 @@ def _reason(pid: int, e: OSError) -> str:
     text = e.strerror if e.strerror and not e.filename else str(e)
     if e.filename:
         text = f"{e.strerror}: {e.filename}"
-    if e.errno in (errno.EPERM, errno.EACCES) and "(" not in text:
+    if e.errno in (errno.EPERM, errno.EACCES) and not isinstance(e, pti.InjectError):
         text += f" ({pti.ptrace_denied_reason(pid)})"
     return text
 
@@ -1089,6 +1089,7 @@ class DirtyRate:
         with self.t.hold(required=False) as held:
             self.t.start()
             start = time.monotonic_ns()
+        self.start_held = bool(held)
         if held:
             outer = start
         else:
@@ -1122,12 +1123,15 @@ class DirtyRate:
         for why in r.upper:
             self.upper[why] = None
         self.window.update(end_ns=begin, outer_end_ns=end,
-                           held=self.window["held"] and bool(held))
+                           held=self.start_held and bool(held))
 
     def method(self) -> tuple[str, list[str]]:
         lower = ([self.t.unseen] if self.t.unseen else []) + list(self.lower)
         upper = list(self.upper)
         notes = lower + upper + (self.held if not self.window["held"] else [])
+        if not self.window["held"] and not self.held:
+            notes.append("the window ends at the start of the last scan before the target "
+                         "exited; pages written during that scan may be counted")
         if lower and upper:
             return "approximate", notes
         if lower:
@@ -1183,7 +1187,10 @@ def _dirty_rate(t: Tracker, a: argparse.Namespace) -> int:
                               f"{a.seconds:g} s window, {what}", out)
         if final:
             break
-    _emit(m.report())
+    out = m.report()
+    if a.addresses:
+        out["addresses"] = [f"{x:#x}" for x in m.seen]
+    _emit(out)
     return 0
 
 
@@ -1212,6 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--interval", type=float, default=1.0,
                            help="scan (and unite the rounds) this often within the window, so "
                                 "a target that exits mid-window leaves a partial rate")
+            p.add_argument("--addresses", action="store_true",
+                           help="include the addresses of the pages counted")
     a = ap.parse_args(argv)
     if a.cmd != "probe" and a.interval <= 0:
         ap.error("--interval must be > 0")
