@@ -395,13 +395,16 @@ class Freezer:
     def __init__(self, pid: int):
         self.pid = pid
         self.held: dict[int, int] = {}  # tid -> signal to re-deliver
+        done: set[int] = set()  # threads that ended (or were zombies) while we stopped them
         try:
-            for _ in range(3):  # threads may be created while we stop the others
+            # threads may be created while we stop the others: list again until a listing
+            # shows none we do not hold (a held thread creates none), else the hold is a lie
+            for _ in range(100):
                 try:
                     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
                 except FileNotFoundError as e:
                     raise InjectError(errno.ESRCH, f"no process {pid}") from e
-                new = [t for t in tids if t not in self.held]
+                new = [t for t in tids if t not in self.held and t not in done]
                 if not new:
                     break
                 for tid in new:
@@ -409,7 +412,8 @@ class Freezer:
                         ptrace(PTRACE_SEIZE, tid, 0, 0)
                     except InjectError as e:
                         if e.errno == errno.ESRCH or _thread_state(pid, tid) in ("Z", "X", "?"):
-                            continue  # gone, or a zombie (EPERM): nothing of it runs
+                            done.add(tid)  # gone, or a zombie (EPERM): nothing of it runs
+                            continue
                         if exiting(pid):
                             raise InjectError(errno.ESRCH, f"process {pid} exited") from e
                         if e.errno == errno.EPERM:
@@ -426,9 +430,13 @@ class Freezer:
                         status = _wait_stop(tid)
                     except InjectError:
                         del self.held[tid]
+                        done.add(tid)
                         continue
                     if (status >> 16) == 0 and os.WSTOPSIG(status) != signal.SIGTRAP:
                         self.held[tid] = os.WSTOPSIG(status)
+            else:
+                raise InjectError(errno.EAGAIN, f"process {pid} keeps creating threads "
+                                  "faster than they can be stopped")
         except BaseException:
             self.close()
             raise
