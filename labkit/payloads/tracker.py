@@ -16,15 +16,20 @@ Backends (best first; `auto` picks the first that works for the target):
 Library API:
     probe(pid) -> {"uffd": {"ok", "reason"}, "softdirty": {...}, "compare": {...}}
     t = open_tracker(pid, backend="auto", ranges=None); t.start(); r = t.scan(); t.close()
-    r.pages (sorted array('Q') of page addresses), r.per_mapping, r.new_mappings,
-    r.dropped_mappings, r.seconds
+    r.pages (sorted array('Q') of page addresses: what a copy must take, a new mapping whole),
+    r.written_pages (the pages known written: a new mapping's populated pages only),
+    r.lower / r.upper (why written_pages may miss or over-count), r.per_mapping,
+    r.new_mappings, r.dropped_mappings, r.seconds
+    with t.hold(): ...   (every thread of the target stopped for the body)
+    DirtyRate(t): arm(), round(final=...), report() -- the dirty-rate measurement
 
 A target may exit at any moment (while the tracker attaches, between rounds, in the middle of a
 scan or of re-protecting pages): open_tracker/start/scan then raise TargetGone, never whatever
 the kernel said first (ESRCH, EPERM from ptrace, an empty /proc/PID/maps...), and a round that
 overlapped the exit is never returned. The rounds before it stand.
 
-CLI exit codes: 0 done; 1 the tracker cannot work on this target (JSON {"error"}); 2 usage;
+CLI exit codes: 0 done; 1 the tracker cannot work on this target (JSON {"pid", "error"}: one
+line saying why, e.g. "pid 7: no tracking backend works: uffd: ptrace(...) denied: ..."); 2 usage;
 3 the target exited or never existed: stdout ends, after the rounds so far, with one JSON line
 {"gone": true, "rounds": N, "error": "pid 4242 exited after 3 rounds", ...}; for dirty-rate that
 line is the partial measurement (the part of the window before the exit).
