@@ -15,6 +15,9 @@ its own pages). With --newmap-every N, thread 0 maps a new read-write piece of -
 pages inside the reservation every N ticks and writes every other page of it, one per tick.
 With --churn-every N it also, every N ticks, replaces the oldest new piece with a fresh one
 (mmap MAP_FIXED over it: the old pages are gone) or unmaps it (MAP_FIXED PROT_NONE), in turn.
+With --spawn-every N it also starts, every N ticks, a short-lived thread that writes
+--spawn-pages pages of its own (from the second half of the main region) and exits: threads
+come and go through the window.
 
 Protocol: prints "ready <base hex> <reservation bytes>" once every thread has written; on a line
 (or EOF) on stdin it stops and prints one JSON object: {"writes": [[ns, addr], ...], "events":
@@ -74,6 +77,27 @@ class Writer:
         self.pieces: list[list[int]] = []  # [addr, npages, next page to write]
         self.churned = 0
         self.ticked = [threading.Event() for _ in range(a.threads)]
+        half = a.pages // 2 if a.spawn_every else a.pages
+        self.mine = [range(t, half, a.threads) for t in range(a.threads)]
+        self.spawn_next = half  # the next page a spawned thread takes
+        self.spawned: list[threading.Thread] = []
+
+    def _spawn(self) -> None:
+        first, n = self.spawn_next, self.a.spawn_pages
+        if first + n > self.a.pages:
+            return
+        self.spawn_next += n
+        log: list[tuple[int, int]] = []
+        self.logs.append(log)  # (list.append: atomic under the GIL)
+
+        def short_lived() -> None:
+            for i in range(first, first + n):
+                addr = self.base + i * PAGE
+                log.append((write(addr), addr))
+
+        t = threading.Thread(target=short_lived)
+        t.start()
+        self.spawned.append(t)
 
     def _new_piece(self) -> None:
         n = self.a.newmap_pages
@@ -100,7 +124,7 @@ class Writer:
 
     def run(self, tid: int) -> None:
         a, log = self.a, self.logs[tid]
-        mine = range(tid, a.pages, a.threads)
+        mine = self.mine[tid]
         k = 0
         tick = 0
         while not self.stop.is_set():
@@ -113,6 +137,8 @@ class Writer:
                     self._new_piece()
                 if a.churn_every and tick and tick % a.churn_every == 0:
                     self._churn()
+                if a.spawn_every and tick % a.spawn_every == 0:
+                    self._spawn()
                 for p in self.pieces:  # every other page of each piece, one per tick
                     if p[2] < p[1]:
                         addr = p[0] + p[2] * PAGE
@@ -133,6 +159,8 @@ def main() -> int:
     ap.add_argument("--newmap-every", type=int, default=0)
     ap.add_argument("--newmap-pages", type=int, default=32)
     ap.add_argument("--churn-every", type=int, default=0)
+    ap.add_argument("--spawn-every", type=int, default=0)
+    ap.add_argument("--spawn-pages", type=int, default=8)
     a = ap.parse_args()
     w = Writer(a)
     ts = [threading.Thread(target=w.run, args=(i,), daemon=True) for i in range(a.threads)]
@@ -143,7 +171,7 @@ def main() -> int:
     print(f"ready {w.base:x} {w.size}", flush=True)
     sys.stdin.readline()
     w.stop.set()
-    for t in ts:
+    for t in ts + w.spawned:
         t.join()
     writes = sorted(x for log in w.logs for x in log)
     json.dump({"writes": writes, "events": w.events}, sys.stdout)

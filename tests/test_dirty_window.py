@@ -158,6 +158,15 @@ def test_dirty_rate_exact_with_threads(writer):
     check_exact(rep, w.finish())
 
 
+def test_dirty_rate_exact_while_threads_come_and_go(writer):
+    """Threads start, write and exit all through the window (one every other tick): every one
+    that runs at an instant the window opens or closes is held; none slips past the hold."""
+    uffd_or_skip()
+    w = writer("--threads", "2", "--per-tick", "4", "--spawn-every", "2", "--spawn-pages", "6")
+    rep = dirty_rate(w, "--backend", "uffd")
+    check_exact(rep, w.finish())
+
+
 def test_dirty_rate_with_munmap_churn_says_it_is_a_lower_bound(writer):
     """Mappings replaced (mmap over them) and unmapped mid-window: writes to one between a
     scan and its unmapping cannot be seen, so the figure does not claim "exact"; it counts no
