@@ -1088,6 +1088,7 @@ class DirtyRate:
         self.held: list[str] = []  # why a bound could not be held still
         self.window: dict = {}
         self.last: ScanResult | None = None
+        self.per_mapping: dict[str, int] = {}
 
     def arm(self) -> None:
         outer = time.monotonic_ns()
@@ -1123,6 +1124,8 @@ class DirtyRate:
         self.seen = pm.to_array_q(pm.concat([self.seen, w])) if self.rounds > 1 else \
             pm.to_array_q(w)
         self.new = pm.merge(self.new + r.new_ranges)
+        # labelled now: a later round that ends in the target's exit may find its maps gone
+        self.per_mapping = self.t._per_mapping(self.seen)
         for why in r.lower:
             self.lower[why] = None
         for why in r.upper:
@@ -1161,7 +1164,7 @@ class DirtyRate:
         out.update(window_s=round(window, 6), pages=n,
                    new_mapping_pages=_count_in(self.seen, self.new),
                    mib_per_s=round(n * PAGE / (1 << 20) / window, 3),
-                   pages_per_s=round(n / window, 1), per_mapping=self.t._per_mapping(self.seen),
+                   pages_per_s=round(n / window, 1), per_mapping=self.per_mapping,
                    tracked_pages=self.last.tracked_pages if self.last else None)
         return out
 
