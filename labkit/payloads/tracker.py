@@ -1076,7 +1076,11 @@ class DirtyRate:
     is counted, and none written outside [`outer_start_ns`, `outer_end_ns`]. What else keeps
     the count from being exact (a tracked mapping unmapped between two scans, a backend that
     cannot see every write) is named in `method_notes`, and `method` is not "exact".
-    Instants are CLOCK_MONOTONIC nanoseconds, the clock a program on the node reads too."""
+    Instants are CLOCK_MONOTONIC nanoseconds, the clock a program on the node reads too.
+    Not seen, and not flagged (nothing in /proc tells): a mapping created and unmapped between
+    two scans, and pages discarded (MADV_DONTNEED) from a mapping created in the window; a
+    mapping that turns writable (mprotect) or moves (mremap) in the window counts as new, with
+    the pages it already held. A shorter `interval` narrows the first."""
 
     def __init__(self, t: Tracker):
         self.t = t
