@@ -99,7 +99,8 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
 def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = None,
                pid: int = 0, seconds: str = "5", tracker: str = "auto",
                json: bool = False, force: bool = False) -> None:
-    """Exact dirty rate (MiB/s of distinct pages written) of a process on nodes (-n).
+    """Dirty rate (MiB/s of distinct pages written) of a process on nodes (-n), over an exact
+    window (`window_s`; its instants in --json) unless `method` says otherwise.
 
     The tracker attaches to the process (ptrace, userfaultfd or soft-dirty bits): that changes
     someone's running process, so a node leased by someone else is refused unless --force."""
