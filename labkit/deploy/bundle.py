@@ -268,6 +268,11 @@ def short_rev(rev: str | None, dirty: bool | None) -> str | None:
     return "+".join(r[:10] for r in rev.split("+")) + ("-dirty" if dirty else "")
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 file``, ``2 files``: never "1 files" in what a person reads."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -278,5 +283,5 @@ def human_bytes(n: int) -> str:
 
 def describe_bundle(bundle: Bundle) -> str:
     rev = short_rev(bundle.revision, bundle.dirty) or "no git revision"
-    return (f"bundle: {len(bundle.files)} files, {human_bytes(bundle.total_bytes)} from "
+    return (f"bundle: {plural(len(bundle.files), 'file')}, {human_bytes(bundle.total_bytes)} from "
             f"{', '.join(str(r) for r in bundle.roots)} ({rev}, digest {bundle.digest[:12]})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit import nodeside
-from labkit.deploy.bundle import Bundle, BundleFile, files_digest, short_rev
+from labkit.deploy.bundle import Bundle, BundleFile, files_digest, plural, short_rev
 from labkit.errors import NodeError
 
 
@@ -33,6 +33,12 @@ class Plan:
     @property
     def send_bytes(self) -> int:
         return sum(f.size for f in self.send)
+
+    def without_links(self, paths: list[str], bundle: Bundle) -> Plan:
+        """This plan with ``paths`` sent rather than copied from a release on the node."""
+        drop = set(paths) & set(self.link)
+        send = sorted([*self.send, *(bundle.files[p] for p in drop)], key=lambda f: f.path)
+        return Plan(send, {p: src for p, src in self.link.items() if p not in drop})
 
 
 def _trusted_sources(probe: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -94,7 +100,8 @@ def check_state(bundle: Bundle, probe: dict[str, Any]) -> dict[str, Any]:
     if modified:
         value.update(state="modified on node", detail=_some(modified))
     elif stale:
-        value.update(state="stale", detail=f"{len(stale)} file(s) differ: {_some(stale)}")
+        value.update(state="stale", detail=f"{plural(len(stale), 'file')} differ"
+                     f"{'s' if len(stale) == 1 else ''}: {_some(stale)}")
     else:
         value.update(state="in sync", detail="")
     if value["leftovers"]:
