@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -581,3 +582,93 @@ def test_fake_lab_end_to_end(make_fake_lab: Any) -> None:
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert {o["state"] for o in json.loads(r.stdout)} == {"in sync"}
+
+
+# --- payloads the controller cannot ship as they are: named, exit 2, nothing deployed ---------
+
+def test_payload_tree_special_files_and_links_are_refused(tmp_path: Path) -> None:
+    """Each of these was silently left out of the release (or, for the outside link, shipped
+    without anyone asking); now each is a UserError naming the path."""
+    import socket
+
+    def bundle_with(name: str, make: Any) -> Path:
+        root = write_bundle(tmp_path / name, {"ok.py": "x = 1\n"})
+        make(root)
+        return root
+
+    cases = {
+        "fifo": (lambda r: os.mkfifo(r / "pipe"), "pipe", "a FIFO"),
+        "dangling": (lambda r: (r / "gone.py").symlink_to(r / "nowhere.py"), "gone.py",
+                     "dangling symlink"),
+        "outside": (lambda r: (r / "secret").symlink_to(tmp_path / "outside.txt"), "secret",
+                    "outside the payload folder"),
+        "dirlink": (lambda r: (r / "lib").symlink_to(write_bundle(r / "real", {"m.py": "1"})),
+                    "lib", "symlink to a folder"),
+        "to-device": (lambda r: (r / "null").symlink_to("/dev/null"), "null", "outside"),
+    }
+    (tmp_path / "outside.txt").write_text("not for the nodes\n")
+    for name, (make, bad, words) in cases.items():
+        root = bundle_with(name, make)
+        with pytest.raises(UserError) as e:
+            dp.collect_bundle([root], cache=None)
+        assert f"{root / bad}" in str(e.value) and words in str(e.value), (name, str(e.value))
+        assert "\n" not in str(e.value)
+    # a socket too (bound, so the file exists), and a single-file payload that is a FIFO
+    root = bundle_with("sock", lambda r: None)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(root / "s.sock"))
+        with pytest.raises(UserError, match="s.sock: a socket cannot be deployed"):
+            dp.collect_bundle([root], cache=None)
+    finally:
+        s.close()
+    try:  # a device node (root in most containers may make one; skip that line if not)
+        dev = bundle_with("dev", lambda r: os.mknod(r / "null", 0o600 | stat.S_IFCHR,
+                                                     os.makedev(1, 3)))
+    except PermissionError:
+        dev = None
+    if dev:
+        with pytest.raises(UserError, match="null: a device cannot be deployed"):
+            dp.collect_bundle([dev], cache=None)
+    os.mkfifo(tmp_path / "lone-fifo")
+    with pytest.raises(UserError, match="lone-fifo: a FIFO"):
+        dp.collect_bundle([tmp_path / "lone-fifo"], cache=None)
+    # links that stay inside the tree and point at files are fine: the content is shipped
+    ok = bundle_with("inside", lambda r: (r / "alias.py").symlink_to(r / "ok.py"))
+    assert dp.collect_bundle([ok], cache=None).files["alias.py"].size == len("x = 1\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+                    reason="needs root and setpriv to run the controller as another user "
+                           "(root reads every file whatever its mode)")
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_unreadable_payload_refused_through_both_clis(what: str) -> None:
+    """Today: an unreadable file gave a traceback half-way through the deploy; an unreadable
+    folder was silently left out of the release. Run as nobody, so permissions apply."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="labkit-unreadable-"))
+    lab = None
+    try:
+        base.chmod(0o755)
+        src = write_bundle(base / "src", {**BASE, "secret/key.py": "K = 1\n"})
+        lab = SshNodes(base / "lab", 1, payloads=[src])
+        subprocess.run(["chown", "-R", "65534:65534", str(base)], check=True)
+        bad = src / "lib/helper.py" if what == "file" else src / "secret"
+        bad.chmod(0)
+        env = dict(os.environ, HOME=str(base), XDG_CACHE_HOME=str(base / "cache"))
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for argv in ([str(Path(sys.executable).with_name("labkit")), "deploy"],
+                     [str(Path(sys.executable).with_name("invoke")), "-r", str(REPO),
+                      "deploy"]):
+            r = subprocess.run([*as_nobody, *argv, "-i", str(lab.inventory_path)], env=env,
+                               cwd=base, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, r.stdout + r.stderr
+            assert r.stderr.count("\n") == 1 and str(bad) in r.stderr, r.stderr
+            assert "cannot read" in r.stderr and "Traceback" not in r.stderr
+            assert not lab.pdir("node1").exists()  # nothing deployed, nothing started
+    finally:
+        if lab:
+            lab.close()
+        shutil.rmtree(base, ignore_errors=True)
