@@ -7,7 +7,7 @@ deploy, or the stage agent's hashing ``probe`` for ``--check``; both yield one s
     REL = {"id", "files": {path: {sha256, size, mode}}, "suspect": [...] | "missing"/"modified",
            "revision", "dirty", ...} or {"id", "error"}
 
-A node file is a hard-link source only when its release's MANIFEST lists it and it is not
+A node file is a copy source only when its release's MANIFEST lists it and it is not
 suspected of local modification (touched after the release's ``.labkit-stat`` marker, or
 missing), so an edit made on the node is never propagated into a new release.
 """
@@ -25,7 +25,7 @@ from labkit.errors import NodeError
 
 @dataclass
 class Plan:
-    """What one node needs: files to send, files to hard-link from a release already there."""
+    """What one node needs: files to send, files to copy from a release already there."""
 
     send: list[BundleFile] = field(default_factory=list)
     link: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (release, path)
@@ -42,7 +42,7 @@ class Plan:
 
 
 def _trusted_sources(probe: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str]]:
-    """(sha256, mode) -> (release, path) for every node file that can be hard-linked safely:
+    """(sha256, mode) -> (release, path) for every node file that can be copied safely:
     listed in its release's manifest and not suspected of local modification."""
     out: dict[tuple[str, str], tuple[str, str]] = {}
     for key in ("previous", "current"):  # current last: prefer linking from it
