@@ -446,7 +446,7 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
         if r.returncode != 0 or not stash_sha or stash_sha == old_top or msg not in git.out(
                 "log", "-1", "--format=%s", stash_sha):
             rep.status, rep.exit_code = "error", FAILED
-            rep.message = f"git stash failed, nothing pulled: {last_line(r.stderr)}"
+            rep.message = f"git stash failed, nothing pulled: {last_line(r.stderr + r.stdout)}"
             left = status_entries(git)
             if left != entries:
                 rep.message += " (the tree changed; see git status and git stash list)"
