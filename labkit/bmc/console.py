@@ -50,7 +50,14 @@ from typing import IO, Any
 from pyghmi.ipmi.console import Console as _PyghmiConsole
 from pyghmi.ipmi.private import constants
 
-from labkit.bmc.session import RETRYABLE_CODES, BmcAuthError, BmcError, LabSession, translate
+from labkit.bmc.session import (
+    RETRYABLE_CODES,
+    BmcAuthError,
+    BmcError,
+    BmcTimeout,
+    LabSession,
+    translate,
+)
 from labkit.config import Settings
 from labkit.errors import NodeError, UserError
 from labkit.inventory import Node
@@ -60,6 +67,7 @@ KEEPALIVE_EVERY = 10.0   # seconds of quiet before checking that our SOL payload
 SEND_BUDGET = 20.0       # pyghmi's Console retries one output packet for up to ~15 s
 RECONNECT_DELAYS = (0.2, 0.3, 0.5, 1.0)  # short: a boot log starts right after power-on
 STOP_POLL = 0.1          # how often a waiting session looks whether its console was closed
+GREET_AFTER = 0.5        # an interactive console says how to leave if not connected by then
 CLOSE_BUDGET = 0.5       # seconds to hand our payload back on the way out (~. must be quick)
 SOL_DEACTIVATING = 0x10  # BMC-to-console status bit: the BMC is ending this payload
 
@@ -200,6 +208,7 @@ class SolConsole:
         if node.bmc is None:
             raise NodeError(f"{node.name}: no bmc: section in the inventory")
         self.node = node
+        self.where = f"{node.bmc.host}:{node.bmc.port}"
         self.settings = settings or Settings()
         self.force = force
         self.retry_login = retry_login
@@ -339,7 +348,10 @@ class SolConsole:
         text = str(err) or type(err).__name__
         prefix = f"{self.node.name}: "
         text = text[len(prefix):] if text.startswith(prefix) else text
-        if not text.startswith("BMC "):
+        if login and isinstance(err, BmcTimeout):
+            text = (f"BMC {bmc.host}:{bmc.port} did not answer the login within "
+                    f"{self.settings.bmc_timeout:g} s (labkit.bmc_timeout)")
+        elif not text.startswith("BMC "):
             text = f"BMC {bmc.host}:{bmc.port}: {text}"
         fatal = isinstance(err, BmcAuthError) or (isinstance(err, BmcError)
                                                    and err.code is not None
@@ -358,7 +370,7 @@ class SolConsole:
             if isinstance(item, dict):
                 if "error" in item:
                     err = item["error"]
-                    problem.append(err if isinstance(err, dict) else {"error": str(err)})
+                    problem.append(err if isinstance(err, dict) else {**item, "error": str(err)})
                 elif "info" in item:
                     self._event(str(item["info"]))
             elif item:
@@ -551,13 +563,24 @@ def open_log(path: Path, header: str, *, what: str = "--log") -> tuple[IO[str], 
         return fh, out
     except OSError as e:
         if fh is not None:
-            fh.close()
+            _close_quietly(fh)
             if st is None:
                 path.unlink(missing_ok=True)
         why = e.strerror or str(e)
         if e.errno in (errno.EACCES, errno.EPERM):
             why = "no permission to write it"
         raise UserError(f"{what} {path}: cannot be written ({why})") from None
+
+
+def _close_quietly(fh: IO[str]) -> None:
+    """Close a log whose last write already failed (closing flushes, and fails again)."""
+    try:
+        fh.close()
+    except OSError:
+        try:
+            fh.buffer.raw.close()  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            pass
 
 
 def capture(node: Node, settings: Settings, seconds: float, log: str | os.PathLike | None = None,
@@ -583,7 +606,7 @@ def capture(node: Node, settings: Settings, seconds: float, log: str | os.PathLi
                             f"{path.parent} ({e.strerror})") from None
         fh, out = open_log(path, header, what="console log")
     started = _stamp()
-    with fh:
+    try:
         con = SolConsole(node, settings, force=force, retry_login=False, on_data=out.data,
                          on_event=out.event)
         how = "ended"
@@ -604,6 +627,8 @@ def capture(node: Node, settings: Settings, seconds: float, log: str | os.PathLi
             out.event(f"capture {how}: {out.bytes} bytes, {con.connects} connection(s)"
                       + (f", last error: {con.last_error}"
                          if con.last_error and not con.fatal else ""))
+    finally:
+        _close_quietly(fh)
     if out.error is not None:
         raise NodeError(f"{node.name}: console log {path}: write failed "
                         f"({out.error.strerror or out.error}); capture stopped")
@@ -697,8 +722,8 @@ def attach(node: Node, settings: Settings, *, force: bool = False,
     greeted = threading.Event()
 
     def event(text: str) -> None:
-        # the how-to-leave line comes with the first event, so that a refusal (in use, wrong
-        # password) is the one line the user sees
+        # the how-to-leave line comes with the first event (or after GREET_AFTER seconds
+        # without one), so that a refusal (in use, wrong password) is the one line shown
         if not greeted.is_set():
             greeted.set()
             text += "; type ~. at the start of a line to leave, ~? for help"
@@ -711,10 +736,13 @@ def attach(node: Node, settings: Settings, *, force: bool = False,
     keys = EscapeFilter()
     con = SolConsole(node, settings, force=force, on_data=show, on_event=event)
     connected_at_exit = False
+    greet_at = time.monotonic() + GREET_AFTER
     try:
         con.open()
         while not keys.quit and not con.ended.is_set():
             ready = select.select([fd], [], [], STOP_POLL)[0]
+            if not greeted.is_set() and time.monotonic() >= greet_at:
+                event(f"connecting to BMC {con.where}")
             if not ready:
                 continue
             data = os.read(fd, 1024)
@@ -740,6 +768,6 @@ def attach(node: Node, settings: Settings, *, force: bool = False,
         if greeted.is_set():
             sys.stderr.write("\r\n")
         raise NodeError(con.fatal)
-    if not connected_at_exit and con.last_error:
-        raise NodeError(f"{node.name}: console left without an SOL session "
-                        f"(last error: {con.last_error})")
+    if not connected_at_exit:
+        raise NodeError(f"{node.name}: console left without an SOL session"
+                        + (f" (last error: {con.last_error})" if con.last_error else ""))
