@@ -208,11 +208,12 @@ def test_take_over_ends_an_interactive_console_with_one_line(make_fake_lab):
 
 def test_library_loser_ends_and_the_winner_keeps_sol(make_fake_lab):
     """Two library consoles that would both take over: the second wins, the first ends with
-    TAKEN_OVER (ended, fatal) instead of reconnecting with force and taking it back."""
+    TAKEN_OVER (ended, fatal) instead of reconnecting with force and taking it back. The first
+    never runs its keepalive check here: the BMC's "SOL deactivating" packet is what tells it."""
     lab = booted_lab(make_fake_lab)
     node = lab.inventory().node("node1")
     first_events: list[str] = []
-    with SolConsole(node, SETTINGS, force=True, keepalive=0.3,
+    with SolConsole(node, SETTINGS, force=True, keepalive=3600,
                     on_event=first_events.append) as first:
         assert first.wait_connected(5)
         with SolConsole(node, SETTINGS, force=True, keepalive=0.3) as second:
