@@ -350,6 +350,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
             # same client address but a new session: its old session died, take over
         if self.sol is not None:
             self.log.info("SOL taken over from a stale session")
+            self.sol.notify_deactivated()
             self._end_sol()
         self.sol = SolLink(session, self._console_input)
         session.sol_handler = self.sol.received
@@ -361,7 +362,11 @@ class FakeBmc(pyghmi_bmc.Bmc):
             return CC_BAD_FIELD, b""
         if self.sol is None:
             return 0x80, b""  # payload already deactivated
-        # any authenticated session may end SOL: that is how a stale one is taken over
+        # any authenticated session may end SOL: that is how one is taken over (the holder
+        # is told, as a real BMC tells it; a client that ends its own payload is not)
+        if self.sol.session is not session:
+            self.log.info("SOL deactivated by another session")
+            self.sol.notify_deactivated()
         self._end_sol()
         return CC_OK, b""
 

@@ -139,15 +139,19 @@ def boot_device(c: Context, device: str, inventory: str | None = None, nodes: st
 @labtask(help={"node": "the node whose serial console to open",
                "capture": "record this many seconds non-interactively instead of attaching",
                "log": "with --capture: write the timestamped log here (default: a results/ "
-                      "folder)",
-               "take_over": "take over an SOL session another client holds (default: on; "
-                            "--no-take-over to leave it)",
+                      "folder); refused up front if it cannot be written",
+               "take_over": "take the node's SOL session from the client holding it (that "
+                            "client is told and exits); default: refuse when it is in use",
                "force": "attach to a node leased by someone else"},
          changes=True)
 def console(c: Context, node: str, inventory: str | None = None, capture: float = 0.0,
-            log: str | None = None, take_over: bool = True, force: bool = False) -> None:
+            log: str | None = None, take_over: bool = False, force: bool = False) -> None:
     """Serial-over-LAN console. Interactive: type ~. at the start of a line to leave.
     With --capture N: record N seconds to a timestamped log and exit.
+
+    One node has one SOL session: when another client holds it, the console is refused unless
+    --take-over; the client that loses it says so and exits non-zero. Login refused, SOL in
+    use, a BMC that does not answer (--capture) or a lost session end it with exit 1.
 
     Leases: attaching is changing the node (what you type goes to its console: a login, a
     reboot, a kernel's magic SysRq), so a node leased by someone else is refused unless
@@ -156,12 +160,16 @@ def console(c: Context, node: str, inventory: str | None = None, capture: float 
     from labkit.bmc import console as sol
 
     _positional("console", node)
-    if capture < 0:
-        raise UserError(f"--capture: seconds must be >= 0, got {capture:g}")
+    seconds = sol.check_seconds(capture)
+    if log is not None and not seconds:
+        raise UserError("--log: only with --capture SECONDS (an interactive console keeps no "
+                        "log)")
+    if log is not None and not log.strip():
+        raise UserError("--log: empty path")
     lab_ = lab(c, inventory)
-    (target,) = lab_.named([node], change=not capture, force=force)
-    if capture:
-        path = sol.capture(target, lab_.settings, float(capture), log, force=take_over)
+    (target,) = lab_.named([node], change=not seconds, force=force)
+    if seconds:
+        path = sol.capture(target, lab_.settings, seconds, log, force=take_over)
         print(path)
     else:
         sol.attach(target, lab_.settings, force=take_over)
