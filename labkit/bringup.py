@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from labkit.config import Settings
-from labkit.errors import LabkitError, UserError
+from labkit.errors import LabkitError, NodeError, UserError
 from labkit.inventory import Node
 
 if TYPE_CHECKING:
@@ -82,19 +82,25 @@ class BootWatch:
         with self._lock:
             return tail_text(self._buf.decode(errors="replace"))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         if self._con is not None:
-            self._con.close(timeout=2.0)
+            self._con.close(timeout=timeout)
 
 
-def wait_ssh(node: Node, settings: Settings, watch: BootWatch | None = None) -> None:
+def wait_ssh(node: Node, settings: Settings, watch: BootWatch | None = None,
+             cancelled: Callable[[], bool] | None = None) -> None:
     """Wait (``settings.ssh_wait``) until SSH accepts us; on giving up, the error carries the
-    console tail ``watch`` recorded."""
+    console tail ``watch`` recorded. ``cancelled()`` true (Ctrl-C) ends the wait at the next
+    attempt instead of the end of ssh_wait."""
     from labkit.ssh import SshUnreachable
     from labkit.ssh import wait_ssh as ssh_wait
 
+    def on_retry(n: int, e: BaseException, sleep: float) -> None:
+        if cancelled is not None and cancelled():
+            raise NodeError(f"{node.name}: interrupted while waiting for SSH")
+
     try:
-        ssh_wait(node, settings, time.monotonic() + settings.ssh_wait)
+        ssh_wait(node, settings, time.monotonic() + settings.ssh_wait, on_retry=on_retry)
     except SshUnreachable as e:
         tail = watch.tail() if watch is not None else ""
         if not tail:
@@ -103,33 +109,35 @@ def wait_ssh(node: Node, settings: Settings, watch: BootWatch | None = None) -> 
                              value={**e.value, "console_tail": tail}) from None
 
 
-def _act_and_wait(act: Callable[[bool], dict[str, object]], node: Node, settings: Settings,
-                  wait: bool | str | None) -> dict[str, object]:
+def _act_and_wait(client: PowerClient, act: Callable[[bool], dict[str, object]], node: Node,
+                  settings: Settings, wait: bool | str | None) -> dict[str, object]:
     """Run a power action that ends with the node on (``act(wait_for_power)``), then wait as
     ``wait`` says. For "ssh" the console is watched from before the power command, so the
-    boot log is in the tail when SSH never answers."""
+    boot log is in the tail when SSH never answers. ``client.cancel()`` (Ctrl-C) ends every
+    part within a second or so."""
     mode = normalize_wait(wait)
     if mode != "ssh":
         return act(mode == "power")
     watch = BootWatch(node, settings)
     try:
         result = act(True)
-        wait_ssh(node, settings, watch)
+        wait_ssh(node, settings, watch, cancelled=lambda: client.cancelled)
         result["ssh"] = True
         return result
     finally:
-        watch.close()
+        # interrupted: do not wait for the console thread to log out of a BMC that may be dead
+        watch.close(timeout=0.2 if client.cancelled else 2.0)
 
 
 def power_on(client: PowerClient, node: Node, settings: Settings,
              wait: bool | str | None = False) -> dict[str, object]:
-    """Power on (nothing sent when already on) and wait as ``wait`` says (module docstring).
+    """Power on (see PowerClient.on) and wait as ``wait`` says (module docstring).
     Returns {"power", "changed", "confirmed"} (+ "ssh": True with wait="ssh")."""
-    return _act_and_wait(lambda w: client.on(node, wait=w), node, settings, wait)
+    return _act_and_wait(client, lambda w: client.on(node, wait=w), node, settings, wait)
 
 
 def power_cycle(client: PowerClient, node: Node, settings: Settings,
                 wait: bool | str | None = False) -> dict[str, object]:
     """Off, wait for off, ``settings.cycle_delay``, on (PowerClient.cycle), then wait as
     ``wait`` says, like :func:`power_on`."""
-    return _act_and_wait(lambda w: client.cycle(node, wait=w), node, settings, wait)
+    return _act_and_wait(client, lambda w: client.cycle(node, wait=w), node, settings, wait)

@@ -121,6 +121,9 @@ class Git:
         env.update(LC_ALL="C", LANGUAGE="", GIT_TERMINAL_PROMPT="0", GIT_MERGE_AUTOEDIT="no",
                    GIT_EDITOR="true", GIT_SEQUENCE_EDITOR="true")
         self.env = env
+        # Paths that belong to another repository (submodules, nested checkouts): never ours
+        # to stash, clean or reset; ``status_entries`` leaves them out.
+        self.skip: tuple[str, ...] = ()
 
     def __call__(self, *args: str, check: bool = True, network: bool = False,
                  extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -182,10 +185,33 @@ def status_entries(git: Git) -> list[str]:
         i += 1
         if not item:
             continue
-        entries.append(item)
         if item[0] in "RC":  # rename/copy: the next field is the source path
             i += 1
+        if not _under(item[3:].rstrip("/"), git.skip):
+            entries.append(item)
     return entries
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 commit``, ``2 commits``: never "1 commit(s)" (nor "1 files") in what a person reads."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r + "/") for r in roots)
+
+
+def other_repos(git: Git, entries: list[str]) -> tuple[list[str], list[str]]:
+    """(gitlinks, nested): paths the index records as another repository (submodules, also
+    nested checkouts added with ``git add``), and untracked folders that are repositories of
+    their own. ``git stash`` cannot take either (it records a gitlink, never what is inside),
+    and ``git clean -fd`` leaves nested repositories alone — so sync leaves them alone too."""
+    links = [ln.split("\t", 1)[1] for ln in git.out("ls-files", "-s", "-z").split("\0")
+             if ln.startswith("160000 ")]
+    nested = [e[3:].rstrip("/") for e in entries
+              if e.startswith("?? ") and e.endswith("/")
+              and os.path.lexists(os.path.join(git.repo, e[3:], ".git"))]
+    return sorted(set(links)), nested
 
 
 def in_progress(git_dir: Path) -> str | None:
@@ -303,36 +329,103 @@ def _sync(rep: SyncReport, start: Path, mode: str, dry_run: bool, fetch: bool,
     if rep.behind == 0:
         rep.status, rep.exit_code = "up-to-date", OK
         rep.message = (f"{rep.branch} is up to date with {rep.upstream}"
-                       + (f" ({rep.ahead} local commit(s) not pushed)" if rep.ahead else "")
+                       + (f" ({plural(rep.ahead, 'local commit')} not pushed)" if rep.ahead else "")
                        + "; nothing stashed, nothing changed")
         raise _Stop
     if mode == "ff-only" and rep.ahead:
         rep.status, rep.exit_code = "pull-failed", FAILED
         rep.message = (f"{rep.branch} has diverged from {rep.upstream} ({rep.ahead} local, "
-                       f"{rep.behind} upstream commit(s)); a fast-forward is impossible — "
+                       f"{plural(rep.behind, 'upstream commit')}); a fast-forward is impossible — "
                        "nothing was changed; use --rebase or --merge")
         raise _Stop
+
+    moved = _check_collisions(rep, git, repo, entries, upstream_sha)
+    entries = status_entries(git)  # without the other repositories' paths, which stay put
 
     if dry_run:
         rep.stashed = entries
         changed_up = set(git.out("diff", "--name-only", "HEAD", upstream_sha).splitlines())
+        if moved:
+            rep.notes.append(f"would check out {plural(len(moved), 'submodule')} "
+                             f"{', '.join(moved)} at the upstream's recorded commit")
         local_paths = {e[3:] for e in entries}
         rep.overlap = sorted(local_paths & changed_up)
-        verb = {"ff-only": "fast-forward", "rebase": f"rebase {rep.ahead} local commit(s) onto",
+        verb = {"ff-only": "fast-forward", "rebase": f"rebase {plural(rep.ahead, 'local commit')} onto",
                 "merge": "merge"}[mode]
-        parts = [f"would {verb} {rep.upstream} ({rep.behind} commit(s))"]
+        parts = [f"would {verb} {rep.upstream} ({plural(rep.behind, 'commit')})"]
         if entries:
-            parts.insert(0, f"would stash {len(entries)} local change(s)")
+            parts.insert(0, f"would stash {plural(len(entries), 'local change')}")
             parts.append("re-apply them" + (f" (may conflict in: {', '.join(rep.overlap)})"
                                              if rep.overlap else ""))
         rep.status, rep.exit_code, rep.message = "would-sync", OK, ", ".join(parts)
         raise _Stop
 
-    _apply_sync(rep, git, mode, entries, upstream_sha)
+    _apply_sync(rep, git, mode, entries, upstream_sha, moved)
+
+
+def _some(paths: Sequence[str], n: int = 5) -> str:
+    return ", ".join(paths[:n]) + (f" (+{len(paths) - n} more)" if len(paths) > n else "")
+
+
+def _check_collisions(rep: SyncReport, git: Git, repo: Path, entries: list[str],
+                      upstream_sha: str) -> list[str]:
+    """Refuse, before anything is touched, what a stash-and-pull would lose or half-do:
+
+    * a file the upstream adds that exists here untracked or ignored (a stash would bury the
+      user's copy in its untracked parent; an ignored one git would overwrite outright), or a
+      path the upstream needs as a folder where a file (or another repository) sits;
+    * a submodule with local changes of any kind (edits, untracked files, another commit)
+      that the upstream moves: ``git stash`` cannot take what is inside a submodule.
+
+    Submodules and nested repositories the upstream leaves alone are left alone (as ``git pull
+    --autostash`` does). Returns the clean, checked-out submodules the upstream moves: they are
+    checked out at the new commit after the pull, so the tree ends as the upstream has it."""
+    links, nested = other_repos(git, entries)
+    git.skip = tuple(links) + tuple(nested)
+    dirty = {e[3:] for e in entries if e[3:] in links}
+    changed = set(git.out("diff", "--name-only", "--no-renames", "-z",
+                          f"HEAD...{upstream_sha}").split("\0")) - {""}
+    added = [p for p in git.out("diff", "--name-only", "--no-renames", "-z",
+                                "--diff-filter=A", "HEAD", upstream_sha).split("\0") if p]
+    tracked = set(git.out("ls-files", "-z").split("\0"))
+    clash: set[str] = set()
+    for path in added:
+        if path in tracked:
+            continue  # staged as new here too: the stash holds it, a re-apply merges it
+        if os.path.lexists(repo / path):
+            clash.add(path)
+            continue
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            full = repo / d
+            if d in nested or (os.path.lexists(full) and d not in tracked
+                               and (full.is_symlink() or not full.is_dir())):
+                clash.add(d)
+                break
+    if clash:
+        c = sorted(clash)
+        _refuse(rep, f"{repo}: the upstream adds {_some(c)}, which you have here untracked or "
+                     f"ignored — a pull would bury or overwrite your copy; move it "
+                     f"aside (e.g. mv {c[0]} {c[0]}.mine) and sync again — nothing was changed")
+    moving = sorted(dirty & changed)
+    if moving:
+        _refuse(rep, f"{repo}: submodule {_some(moving)} has local changes (git -C {moving[0]} "
+                     "status) and the upstream moves it; commit or stash them inside it, or "
+                     f"git submodule update {moving[0]} to drop back to the recorded commit, "
+                     "then sync again — nothing was changed")
+    if dirty:
+        rep.notes.append(f"{plural(len(dirty), 'submodule')} with local changes left alone "
+                         f"(the upstream does not move them): {_some(sorted(dirty))}")
+    if nested:
+        rep.notes.append(f"{plural(len(nested), 'nested repository', 'nested repositories')} "
+                         f"left alone: {_some(nested)}")
+    return [p for p in links if p in changed and p not in dirty
+            and os.path.lexists(repo / p / ".git")]
 
 
 def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
-                upstream_sha: str) -> None:
+                upstream_sha: str, moved: list[str]) -> None:
     before = rep.before
     assert before is not None
     stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
@@ -342,12 +435,18 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
     if entries:
         ident = _committer_env(git)
         msg = f"labkit sync {stamp}: local changes before pulling {rep.upstream}"
-        r = git("stash", "push", "--include-untracked", "-m", msg, check=False, extra_env=ident)
+        old_top = git("rev-parse", "-q", "--verify", "refs/stash", check=False).stdout.strip()
+        # other repositories inside this one (submodules, nested checkouts) are not ours to
+        # stash: excluded by name, so the stash takes exactly ``entries``
+        skip = [f":(top,literal,exclude){p}" for p in git.skip]
+        r = git("stash", "push", "--include-untracked", "-m", msg, *(["--", *skip] if skip
+                                                                      else []),
+                check=False, extra_env=ident)
         stash_sha = git("rev-parse", "-q", "--verify", "refs/stash", check=False).stdout.strip()
-        if r.returncode != 0 or not stash_sha or msg not in git.out(
+        if r.returncode != 0 or not stash_sha or stash_sha == old_top or msg not in git.out(
                 "log", "-1", "--format=%s", stash_sha):
             rep.status, rep.exit_code = "error", FAILED
-            rep.message = f"git stash failed, nothing pulled: {last_line(r.stderr)}"
+            rep.message = f"git stash failed, nothing pulled: {last_line(r.stderr + r.stdout)}"
             left = status_entries(git)
             if left != entries:
                 rep.message += " (the tree changed; see git status and git stash list)"
@@ -363,7 +462,7 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
             # ref) rather than re-applying over the leftovers.
             rep.status, rep.exit_code = "error", FAILED
             rep.stash_kept = _stash_name(git, stash) or stash
-            rep.message = (f"git stash left {len(left)} change(s) in the tree; nothing pulled; "
+            rep.message = (f"git stash left {plural(len(left), 'change')} in the tree; nothing pulled; "
                            f"the rest is in {rep.stash_kept} — restore with "
                            f"git stash pop --index {rep.stash_kept}")
             raise _Stop
@@ -400,11 +499,33 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
         _reapply(rep, git, stash, after_pull=True)
         if rep.status == "apply-conflict":
             raise _Stop
+    _update_submodules(rep, git, moved)
     rep.status, rep.exit_code = "synced", OK
-    pulled = f"pulled {rep.behind} commit(s) from {rep.upstream}"
+    pulled = f"pulled {plural(rep.behind, 'commit')} from {rep.upstream}"
     rep.message = (f"{pulled}: {_short(before)} -> {_short(rep.after)}"
-                   + (f"; {len(entries)} local change(s) restored" if stash else ""))
+                   + (f"; {plural(len(entries), 'local change')} restored" if stash else ""))
     _prune_backups(git)
+
+
+def _update_submodules(rep: SyncReport, git: Git, moved: list[str]) -> None:
+    """Check out the clean submodules the pull moved at their new recorded commits (fetching
+    inside them when the commit is not there yet): what the user would otherwise have to do by
+    hand before the next sync. A failure is a note with the command, not a failed sync: the
+    pull itself succeeded and nothing local was at stake (those submodules were clean)."""
+    still = set(ln.split("\t", 1)[1] for ln in git.out("ls-files", "-s", "-z").split("\0")
+                if ln.startswith("160000 "))
+    moved = [p for p in moved if p in still]
+    if not moved:
+        return
+    r = git("submodule", "update", "--checkout", "--", *moved, check=False, network=True,
+            extra_env=_net_env(git))
+    if r.returncode == 0:
+        rep.notes.append(f"{plural(len(moved), 'submodule')} checked out at the upstream's "
+                         f"recorded commit: {', '.join(moved)}")
+    else:
+        rep.notes.append(f"{plural(len(moved), 'submodule')} could not be checked out at "
+                         f"the upstream's recorded commit ({last_line(r.stderr)}); run git submodule update -- "
+                         + " ".join(moved))
 
 
 def _abort_integration(git: Git, before: str) -> None:
@@ -450,6 +571,7 @@ def _reapply(rep: SyncReport, git: Git, stash: str, *, after_pull: bool) -> None
         rep.restored = True
         return
     # Conflict: never drop. Say where everything is and how to get back.
+    beside = _keep_beside(git, stash, collisions)
     rep.conflicts = sorted(set(unmerged) | set(collisions)) or [
         e[3:] for e in status_entries(git)]
     name = _stash_name(git, stash) or stash
@@ -460,13 +582,55 @@ def _reapply(rep: SyncReport, git: Git, stash: str, *, after_pull: bool) -> None
     rep.message = (f"re-applying local changes conflicted {where} in: "
                    f"{', '.join(rep.conflicts) or '(see git status)'}; they are kept in "
                    f"{name} ({_short(stash)}) and {rep.backup_ref} — nothing was lost")
-    rep.recovery = [
-        f"resolve: edit the conflicted files, `git add` them, then `git stash drop {name}`",
-        f"or go back to exactly before the sync: `git reset --hard {_short(rep.before)} && "
-        f"git clean -fd && git stash apply --index {_short(stash)}`"
-        + (" (the pull itself is then undone too)" if after_pull else ""),
-        f"your changes stay in `git stash show -p --include-untracked {name}` and in "
-        f"{rep.backup_ref} until you delete them",
+    if beside:
+        rep.notes.append("your own copies of files the upstream added are beside them: "
+                         + ", ".join(f"{p} -> {b}" for p, b in beside))
+    rep.recovery = _recovery(git, rep, stash, name, unmerged, after_pull)
+
+
+def _keep_beside(git: Git, stash: str, collisions: list[str]) -> list[tuple[str, str]]:
+    """A file the user had untracked that the pull brought in as tracked stays only in the
+    stash's untracked parent; put the user's copy back beside the upstream's (``X.mine``, or
+    ``X.mine.2`` ...), so no later command on the stash can be the one that loses it."""
+    kept = []
+    for path in collisions:
+        blob = subprocess.run(["git", "-C", str(git.repo), "cat-file", "blob",
+                               f"{stash}^3:{path}"], capture_output=True, env=git.env,
+                              stdin=subprocess.DEVNULL, timeout=120)
+        if blob.returncode != 0:
+            continue
+        target, n = f"{path}.mine", 1
+        while os.path.lexists(git.repo / target):
+            n += 1
+            target = f"{path}.mine.{n}"
+        with open(git.repo / target, "xb") as f:
+            f.write(blob.stdout)
+        kept.append((path, target))
+    return kept
+
+
+def _recovery(git: Git, rep: SyncReport, stash: str, name: str, unmerged: list[str],
+              after_pull: bool) -> list[str]:
+    """What to do next, each a command that loses nothing (tests run every one): the stash is
+    only dropped where the backup ref still holds it, and going back removes only the files
+    the stash itself restores before applying it again."""
+    import shlex
+
+    short = _short(stash)
+    has_untracked = git.ok("rev-parse", "-q", "--verify", f"{stash}^3")
+    clean = (f"git ls-tree -r -z --name-only {short}^3 | xargs -0 -r git clean -fq -- && "
+             if has_untracked else "")
+    add = ("git add -- " + " ".join(shlex.quote(p) for p in unmerged)) if unmerged else \
+        "git add -- FILE"
+    return [
+        f"see what you had: `git stash show -p --include-untracked {short}`",
+        f"finish: edit the conflicted files, then `{add}`; your changes stay in {name} and "
+        f"{rep.backup_ref} — `git stash drop {name}` when you no longer need the stash "
+        f"entry ({rep.backup_ref} keeps the same commit)",
+        "or go back to exactly before the sync"
+        + (" (undoing the pull too)" if after_pull else "") + ", from the top of the tree: "
+        f"`git reset -q --hard {_short(rep.before)} && {clean}"
+        f"git stash apply -q --index {short}`",
     ]
 
 
@@ -491,14 +655,14 @@ def format_report(rep: SyncReport) -> str:
                      + (f" -> {_short(rep.after)}" if rep.after != rep.before else " (unchanged)"))
     if rep.commits:
         what = "pulled  " if rep.after != rep.before else "incoming"
-        lines.append(f"  {what}  {rep.commits_total} commit(s):")
+        lines.append(f"  {what}  {plural(rep.commits_total, 'commit')}:")
         lines += [f"    {c}" for c in rep.commits]
         if rep.commits_total > len(rep.commits):
             lines.append(f"    ... and {rep.commits_total - len(rep.commits)} more")
     if rep.stashed:
         verb = "would stash" if rep.dry_run else ("stashed and restored" if rep.restored
                                                  else "stashed")
-        lines.append(f"  {verb} {len(rep.stashed)} change(s): "
+        lines.append(f"  {verb} {plural(len(rep.stashed), 'change')}: "
                      + ", ".join(e[3:] for e in rep.stashed[:15])
                      + (" ..." if len(rep.stashed) > 15 else ""))
     if rep.overlap:

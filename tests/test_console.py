@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.bmc.console import EscapeFilter, SolConsole, TimestampedLog, expect
+from labkit.bmc.console import IN_USE, EscapeFilter, SolConsole, TimestampedLog, expect
 from labkit.bmc.power import PowerClient
 from labkit.config import Settings
 from labkit.errors import NodeError
@@ -129,8 +129,12 @@ def test_stale_sol_session_is_taken_over_and_a_dropped_one_reconnects(make_fake_
     finally:
         child.kill()
         child.wait()
+    # the BMC cannot tell yet that the holder died: without take-over, refused at once
+    with SolConsole(node, SETTINGS) as polite:
+        assert not polite.wait_connected(5) and polite.ended.is_set()
+        assert polite.fatal == "node1: " + IN_USE
     events: list[str] = []
-    with SolConsole(node, SETTINGS, on_event=events.append, keepalive=0.5) as con:
+    with SolConsole(node, SETTINGS, on_event=events.append, keepalive=0.5, force=True) as con:
         assert con.wait_connected(5)  # took the stale payload over
         assert events == ["SOL connected"]
         lab.control.cold_reset("node1")  # the BMC forgets every session

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -271,8 +272,10 @@ def test_deploy_redeploy_change_one_file(ssh_nodes: Any, tmp_path: Path, kind: s
         new, old = lab.pdir(name) / "current", lab.pdir(name) / "previous"
         assert (new / "tool.py").read_text() == "print('v2')\n"
         assert (old / "tool.py").read_text() == "print('v1')\n"
-        # unchanged files are hard links to the previous release, not new uploads
-        assert os.stat(new / "lib/helper.py").st_ino == os.stat(old / "lib/helper.py").st_ino
+        # unchanged files are copied on the node, not uploaded again, and share no inode
+        # with the previous release (an edit in one must never reach the other)
+        assert os.stat(new / "lib/helper.py").st_ino != os.stat(old / "lib/helper.py").st_ino
+        assert (new / "lib/helper.py").read_bytes() == (old / "lib/helper.py").read_bytes()
 
 
 def test_check_states(ssh_nodes: Any, tmp_path: Path) -> None:
@@ -402,6 +405,88 @@ def test_sigkill_controller_mid_deploy(ssh_nodes: Any, tmp_path: Path) -> None:
         assert lab.current(name) != r1
 
 
+def edit_in_place(path: Path, data: bytes) -> None:
+    """What a quick fix on a node looks like to the file system: the same inode rewritten,
+    size kept, mtime put back (``cp -p``, ``rsync -t``, an editor that restores it)."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_an_edit_keeping_size_and_mtime_is_repaired_by_deploy(ssh_nodes: Any,
+                                                               tmp_path: Path) -> None:
+    """Today: --check saw it, deploy said "in sync" and left it."""
+    src = write_bundle(tmp_path / "src", BASE)
+    lab = ssh_nodes(1)
+    r1 = run(lab, src)["node1"].value["release"]
+    helper = lab.pdir("node1") / "current/lib/helper.py"
+    edit_in_place(helper, b"X = 2\n")
+    assert run(lab, src, "check")["node1"].value["modified"] == ["lib/helper.py"]
+    fixed = run(lab, src)["node1"]
+    assert fixed.ok and fixed.value["state"] == "deployed", fixed.value
+    assert fixed.value["uploaded_files"] == 1 and fixed.value["release"] != r1
+    assert (lab.pdir("node1") / "current/lib/helper.py").read_text() == "X = 1\n"
+    assert run(lab, src, "check")["node1"].value["state"] == "in sync"
+
+
+def test_rollback_restores_previous_byte_for_byte_after_an_edit_in_current(
+        ssh_nodes: Any, tmp_path: Path) -> None:
+    """Today: current and previous shared hard-linked files, so the edit was in both."""
+    src = write_bundle(tmp_path / "src", BASE)
+    lab = ssh_nodes(1)
+    r1 = run(lab, src)["node1"].value["release"]
+    (src / "tool.py").write_text("print('v2')\n")
+    assert run(lab, src)["node1"].ok
+    for rel in ("lib/helper.py", "data/blob.bin"):
+        edit_in_place(lab.pdir("node1") / "current" / rel,
+                      b"X = 9\n" if rel.endswith(".py") else b"\1" * 5000)
+    back = run(lab, None, "rollback")["node1"]
+    assert back.ok and lab.current("node1") == r1
+    cur = lab.pdir("node1") / "current"
+    for rel, data in BASE.items():
+        want = data.encode() if isinstance(data, str) else data
+        assert (cur / rel).read_bytes() == want, rel
+    # and every pair of releases on the node shares no inode at all
+    rels = [d for d in (lab.pdir("node1") / "releases").iterdir() if not d.name.startswith(".")]
+    inodes = [{(f.stat().st_dev, f.stat().st_ino) for f in d.rglob("*") if f.is_file()}
+              for d in rels]
+    assert len(rels) == 2 and not inodes[0] & inodes[1]
+
+
+def test_a_kept_file_is_hash_checked_before_reuse(ssh_nodes: Any, tmp_path: Path) -> None:
+    """An edit the probe cannot see (here the release's marker was touched after the edit, so
+    nothing looks newer than the build): the stage agent hashes every file it would keep, refuses
+    the edited one, and the deployer sends it instead — one more stage round, nothing lost."""
+    src = write_bundle(tmp_path / "src", BASE)
+    lab = ssh_nodes(1)
+    run(lab, src)
+    cur = lab.pdir("node1") / "current"
+    edit_in_place(cur / "lib/helper.py", b"X = 2\n")
+    later = time.time() + 3600
+    os.utime(cur / ".labkit-stat", (later, later))
+    (src / "tool.py").write_text("print('v2')\n")
+    out = run(lab, src)["node1"]
+    assert out.ok, out.error
+    assert out.value["uploaded_files"] == 2 and out.value["uploaded"].startswith("2 files")
+    assert (cur / "lib/helper.py").read_text() == "X = 1\n"
+    assert (cur / "tool.py").read_text() == "print('v2')\n"
+    assert run(lab, src, "check")["node1"].value["state"] == "in sync"
+
+
+def test_uploaded_counts_read_in_the_singular(ssh_nodes: Any, tmp_path: Path) -> None:
+    src = write_bundle(tmp_path / "src", {"only.py": "x = 1\n"})
+    lab = ssh_nodes(1, payloads=[src])
+    r = subprocess.run([sys.executable, "-m", "labkit.cli", "deploy", "-i",
+                        str(lab.inventory_path)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "bundle: 1 file," in r.stderr and "1 file," in r.stdout
+    assert "1 files" not in r.stdout + r.stderr
+
+
 def test_cli_deploy_check_json(ssh_nodes: Any, tmp_path: Path) -> None:
     src = write_bundle(tmp_path / "src", BASE)
     lab = ssh_nodes(2, payloads=[src])
@@ -497,3 +582,93 @@ def test_fake_lab_end_to_end(make_fake_lab: Any) -> None:
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert {o["state"] for o in json.loads(r.stdout)} == {"in sync"}
+
+
+# --- payloads the controller cannot ship as they are: named, exit 2, nothing deployed ---------
+
+def test_payload_tree_special_files_and_links_are_refused(tmp_path: Path) -> None:
+    """Each of these was silently left out of the release (or, for the outside link, shipped
+    without anyone asking); now each is a UserError naming the path."""
+    import socket
+
+    def bundle_with(name: str, make: Any) -> Path:
+        root = write_bundle(tmp_path / name, {"ok.py": "x = 1\n"})
+        make(root)
+        return root
+
+    cases = {
+        "fifo": (lambda r: os.mkfifo(r / "pipe"), "pipe", "a FIFO"),
+        "dangling": (lambda r: (r / "gone.py").symlink_to(r / "nowhere.py"), "gone.py",
+                     "dangling symlink"),
+        "outside": (lambda r: (r / "secret").symlink_to(tmp_path / "outside.txt"), "secret",
+                    "outside the payload folder"),
+        "dirlink": (lambda r: (r / "lib").symlink_to(write_bundle(r / "real", {"m.py": "1"})),
+                    "lib", "symlink to a folder"),
+        "to-device": (lambda r: (r / "null").symlink_to("/dev/null"), "null", "outside"),
+    }
+    (tmp_path / "outside.txt").write_text("not for the nodes\n")
+    for name, (make, bad, words) in cases.items():
+        root = bundle_with(name, make)
+        with pytest.raises(UserError) as e:
+            dp.collect_bundle([root], cache=None)
+        assert f"{root / bad}" in str(e.value) and words in str(e.value), (name, str(e.value))
+        assert "\n" not in str(e.value)
+    # a socket too (bound, so the file exists), and a single-file payload that is a FIFO
+    root = bundle_with("sock", lambda r: None)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(root / "s.sock"))
+        with pytest.raises(UserError, match="s.sock: a socket cannot be deployed"):
+            dp.collect_bundle([root], cache=None)
+    finally:
+        s.close()
+    try:  # a device node (root in most containers may make one; skip that line if not)
+        dev = bundle_with("dev", lambda r: os.mknod(r / "null", 0o600 | stat.S_IFCHR,
+                                                     os.makedev(1, 3)))
+    except PermissionError:
+        dev = None
+    if dev:
+        with pytest.raises(UserError, match="null: a device cannot be deployed"):
+            dp.collect_bundle([dev], cache=None)
+    os.mkfifo(tmp_path / "lone-fifo")
+    with pytest.raises(UserError, match="lone-fifo: a FIFO"):
+        dp.collect_bundle([tmp_path / "lone-fifo"], cache=None)
+    # links that stay inside the tree and point at files are fine: the content is shipped
+    ok = bundle_with("inside", lambda r: (r / "alias.py").symlink_to(r / "ok.py"))
+    assert dp.collect_bundle([ok], cache=None).files["alias.py"].size == len("x = 1\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+                    reason="needs root and setpriv to run the controller as another user "
+                           "(root reads every file whatever its mode)")
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_unreadable_payload_refused_through_both_clis(what: str) -> None:
+    """Today: an unreadable file gave a traceback half-way through the deploy; an unreadable
+    folder was silently left out of the release. Run as nobody, so permissions apply."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="labkit-unreadable-"))
+    lab = None
+    try:
+        base.chmod(0o755)
+        src = write_bundle(base / "src", {**BASE, "secret/key.py": "K = 1\n"})
+        lab = SshNodes(base / "lab", 1, payloads=[src])
+        subprocess.run(["chown", "-R", "65534:65534", str(base)], check=True)
+        bad = src / "lib/helper.py" if what == "file" else src / "secret"
+        bad.chmod(0)
+        env = dict(os.environ, HOME=str(base), XDG_CACHE_HOME=str(base / "cache"))
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for argv in ([str(Path(sys.executable).with_name("labkit")), "deploy"],
+                     [str(Path(sys.executable).with_name("invoke")), "-r", str(REPO),
+                      "deploy"]):
+            r = subprocess.run([*as_nobody, *argv, "-i", str(lab.inventory_path)], env=env,
+                               cwd=base, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, r.stdout + r.stderr
+            assert r.stderr.count("\n") == 1 and str(bad) in r.stderr, r.stderr
+            assert "cannot read" in r.stderr and "Traceback" not in r.stderr
+            assert not lab.pdir("node1").exists()  # nothing deployed, nothing started
+    finally:
+        if lab:
+            lab.close()
+        shutil.rmtree(base, ignore_errors=True)

@@ -309,3 +309,54 @@ def test_many_bmcs_one_client_socket(make_fake_lab):
     clients["node1"].set_power("on")
     lab.wait("node1", power="on", timeout=20)
     assert struct.calcsize("B") == 1
+
+
+def test_answers_rmcp_presence_ping(make_fake_lab):
+    """ASF presence ping (RMCP class 6, IANA 4542, type 0x80) -> presence pong with the same
+    tag, saying IPMI is supported, as a real BMC answers discovery tools. A malformed ASF
+    message gets nothing and does not disturb the BMC."""
+    lab = make_fake_lab(count=1, ssh=False, **FAST)
+    host, port = lab.bmc("node1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(b"\x06\x00\xff\x06" + b"\x00\x00\x11\xbe" + b"\x80\x2a\x00\x00", (host, port))
+        pong = s.recv(512)
+        s.sendto(b"\x06\x00\xff\x06" + b"\x00\x00\x11\xbf" + b"\x80\x2b\x00\x00", (host, port))
+        s.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            s.recv(512)
+    assert pong[:4] == b"\x06\x00\xff\x06" and pong[4:8] == b"\x00\x00\x11\xbe"
+    msg_type, tag, _, length = pong[8:12]
+    assert (msg_type, tag, length) == (0x40, 0x2A, 16) and len(pong) == 12 + 16
+    body = pong[12:]
+    assert body[0:4] == b"\x00\x00\x11\xbe"  # IANA enterprise number of the ASF
+    assert body[8] & 0x80  # supported entities: IPMI
+    assert lab.status("node1")["stats"]["pongs"] == 1
+    assert auth_cap_probe(port)  # still serving IPMI
+
+
+def test_open_session_offers_suites_3_and_17_only(make_fake_lab):
+    """An RMCP+ Open Session Request gets the algorithms of suite 17 when it proposes them or
+    leaves the choice to the BMC, suite 3 when it proposes that, and status 0x11 (no cipher
+    suite match) for anything else, such as suite 1 (no integrity, no encryption)."""
+    lab = make_fake_lab(count=1, ssh=False, **FAST)
+    _, port = lab.bmc("node1")
+
+    def open_session(auth: int | None, integrity: int | None, conf: int | None) -> bytes:
+        body = bytearray([7, 0, 0, 0]) + b"\x01\x02\x03\x04"
+        for kind, alg in ((0, auth), (1, integrity), (2, conf)):
+            body += bytes([kind, 0, 0, 0 if alg is None else 8, alg or 0, 0, 0, 0])
+        pkt = b"\x06\x00\xff\x07\x06\x10" + b"\0" * 8 + struct.pack("<H", len(body)) + body
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.sendto(pkt, ("127.0.0.1", port))
+            reply = s.recv(512)
+        return reply[16:]
+
+    for proposal, expect in (((3, 4, 1), (3, 4, 1)), ((None, None, None), (3, 4, 1)),
+                             ((1, 1, 1), (1, 1, 1))):
+        reply = open_session(*proposal)
+        assert reply[0] == 7 and reply[1] == 0, (proposal, reply.hex())
+        assert (reply[16], reply[24], reply[32]) == expect, (proposal, reply.hex())
+    for proposal in ((1, 0, 0), (3, 4, 0), (2, 2, 1)):
+        assert open_session(*proposal)[1] == 0x11, proposal

@@ -1,5 +1,5 @@
-"""The fake BMC against independent IPMI implementations: ipmitool (lanplus, suite 3) and
-freeipmi (ipmipower, ipmiconsole). Each test is skipped with the reason when its tool is
+"""The fake BMC against independent IPMI implementations: ipmitool (lanplus, suites 3 and
+17, privilege levels) and freeipmi (ipmipower, ipmiconsole, rmcpping). Each test is skipped with the reason when its tool is
 missing. The password goes by file (ipmitool -f, freeipmi --config-file), never argv."""
 
 from __future__ import annotations
@@ -173,3 +173,97 @@ def test_ipmiconsole_activates_sol(make_fake_lab, tmp_path):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+# -- what current BMCs offer: suite 17, privilege levels, presence ping ----------------------------
+
+def _ipmitool(lab, node: str, *args: str, suite: str = "17",
+              user: str = "admin") -> subprocess.CompletedProcess:
+    host, port = lab.bmc(node)
+    return subprocess.run([need("ipmitool"), "-I", "lanplus", *(["-C", suite] if suite else []),
+                           "-H", host, "-p", str(port), "-U", user, "-f",
+                           str(lab.password_file), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_ipmitool_cipher_suite_17_and_the_real_cipher_list(make_fake_lab):
+    """`ipmitool -C 17` (the default of many current BMCs and tools) works, ipmitool without
+    -C finds a suite through Get Channel Cipher Suites, and that lists 3 and 17."""
+    lab = make_fake_lab(count=1, ssh=False, **FAST)
+    r = _ipmitool(lab, "node1", "chassis", "power", "on")
+    assert r.returncode == 0 and "Up/On" in r.stdout, (r.stdout, r.stderr)
+    lab.wait("node1", power="on", timeout=5)
+    r = _ipmitool(lab, "node1", "chassis", "power", "status", suite="")
+    assert r.returncode == 0 and r.stdout == "Chassis Power is on\n", (r.stdout, r.stderr)
+    r = _ipmitool(lab, "node1", "channel", "getciphers", "ipmi", "1")
+    assert r.returncode == 0, r.stderr
+    suites = {line.split()[0]: line.split()[2:] for line in r.stdout.splitlines()[1:]}
+    assert suites == {"3": ["hmac_sha1", "hmac_sha1_96", "aes_cbc_128"],
+                      "17": ["hmac_sha256", "sha256_128", "aes_cbc_128"]}, r.stdout
+    assert lab.status("node1")["stats"]["suites"].get("17", 0) >= 2
+
+
+def test_ipmipower_cipher_suite_17(make_fake_lab, tmp_path):
+    tool = need("ipmipower")
+    lab = make_fake_lab(count=2, ssh=False, **FAST)
+    cfg = freeipmi_config(lab, tmp_path)
+    hosts = ",".join(f"{h}:{p}" for h, p in (lab.bmc(n) for n in lab.nodes))
+    base = [tool, "--config-file", str(cfg), "-D", "LAN_2_0", "-I", "17", "-h", hosts]
+    r = subprocess.run(base + ["--on"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.count(": ok") == 2, (r.stdout, r.stderr)
+    for n in lab.nodes:
+        lab.wait(n, power="on", timeout=5)
+    r = subprocess.run(base + ["--stat"], capture_output=True, text=True, timeout=30)
+    assert r.stdout.count(": on") == 2, (r.stdout, r.stderr)
+
+
+def test_privilege_levels_are_enforced(make_fake_lab):
+    """A session at USER privilege (an account limited to USER, or an admin asking for USER)
+    reads status and gets "insufficient privilege" for a power change; an account limited to
+    USER that asks for administrator is refused at login, as BMCs do."""
+    lab = make_fake_lab(count=1, ssh=False, **FAST)
+    lab.control.user("node1", "viewer", "user")
+    for user in ("viewer", "admin"):
+        r = _ipmitool(lab, "node1", "-L", "USER", "chassis", "power", "status", user=user)
+        assert r.returncode == 0 and r.stdout == "Chassis Power is off\n", (r.stdout, r.stderr)
+        r = _ipmitool(lab, "node1", "-L", "USER", "chassis", "power", "on", user=user)
+        assert r.returncode != 0 and "Insufficient privilege level" in r.stderr, r.stderr
+        r = _ipmitool(lab, "node1", "-L", "USER", "chassis", "bootdev", "pxe", user=user)
+        # (ipmitool exits 0 here whatever the BMC said)
+        assert "Insufficient privilege level" in r.stderr, r.stderr
+        assert lab.status("node1")["bootdev"] == "default"
+    r = _ipmitool(lab, "node1", "chassis", "power", "on", user="viewer")  # asks for ADMIN
+    assert r.returncode != 0 and "Up/On" not in r.stdout
+    st = lab.status("node1")
+    assert (st["power"], st["pending"]) == ("off", None)
+
+
+def test_rmcpping_finds_the_bmc(tmp_path):
+    """freeipmi's rmcpping sends an RMCP presence ping, to port 623 only: the fake BMC is put
+    on 623 of a loopback address of its own (needs root or CAP_NET_BIND_SERVICE)."""
+    import random
+    import socket
+
+    from labkit.fake import lab as fake_lab
+
+    tool = need("rmcpping")
+    host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 623))
+    except OSError as e:
+        pytest.skip(f"cannot bind UDP {host}:623 here ({e.strerror})")
+    fake_lab.generate(1, tmp_path, ssh=False, power_delay=(0.05, 0.1))
+    inv = tmp_path / "inventory.yaml"
+    text = inv.read_text()
+    start = text.index("bmc: {host: 127.0.0.1, port: ")
+    end = text.index("}", start)
+    inv.write_text(text[:start] + f"bmc: {{host: {host}, port: 623" + text[end:])
+    fake_lab.up(inv)
+    try:
+        r = subprocess.run([tool, "-c", "2", "-t", "2", host], capture_output=True, text=True,
+                           timeout=30)
+    finally:
+        fake_lab.down(inv)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.count("pong received from") == 2, r.stdout

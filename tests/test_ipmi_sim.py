@@ -141,15 +141,34 @@ def test_status_on_off_against_ipmi_sim(sim):
         assert client.status(node) == "off"
         assert client.on(node, wait=True) == {"power": "on", "changed": True, "confirmed": True}
         assert client.status(node) == "on"
-        assert client.on(node)["changed"] is False  # idempotent: nothing sent
+        # idempotent, and sent anyway: the BMC's last request must be ours
+        assert client.on(node)["changed"] is False
         assert client.off(node, wait=True)["power"] == "off"
         assert client.status(node) == "off"
         client.cycle(node, wait=True)
         assert client.status(node) == "on"
         client.set_boot_device(node, "pxe")
-    # cycle of an off node only powers it on; ipmi_sim relays the boot device too
+    # cycle of an off node: off (nothing to do) then on; ipmi_sim relays the boot device too
     assert (tmp / "chassis.log").read_text().split("\n") == [
-        "mc set power 1", "mc set power 0", "mc set power 1", "mc set boot pxe", ""]
+        "mc set power 1", "mc set power 1", "mc set power 0", "mc set power 0",
+        "mc set power 1", "mc set boot pxe", ""]
+
+
+def test_reset_of_an_off_node_is_refused_plainly(sim):
+    """ipmi_sim accepts a reset of an off chassis and does nothing (labkit used to report it
+    as "on, changed"); labkit fails it with the same line as against the fake BMC, which
+    refuses it with 0xD5, and sends no reset."""
+    from labkit.errors import NodeError
+
+    inv, tmp = sim
+    with PowerClient(FAST) as client:
+        assert client.status(inv.node("sim1")) == "off"
+        with pytest.raises(NodeError) as err:
+            client.reset(inv.node("sim1"))
+    assert str(err.value).startswith("sim1: power is off: a reset does nothing")
+    assert err.value.value == {"power": "off", "changed": False, "confirmed": True}
+    log = tmp / "chassis.log"
+    assert "reset" not in (log.read_text() if log.exists() else "")
 
 
 @pytest.mark.slow  # the labkit CLI against ipmi_sim

@@ -149,13 +149,17 @@ def test_matrix_runs_the_grid_and_summarises(lab, tmp_path):
 # --- the controller's event pump, without nodes -------------------------------------------------
 class _Chan:
     """A stand-in for an SSH channel: recv() hands out queued chunks (b"" = EOF), sendall()
-    calls a hook (the "destination" answering what it was sent)."""
+    calls a hook (the "destination" answering what it was sent); end() is the process exiting
+    (its status, then EOF, as the fake lab's sshd sends them)."""
 
     def __init__(self, on_send=None):
         import queue
+        import threading
 
         self.chunks: queue.Queue = queue.Queue()
         self.on_send = on_send
+        self.status_event = threading.Event()
+        self.status = -1
 
     def recv(self, n):
         return self.chunks.get()
@@ -167,22 +171,35 @@ class _Chan:
     def recv_stderr_ready(self):
         return False
 
+    def recv_exit_status(self):
+        return self.status
 
-class _Rem:
-    def __init__(self, node, ch):
-        import queue
+    def end(self, status):
+        self.status = status
+        self.status_event.set()
+        self.chunks.put(b"")
 
-        self.node, self.ch, self.lines = node, ch, queue.Queue()
 
-    def stderr_tail(self):
-        return "no stderr"
+class _Shell:
+    """Hands out the one channel as the process a Remote runs."""
+
+    def __init__(self, ch):
+        self.ch = ch
+
+    def open_exec(self, cmd, env=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(channel=self.ch, run_id="t", kill=lambda: None,
+                               close=lambda: None)
 
 
 def _pump(tmp_path, on_send=None):
     from labkit.experiment import results as res
     from labkit.experiment.relay import Pump
+    from labkit.experiment.remote import Remote
 
-    src, dst = _Rem("node1", _Chan()), _Rem("node2", _Chan(on_send))
+    src = Remote(_Shell(_Chan()), "node1", "agent.py source", "source agent", raw=True)
+    dst = Remote(_Shell(_Chan(on_send)), "node2", "agent.py restore", "restore agent")
     return Pump(src, dst, res.Events(tmp_path / "events.jsonl"), "t"), src, dst
 
 
@@ -260,15 +277,85 @@ def test_pump_fails_fast_and_names_what_it_waited_for(tmp_path):
     with pytest.raises(MigrationFailed, match=r"timed out after 0s waiting for the final round "
                                               r"\(source agent on node1, restore agent on node2"):
         pump.wait(0.2, "the final round", src_type=st.ROUND_END)
-    src.ch.chunks.put(b"")  # the source agent died
-    with pytest.raises(MigrationFailed, match="node1: source agent exited while we waited for "
-                                              "the source hash"):
+    src.ch.end(1)  # the source agent died
+    with pytest.raises(MigrationFailed, match="node1: source agent exited with status 1 while "
+                                              "we waited for the source hash"):
         pump.wait(5, "the source hash", src_type=st.VERIFY)
-    dst.lines.put({"event": "eof"})  # and the restore agent too
-    with pytest.raises(MigrationFailed, match="node2: restore agent exited"):
+    with pytest.raises(MigrationFailed, match="node1: source agent exited"):  # the first to die
+        pump.wait(5, "the restored workload", dst_event="resumed")  # is the one blamed
+
+    pump, src, dst = _pump(tmp_path)
+    dst.ch.end(137)  # the restore agent is killed
+    with pytest.raises(MigrationFailed, match=r"node2: restore agent exited with status 137 "
+                                              r"\(SIGKILL\)"):
         pump.wait(5, "the restored workload", dst_event="resumed")
     with pytest.raises(MigrationFailed, match="node2: restore agent exited"):  # at once, again
         pump.wait(5, "the verification", dst_event="verified")
+
+
+def test_pump_fails_at_once_when_the_source_ends_unasked(tmp_path):
+    """The source agent ending while the run waits for the destination only (its hello) is a
+    failure unless it was told to quit — it used to count as an orderly end, and the wait then
+    ran out its whole budget for a hello that could not come."""
+    pump, src, dst = _pump(tmp_path)
+    src.ch.end(1)
+    t0 = time.monotonic()
+    with pytest.raises(MigrationFailed, match="node1: source agent exited with status 1 while "
+                                              "we waited for the restore agent's hello"):
+        pump.wait(30, "the restore agent's hello", dst_event="hello")
+    assert time.monotonic() - t0 < 5
+
+    pump, src, dst = _pump(tmp_path)
+    src.quit()  # told to: its end is orderly, and the wait goes on for the destination
+    src.ch.end(0)
+    dst.lines.put({"event": "serving"})
+    assert pump.wait(5, "the restored workload to serve", dst_event="serving") == {
+        "event": "serving"}
+
+
+def test_every_wait_fails_when_any_peer_of_the_run_ends(tmp_path):
+    """A process of the run that is not one of the stream's agents (the workload) ending
+    unasked fails a pump wait and a wait on another process at once, naming it; one told to
+    quit does not; the run's cleanup (close) stops the watching."""
+    from labkit.experiment import results as res
+    from labkit.experiment.relay import Pump
+    from labkit.experiment.remote import Peers, Remote
+
+    events = res.Events(tmp_path / "events.jsonl")
+    peers = Peers(events)
+
+    def remote(node, label, raw=False):
+        return Remote(_Shell(_Chan()), node, "x", label, raw=raw, peers=peers)
+
+    wl, other = remote("node1", "workload"), remote("node2", "helper")
+    waiter = remote("node2", "waiter")  # a process whose answer a wait expects
+    src, dst = remote("node1", "source agent", raw=True), remote("node2", "restore agent")
+    pump = Pump(src, dst, events, "t")
+    other.quit()
+    other.ch.end(0)  # asked to: nothing happens
+    done = {}
+
+    def kill_later():
+        time.sleep(0.2)  # the waits below are blocked by then
+        done["t"] = time.monotonic()
+        wl.ch.end(137)
+
+    import threading
+
+    threading.Thread(target=kill_later, daemon=True).start()
+    with pytest.raises(MigrationFailed, match=r"node1: workload exited with status 137 "
+                                              r"\(SIGKILL\) while we waited for the end of "
+                                              r"round 0"):
+        pump.wait(30, "the end of round 0", src_type=1)
+    assert time.monotonic() - done["t"] < 2
+    with pytest.raises(MigrationFailed, match="node1: workload exited"):  # any later wait too
+        waiter.next(30, "a reply")
+    gone = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["peer"], e["exit_status"]) for e in gone] == [
+        ("peer-exit", "workload", 137)]
+    peers.close()
+    waiter.lines.put({"ok": True})
+    assert waiter.next(1, "a reply") == {"ok": True}
 
 
 def test_wait_budget_follows_size_and_command_timeout():

@@ -69,19 +69,22 @@ def drive(op: ops.Op, replies: list[bytes]) -> tuple[list[Any], Any]:
         return steps, stop.value
 
 
-def test_ops_send_only_what_the_state_needs():
+def test_ops_send_what_the_state_needs():
+    """A request goes out even when status already reads its target (a transition the other
+    way may be landing: the BMC's last request must be ours), and reports changed=False."""
     node = Node("n1", bmc=BmcSpec(host="h"), ssh=None)
     settings = replace(FAST, cycle_delay=0.25)
-    steps, result = drive(ops.on(node, settings), [b"\x01"])  # already on
-    assert steps == [Cmd(0x00, 0x01)] and result == {"power": "on", "changed": False,
-                                                     "confirmed": True}
+    steps, result = drive(ops.on(node, settings), [b"\x01", b""])  # reads on already
+    assert steps == [Cmd(0x00, 0x01), Cmd(0x00, 0x02, (1,))]
+    assert result == {"power": "on", "changed": False, "confirmed": True}
     steps, result = drive(ops.off(node, settings), [b"\x01", b""])
     assert steps == [Cmd(0x00, 0x01), Cmd(0x00, 0x02, (0,))] and result["changed"] is True
     steps, result = drive(ops.cycle(node, settings, wait=True),
-                          [b"\x00", b"", b"\x00", b"\x01"])  # off already: sleep, on, poll
-    assert steps[:3] == [Cmd(0x00, 0x01), Sleep(0.25), Cmd(0x00, 0x02, (1,))]
-    assert steps[3].netfn == 0 and steps[3].cmd == 1 and steps[3].deadline is not None
-    assert steps[4] == Sleep(ops.POLL_INTERVAL) and result["confirmed"] is True
+                          [b"\x00", b"", b"", b"\x00", b"\x01"])  # reads off: off, sleep, on
+    assert steps[:4] == [Cmd(0x00, 0x01), Cmd(0x00, 0x02, (0,)), Sleep(0.25),
+                         Cmd(0x00, 0x02, (1,))]
+    assert steps[4].netfn == 0 and steps[4].cmd == 1 and steps[4].deadline is not None
+    assert steps[5] == Sleep(ops.POLL_INTERVAL) and result["confirmed"] is True
     steps, result = drive(ops.boot_device(node), [b"\x01\x05\xc0\x04"])
     assert result == {"device": "pxe", "persistent": True}
 

@@ -109,8 +109,11 @@ def test_ssh_config_alias_user_port_identity(lab: SshNodeSet, tmp_path: Path,
 def test_proxy_jump_through_another_node(lab: SshNodeSet, tmp_path: Path, monkeypatch) -> None:
     p1, p2 = lab.nodes["node1"].port, lab.nodes["node2"].port
     cfg = tmp_path / "ssh_config"
-    cfg.write_text(f"Host jumper\n  HostName 127.0.0.1\n  Port {p1}\n  IdentityFile {lab.key}\n")
+    # the jump host is checked against ITS known_hosts (its Host block), as OpenSSH does
+    cfg.write_text(f"Host jumper\n  HostName 127.0.0.1\n  Port {p1}\n  IdentityFile {lab.key}\n"
+                   f"  UserKnownHostsFile {lab.known_hosts}\n")
     monkeypatch.setenv("LABKIT_SSH_CONFIG", str(cfg))
+    monkeypatch.setenv("HOME", str(tmp_path))
     via = node_of(lab, "node2", proxy_jump="jumper")
     with SshClient.connect(via, SETTINGS) as c:
         assert c.run("echo $LABKIT_NODE").stdout == b"node2\n"

@@ -94,7 +94,7 @@ def test_stage_probe_restage_rollback(tmp_path: Path) -> None:
     code, hashed, _ = agent(tmp_path, "probe", "0", "hash")
     assert code == 0 and hashed["current"]["modified"] == [] and hashed["releases"] == ["R1"]
 
-    # the next release sends one file and hard-links the others from R1
+    # the next release sends one file and copies the others from R1
     v2 = {**V1, "tool.py": b"print('v2')\n"}
     link = {p: ["R1", p] for p in V1 if p != "tool.py"}
     code, res, _ = agent(tmp_path, "stage", "5",
@@ -102,7 +102,8 @@ def test_stage_probe_restage_rollback(tmp_path: Path) -> None:
     assert code == 0, res
     assert (res["release"], res["previous"]) == ("R2", "R1")
     r1, r2 = payloads(tmp_path) / "releases" / "R1", payloads(tmp_path) / "releases" / "R2"
-    assert os.stat(r2 / "blob.bin").st_ino == os.stat(r1 / "blob.bin").st_ino
+    assert os.stat(r2 / "blob.bin").st_ino != os.stat(r1 / "blob.bin").st_ino  # a copy
+    assert (r2 / "blob.bin").read_bytes() == V1["blob.bin"]
     assert (payloads(tmp_path) / "current" / "tool.py").read_bytes() == v2["tool.py"]
 
     code, res, _ = agent(tmp_path, "rollback", "5")
@@ -125,6 +126,23 @@ def test_a_file_edited_on_the_node_is_suspect_and_never_linked(tmp_path: Path) -
     assert hashed["current"]["modified"] == ["lib/helper.py"]
     (payloads(tmp_path) / "releases" / "R1" / "blob.bin").unlink()
     assert probe(tmp_path)["current"]["suspect"] == ["blob.bin", "lib/helper.py"]
+
+
+def test_a_kept_file_that_no_longer_matches_its_hash_is_refused(tmp_path: Path) -> None:
+    """A file to be kept from a release already on the node is copied and hashed; one edited
+    since (whatever its size and mtime say) is named in ``resend`` and nothing is switched."""
+    assert agent(tmp_path, "stage", "5", stdin=stage_input("R1", V1))[0] == 0
+    helper = payloads(tmp_path) / "releases" / "R1" / "lib" / "helper.py"
+    with open(helper, "r+b") as f:
+        f.write(b"X = 2\n")
+    v2 = {**V1, "tool.py": b"print('v2')\n"}
+    link = {p: ["R1", p] for p in V1 if p != "tool.py"}
+    code, res, _ = agent(tmp_path, "stage", "5",
+                         stdin=stage_input("R2", {"tool.py": v2["tool.py"]}, link, every=v2))
+    assert code == 3 and res["resend"] == ["lib/helper.py"], res
+    assert "nothing switched" in res["error"]
+    assert current(tmp_path) == "R1"
+    assert sorted(os.listdir(payloads(tmp_path) / "releases")) == ["R1"]
 
 
 def test_failures_switch_nothing_and_leave_nothing(tmp_path: Path) -> None:

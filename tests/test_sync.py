@@ -26,7 +26,9 @@ def git_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An isolated git identity/config so the user's ~/.gitconfig cannot change the outcome."""
     cfg = tmp_path / "gitconfig"
     cfg.write_text("[user]\n\tname = Tester\n\temail = t@example.org\n"
-                   "[init]\n\tdefaultBranch = main\n[advice]\n\tdetachedHead = false\n")
+                   "[init]\n\tdefaultBranch = main\n[advice]\n\tdetachedHead = false\n"
+                   # local submodule clones (git >= 2.38.1 refuses file:// by default)
+                   "[protocol \"file\"]\n\tallow = always\n")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
 
@@ -72,7 +74,8 @@ def local_state(repo: Path) -> dict[str, object]:
         "vs_head": git(repo, "diff", "--binary", "HEAD"),
         "staged": git(repo, "diff", "--binary", "--cached"),
         "unstaged": git(repo, "diff", "--binary"),
-        "untracked": {p: (repo / p).read_bytes() for p in untracked if p},
+        # (a nested repository is listed as "dir/": its own state is checked by sub_state)
+        "untracked": {p: (repo / p).read_bytes() for p in untracked if p and p[-1] != "/"},
     }
 
 
@@ -229,19 +232,135 @@ def test_conflict_on_apply_keeps_the_stash(repos) -> None:
     assert local_state(work) == before
 
 
-def test_untracked_file_colliding_with_upstream_keeps_the_stash(repos) -> None:
+def test_untracked_file_colliding_with_upstream_is_refused_before_anything(repos) -> None:
+    """Today's trap: the user's own new.txt went into the stash's untracked parent, the pull
+    brought the upstream's, and the hint (resolve, then drop the stash) dropped the user's."""
     _, work, other = repos
     (work / "new.txt").write_text("my own new.txt\n")
     (work / "b.txt").write_text("b1\nmine\n")
-    before = local_state(work)
+    before, before_refs = local_state(work), refs(work)
     head = git(work, "rev-parse", "HEAD").strip()
     upstream(other, {"new.txt": "upstream new.txt\n"})
     rep = sync_repo(work)
-    assert (rep.status, rep.exit_code) == ("apply-conflict", 1), rep.message
-    assert "new.txt" in rep.conflicts
-    assert stashes(work) == [rep.stash]
-    assert git(work, "show", f"{rep.stash}^3:new.txt") == "my own new.txt\n"
+    _assert_refused(work, rep, "the upstream adds new.txt")
+    assert "mv new.txt new.txt.mine" in rep.message and "nothing was changed" in rep.message
+    assert local_state(work) == before and refs(work) == before_refs and stashes(work) == []
+    assert git(work, "rev-parse", "HEAD").strip() == head
+    dry = sync_repo(work, dry_run=True)  # the dry run says so too
+    assert dry.status == "refused" and "new.txt" in dry.message
+    # doing what it says works, and loses nothing
+    (work / "new.txt").rename(work / "new.txt.mine")
+    assert sync_repo(work).status == "synced"
+    assert (work / "new.txt.mine").read_text() == "my own new.txt\n"
+    assert (work / "b.txt").read_text() == "b1\nmine\n"
+
+
+def test_ignored_file_the_upstream_adds_is_not_overwritten(repos) -> None:
+    """git treats ignored files as expendable and a pull overwrites them without a word."""
+    _, work, other = repos
+    (work / ".git" / "info" / "exclude").write_text("local.cfg\n")
+    (work / "local.cfg").write_text("my settings\n")
+    upstream(other, {"local.cfg": "upstream defaults\n"})
+    rep = sync_repo(work)
+    _assert_refused(work, rep, "local.cfg")
+    assert (work / "local.cfg").read_text() == "my settings\n"
+
+
+def test_untracked_file_where_the_upstream_needs_a_folder_is_refused(repos) -> None:
+    _, work, other = repos
+    (work / "results").write_text("my results, a file\n")
+    upstream(other, {"results/run1.csv": "x\n"})
+    before = local_state(work)
+    rep = sync_repo(work)
+    _assert_refused(work, rep, "the upstream adds results")
+    assert local_state(work) == before
+
+
+def test_collision_refused_through_both_clis(repos) -> None:
+    _, work, other = repos
+    (work / "new.txt").write_text("mine\n")
+    upstream(other, {"new.txt": "theirs\n"})
+    for argv in ([str(BIN / "labkit"), "sync"], [str(BIN / "invoke"), "-r", str(ROOT), "sync"]):
+        r = subprocess.run([*argv, "--repo", str(work)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.count("\n") == 1 and "new.txt" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == ""
+    assert (work / "new.txt").read_text() == "mine\n" and stashes(work) == []
+
+
+def _hints(rep) -> list[str]:
+    """The shell commands in the report's hints (the text between backticks)."""
+    import re
+
+    return [c for line in rep.recovery for c in re.findall(r"`([^`]+)`", line)]
+
+
+def sh(repo: Path, cmd: str) -> None:
+    r = subprocess.run(["sh", "-c", cmd], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+
+
+def _apply_conflict(work: Path, other: Path):
+    (work / "a.txt").write_text("a1\nMINE\na3\n")
+    (work / "src/c.py").write_text("c = 2\n")
+    git(work, "add", "src/c.py")
+    (work / "notes.md").write_text("keep me\n")
+    before = local_state(work)
+    head = git(work, "rev-parse", "HEAD").strip()
+    upstream(other, {"a.txt": "a1\nTHEIRS\na3\n"})
+    rep = sync_repo(work)
+    assert rep.status == "apply-conflict", rep.message
+    return rep, before, head
+
+
+def test_the_show_and_go_back_hints_lose_nothing(repos) -> None:
+    _, work, other = repos
+    rep, before, head = _apply_conflict(work, other)
+    show, add, drop, back = _hints(rep)
+    assert show.startswith("git stash show") and add == "git add -- a.txt"
+    assert drop.startswith("git stash drop") and back.startswith("git reset")
+    tree = local_state(work)
+    sh(work, show)                                   # read-only
+    assert local_state(work) == tree and stashes(work) == [rep.stash]
+    sh(work, back)                                   # exactly as before the sync
+    assert git(work, "rev-parse", "HEAD").strip() == head
+    assert local_state(work) == before
+
+
+def test_the_finish_hints_lose_nothing(repos) -> None:
+    _, work, other = repos
+    rep, before, head = _apply_conflict(work, other)
+    _, add, drop, _ = _hints(rep)
+    assert (work / "notes.md").read_text() == "keep me\n"  # untracked files are back already
+    (work / "a.txt").write_text("a1\nRESOLVED\na3\n")
+    sh(work, add)
+    sh(work, drop)
+    assert stashes(work) == [] and git(work, "ls-files", "--unmerged") == ""
+    # dropped from the stash list, still whole under the backup ref
+    assert git(work, "rev-parse", rep.backup_ref).strip() == rep.stash
     assert git(work, "diff", "--binary", head, rep.stash) == before["vs_head"]
+    assert git(work, "show", f"{rep.stash}^3:notes.md") == "keep me\n"
+
+
+def test_reapply_keeps_a_colliding_untracked_copy_beside(repos) -> None:
+    """The up-front check makes this unreachable through sync_repo (short of a race); the
+    re-apply still never leaves the user's copy only inside the stash."""
+    from labkit.sync import Git, SyncReport, _reapply
+
+    _, work, _ = repos
+    (work / "new.txt").write_text("my own\n")
+    (work / "b.txt").write_text("b1\nmine\n")
+    git(work, "stash", "push", "-q", "-u")
+    stash = git(work, "rev-parse", "refs/stash").strip()
+    commit(work, {"new.txt": "theirs\n"}, "someone else's new.txt")
+    rep = SyncReport(repo=str(work), before=git(work, "rev-parse", "HEAD~1").strip(),
+                     backup_ref="refs/x")
+    _reapply(rep, Git(work, 60), stash, after_pull=True)
+    assert rep.status == "apply-conflict" and "new.txt" in rep.conflicts
+    assert (work / "new.txt.mine").read_text() == "my own\n"
+    assert (work / "new.txt").read_text() == "theirs\n"
+    assert any("new.txt -> new.txt.mine" in n for n in rep.notes)
 
 
 def test_index_that_cannot_be_rebuilt_is_applied_unstaged(repos) -> None:
@@ -408,3 +527,122 @@ def test_sync_on_nodes_over_ssh(repos, tmp_path: Path) -> None:
         assert stashes(c2) == [stash]
         assert git(c2, "diff", "--binary", out["node2"]["report"]["before"], stash) == \
             before2["vs_head"]
+
+
+# --- other repositories inside the checkout: submodules, nested clones ---------------------------
+
+@pytest.fixture
+def with_sub(repos, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """``repos`` plus a submodule ``sub`` (its own bare remote, cloned in both checkouts at the
+    recorded, detached commit). Returns (work, other, the submodule's remote)."""
+    _, work, other = repos
+    subr, subw = tmp_path / "sub.git", tmp_path / "subw"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(subr)], check=True)
+    subprocess.run(["git", "clone", "-q", str(subr), str(subw)], check=True, capture_output=True)
+    commit(subw, {"s.txt": "s1\n"}, "sub base")
+    git(subw, "push", "-q", "origin", "main")
+    git(other, "submodule", "add", "-q", str(subr), "sub")
+    git(other, "commit", "-q", "-m", "add sub")
+    git(other, "push", "-q", "origin", "main")
+    git(work, "pull", "-q")
+    git(work, "submodule", "update", "-q", "--init")
+    return work, other, subw
+
+
+def move_sub_upstream(other: Path, subw: Path) -> str:
+    """A new commit in the submodule's remote, recorded by a new upstream commit."""
+    commit(subw, {"s.txt": "s2\n"}, "sub moves")
+    git(subw, "push", "-q", "origin", "main")
+    git(other, "submodule", "update", "-q", "--init")
+    git(other / "sub", "fetch", "-q")
+    git(other / "sub", "checkout", "-q", "origin/main")
+    git(other, "commit", "-q", "-am", "move sub")
+    git(other, "push", "-q", "origin", "main")
+    return git(subw, "rev-parse", "HEAD").strip()
+
+
+def sub_state(sub: Path) -> tuple[str, str, dict[str, bytes]]:
+    return (git(sub, "rev-parse", "HEAD").strip(), git(sub, "diff", "--binary", "HEAD"),
+            {p.name: p.read_bytes() for p in sub.iterdir() if p.is_file()})
+
+
+def test_dirty_submodule_is_left_alone_and_the_sync_goes_through(with_sub) -> None:
+    """Today: the stash took the top-level edits, left the submodule dirty, said it stashed
+    both, failed, and the next run failed with "(no message)"."""
+    work, other, _ = with_sub
+    (work / "sub/s.txt").write_text("edited inside\n")       # modified inside the submodule
+    (work / "sub/scratch.txt").write_text("untracked inside\n")  # untracked inside it
+    make_local_changes(work)
+    before, sub_before = local_state(work), sub_state(work / "sub")
+    new = upstream(other, {"a.txt": "a1\nA2\na3\n"})
+    rep = sync_repo(work)
+    assert (rep.status, rep.exit_code) == ("synced", 0), rep.message
+    assert git(work, "rev-parse", "HEAD").strip() == new
+    assert local_state(work) == before and sub_state(work / "sub") == sub_before
+    assert stashes(work) == [] and "sub" not in {e[3:] for e in rep.stashed}
+    assert any("submodule with local changes left alone" in n for n in rep.notes)
+    again = sync_repo(work)                                   # and the next run works
+    assert (again.status, again.exit_code) == ("up-to-date", 0), again.message
+
+
+def test_submodule_at_another_commit_is_left_alone(with_sub) -> None:
+    work, other, subw = with_sub
+    commit(work / "sub", {"s.txt": "local sub commit\n"}, "local in sub")
+    (work / "b.txt").write_text("b1\nmine\n")
+    before, sub_before = local_state(work), sub_state(work / "sub")
+    upstream(other, {"a.txt": "x\n"})
+    rep = sync_repo(work)
+    assert rep.status == "synced", rep.message
+    assert local_state(work) == before and sub_state(work / "sub") == sub_before
+
+
+def test_dirty_submodule_the_upstream_moves_is_refused_before_anything(with_sub) -> None:
+    work, other, subw = with_sub
+    (work / "sub/scratch.txt").write_text("untracked inside\n")
+    (work / "b.txt").write_text("b1\nmine\n")
+    before, before_refs = local_state(work), refs(work)
+    sub_before = sub_state(work / "sub")
+    move_sub_upstream(other, subw)
+    rep = sync_repo(work)
+    _assert_refused(work, rep, "submodule sub has local changes")
+    assert "nothing was changed" in rep.message
+    assert local_state(work) == before and refs(work) == before_refs and stashes(work) == []
+    assert sub_state(work / "sub") == sub_before
+
+
+def test_clean_detached_submodule_the_pull_moves_is_checked_out(with_sub) -> None:
+    work, other, subw = with_sub
+    make_local_changes(work)
+    before = local_state(work)
+    sub_new = move_sub_upstream(other, subw)
+    rep = sync_repo(work)
+    assert (rep.status, rep.exit_code) == ("synced", 0), rep.message
+    assert git(work / "sub", "rev-parse", "HEAD").strip() == sub_new
+    assert local_state(work) == before                      # nothing else changed, sub clean
+    assert git(work, "status", "--porcelain", "--", "sub") == ""
+    assert any("checked out at the upstream's recorded commit: sub" in n for n in rep.notes)
+    assert sync_repo(work).status == "up-to-date"
+
+
+def test_nested_repository_is_left_alone(repos) -> None:
+    _, work, other = repos
+    nested = work / "vendor" / "tool"
+    nested.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(nested)], check=True)
+    commit(nested, {"t.py": "t = 1\n"}, "nested")
+    (nested / "t.py").write_text("t = 2  # edited\n")
+    (nested / "extra.txt").write_text("untracked in nested\n")
+    (work / "b.txt").write_text("b1\nmine\n")
+    before = local_state(work)
+    nested_before = sub_state(nested)
+    new = upstream(other, {"a.txt": "x\n"})
+    rep = sync_repo(work)
+    assert rep.status == "synced", rep.message
+    assert git(work, "rev-parse", "HEAD").strip() == new
+    assert local_state(work) == before and sub_state(nested) == nested_before
+    assert any("nested repository left alone: vendor/tool" in n for n in rep.notes)
+    # the upstream adding a file inside it is refused, not written into someone else's repo
+    upstream(other, {"vendor/tool/t.py": "upstream's\n"})
+    rep = sync_repo(work)
+    _assert_refused(work, rep, "the upstream adds vendor/tool")
+    assert sub_state(nested) == nested_before

@@ -55,6 +55,7 @@ from labkit.bmc.ops import Cmd, Op, Sleep
 from labkit.bmc.session import (
     STALE_SESSION_AFTER,
     BmcTimeout,
+    Privilege,
     Retransmit,
     attempt_failed,
     check_reply,
@@ -73,7 +74,7 @@ MIN_ATTEMPT = 0.2  # an attempt started at the end of the window still gets this
 
 # -- the session ------------------------------------------------------------------------------------
 
-class AsyncSession(Retransmit, _simple.Session):
+class AsyncSession(Privilege, Retransmit, _simple.Session):
     """pyghmi's simple RMCP+ session, driven from outside: ``start()`` sends the first login
     packet, ``on_readable()`` feeds it what arrived, ``on_login(result)`` reports the login
     ({'success': True} or {'error': text}), ``command(..., callback)`` sends one request."""
@@ -119,8 +120,8 @@ class AsyncSession(Retransmit, _simple.Session):
 
     def _got_priv_level(self, response: dict[str, Any]) -> None:
         code = response.get("code", 0)
-        if code in (0x80, 0x81) and self.privlevel == 4:  # as pyghmi: settle for operator
-            self.privlevel = 3
+        if code in (0x80, 0x81) and self.privlevel > 2:  # settle for operator, then user
+            self.privlevel -= 1
             self.raw_command(netfn=0x6, command=0x3B, data=[self.privlevel],
                              callback=self._reply_to(self._got_priv_level))
             return
@@ -263,7 +264,7 @@ class _Job:
             if self.done or session is not self.session or not self.waiting:
                 return
             try:
-                data = check_reply(response, cmd.netfn, cmd.cmd)
+                data = check_reply(response, cmd.netfn, cmd.cmd, cmd.data)
             except Exception as e:
                 self._failed(e)
                 return

@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from labkit.bmc.session import BmcError, BmcRetryable
+from labkit.bmc.session import CC_NOT_IN_PRESENT_STATE, BmcError, BmcRetryable
 from labkit.config import Settings
 from labkit.errors import NodeError, UserError
 from labkit.inventory import Node
@@ -74,9 +74,23 @@ def control(node: Node, operand: int) -> Gen[None]:
 
 
 def ensure(node: Node, state: PowerState, operand: int) -> Gen[bool]:
-    """Send the chassis control only if the node is not already in ``state``."""
-    if (yield from status(node)) == state:
-        log.info("%s: already %s", node.name, state)
+    """Bring the node to ``state``; True if the BMC reported another state before.
+
+    The request is sent even when the BMC already reports ``state``: a BMC reports the old
+    state until a transition lands, so a node that reads "on" may have a power-off landing.
+    Sent anyway, the BMC's last request wins (a BMC does nothing to a node already in the
+    asked state); skipped, the node would go off seconds after "on, unchanged". A BMC that
+    refuses the request because the node is already there (0xD5, "not in the present state")
+    is not an error."""
+    before = yield from status(node)
+    if before == state:
+        log.info("%s: reads %s already; asking anyway (a transition may be landing)",
+                 node.name, state)
+        try:
+            yield from control(node, operand)
+        except BmcError as e:
+            if e.code != CC_NOT_IN_PRESENT_STATE:
+                raise
         return False
     yield from control(node, operand)
     return True
@@ -108,7 +122,7 @@ def status_op(node: Node) -> Op:
 
 
 def on(node: Node, settings: Settings, wait: bool = False) -> Op:
-    """Power on (no command when already on); ``wait`` for the BMC to report on. Waiting for
+    """Power on (sent even when the BMC reads on: see ``ensure``); ``wait`` for the BMC to report on. Waiting for
     SSH is not the BMC's business: that is ``labkit.bringup.power_on`` (power -> console ->
     SSH)."""
     changed = yield from ensure(node, "on", CHASSIS_ON)
@@ -129,24 +143,42 @@ def _down(node: Node, settings: Settings, operand: int, wait: bool) -> Op:
 
 
 def off(node: Node, settings: Settings, wait: bool = False) -> Op:
-    """Hard power off (no command when already off)."""
+    """Hard power off (sent even when the BMC reads off: see ``ensure``)."""
     return (yield from _down(node, settings, CHASSIS_OFF, wait))
 
 
 def soft(node: Node, settings: Settings, wait: bool = False) -> Op:
-    """Ask the OS to shut down (ACPI soft-off); no command when already off."""
+    """Ask the OS to shut down (ACPI soft-off); an off node stays off, unchanged."""
     return (yield from _down(node, settings, CHASSIS_SOFT, wait))
 
 
+def _reset_off(node: Node) -> NodeError:
+    return NodeError(f"{node.name}: power is off: a reset does nothing to a node that is off "
+                     "(power-on or power-cycle starts it)",
+                     value={"power": "off", "changed": False, "confirmed": True})
+
+
 def reset(node: Node, settings: Settings, wait: bool = False) -> Op:
-    """Hard reset (warm reboot). The BMC decides what a reset of an off node means."""
-    yield from control(node, CHASSIS_RESET)
+    """Hard reset (warm reboot) of a node that is on. A node that is off fails plainly, the
+    same against every BMC: IPMI leaves a reset of an off chassis to each BMC's taste (ipmi_sim
+    accepts it and does nothing, others refuse with 0xD5), and a user who resets an off node
+    expects a reboot that will not happen."""
+    if (yield from status(node)) == "off":
+        raise _reset_off(node)
+    try:
+        yield from control(node, CHASSIS_RESET)
+    except BmcError as e:  # it went off between the two requests
+        if e.code == CC_NOT_IN_PRESENT_STATE and (yield from status(node)) == "off":
+            raise _reset_off(node) from None
+        raise
     return {"power": "on", "changed": True, "confirmed": False}
 
 
 def cycle(node: Node, settings: Settings, wait: bool = False) -> Op:
     """Off, wait until the BMC reports off, settings.cycle_delay, on. pyghmi has no cycle and
-    IPMI's own cycle is left to each BMC's taste; this one behaves the same everywhere."""
+    IPMI's own cycle is left to each BMC's taste (the spec recommends refusing it when off);
+    this one behaves the same everywhere and ends with the node on whatever its start state:
+    a cycle of an off node powers it on."""
     if (yield from ensure(node, "off", CHASSIS_OFF)):
         yield from wait_for(node, "off", time.monotonic() + settings.power_wait)
     yield Sleep(settings.cycle_delay)

@@ -3,6 +3,7 @@
     client = PowerClient(settings)
     client.status(node)            -> "on" | "off"
     client.on(node, wait=True)     # idempotent; wait = False | True/"power"
+    client.cancel()                # from any thread (Ctrl-C): every call ends within ~0.1 s
     client.off(node) / soft / reset / cycle
     client.set_boot_device(node, "pxe", persistent=False)
     client.wait_for(node, "off", deadline)
@@ -13,6 +14,9 @@ Every BMC call goes through :meth:`PowerClient._call`: a session per BMC reused 
 time per BMC, ``settings.min_interval`` between commands to one BMC, a hard per-attempt deadline
 of ``settings.bmc_timeout``, and labkit's one retry policy (``settings.retry_window``) with the
 BMC retry predicate from ``labkit.bmc.session``. A wrong password is not retried.
+:meth:`PowerClient.cancel` ends every wait (a reply, a retry pause, a power poll) at once: the
+thread fan-out runs these calls in workers that Ctrl-C does not interrupt, and a dead BMC would
+hold each one for the whole retry window.
 
 The password is read from the node's Secret at login and handed to pyghmi in-process as bytes;
 it never appears in argv, environment, logs or error text.
@@ -30,6 +34,7 @@ from labkit.bmc import ops
 from labkit.bmc.ops import PowerState, Sleep
 from labkit.bmc.session import (
     STALE_SESSION_AFTER,
+    BmcCancelled,
     LabSession,
     attempt_failed,
     is_retryable,
@@ -65,6 +70,7 @@ class PowerClient:
         self._sessions: dict[tuple[str, int, str], LabSession] = {}
         self._locks: dict[tuple[str, int, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._cancel = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -73,6 +79,19 @@ class PowerClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def cancel(self) -> None:
+        """Give up (Ctrl-C, SIGTERM): every call in flight, on any thread, raises BmcCancelled
+        within CANCEL_POLL seconds, and later calls fail at once."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check_cancelled(self, node: Node) -> None:
+        if self._cancel.is_set():
+            raise BmcCancelled(f"{node.name}: interrupted")
 
     def close(self) -> None:
         """Log out of every BMC session (one packet each, no waiting)."""
@@ -95,20 +114,20 @@ class PowerClient:
     # -- actions ---------------------------------------------------------------------------------
 
     def on(self, node: Node, wait: bool | str | None = False) -> dict[str, object]:
-        """Power on (no command when already on). ``wait`` True/"power" waits for the BMC to
+        """Power on (sent even when the BMC reads on: see ops.ensure). ``wait`` True/"power" waits for the BMC to
         report on within settings.power_wait. (Power -> console -> SSH: labkit.bringup.)"""
         return self._run(node, ops.on(node, self.settings, _confirm(wait)))
 
     def off(self, node: Node, wait: bool = False) -> dict[str, object]:
-        """Hard power off (no command when already off)."""
+        """Hard power off (sent even when the BMC reads off: see ops.ensure)."""
         return self._run(node, ops.off(node, self.settings, wait))
 
     def soft(self, node: Node, wait: bool = False) -> dict[str, object]:
-        """Ask the OS to shut down (ACPI soft-off); no command when already off."""
+        """Ask the OS to shut down (ACPI soft-off); an off node stays off, unchanged."""
         return self._run(node, ops.soft(node, self.settings, wait))
 
     def reset(self, node: Node) -> dict[str, object]:
-        """Hard reset (warm reboot). The BMC decides what a reset of an off node means."""
+        """Hard reset (warm reboot); a node that is off fails plainly (see ops.reset)."""
         return self._run(node, ops.reset(node, self.settings))
 
     def cycle(self, node: Node, wait: bool = False) -> dict[str, object]:
@@ -138,7 +157,8 @@ class PowerClient:
                 return stop.value
             reply = error = None
             if isinstance(step, Sleep):
-                time.sleep(step.seconds)
+                if self._cancel.wait(step.seconds):
+                    error = BmcCancelled(f"{node.name}: interrupted")
                 continue
             try:
                 reply = self._call(node, lambda s, c=step: s.command(c.netfn, c.cmd, c.data),
@@ -156,7 +176,8 @@ class PowerClient:
             return self._locks.setdefault(key, threading.Lock())
 
     def _call(self, node: Node, fn: Callable[[LabSession], T], deadline: float | None = None) -> T:
-        """Run fn(session) against the node's BMC under the retry policy."""
+        """Run fn(session) against the node's BMC under the retry policy (``RetryPolicy.call``'s
+        rules, its clock; the pauses end early on :meth:`cancel`)."""
         key = self._key(node)
         bmc = node.bmc
         assert bmc is not None
@@ -168,7 +189,10 @@ class PowerClient:
             window_end = min(window_end, deadline)
 
         def attempt() -> T:
-            self._interval.wait(key[:2])
+            self.check_cancelled(node)
+            pause = self._interval.reserve(key[:2])
+            if pause > 0 and self._cancel.wait(pause):
+                self.check_cancelled(node)
             with self._lock(key):
                 # A reused session may be dead without knowing it (the BMC restarted and forgot
                 # it: requests go unanswered). Give it a short budget, then log in afresh.
@@ -187,11 +211,22 @@ class PowerClient:
                         raise
                     raise err from None
 
-        def on_retry(n: int, e: BaseException, sleep: float) -> None:
-            log.debug("%s: attempt %d failed (%s); retrying in %.2f s", node.name, n, e, sleep)
-
-        return policy.call(attempt, retryable=is_retryable, on_retry=on_retry,
-                           deadline=deadline)
+        clock = policy.clock(deadline)
+        n = 0
+        while True:
+            n += 1
+            try:
+                return attempt()
+            except BaseException as e:  # noqa: B036 - filtered right below
+                if isinstance(e, (KeyboardInterrupt, SystemExit)) or not is_retryable(e):
+                    raise
+                sleep = clock.next_delay()
+                if sleep is None:
+                    raise
+                log.debug("%s: attempt %d failed (%s); retrying in %.2f s", node.name, n, e,
+                          sleep)
+                if self._cancel.wait(sleep):
+                    self.check_cancelled(node)
 
     def _session(self, node: Node, key: tuple[str, int, str], deadline: float) -> LabSession:
         session = self._sessions.get(key)
@@ -202,7 +237,7 @@ class PowerClient:
         assert node.bmc is not None
         password = node.bmc.password().reveal()
         session = open_session(node.bmc.host, node.bmc.port, node.bmc.user.encode(),
-                               password, deadline)
+                               password, deadline, self._cancel)
         with self._guard:
             self._sessions[key] = session
         return session

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,28 @@ RETRYABLE_MARKERS = ("Insufficient resources", "Session no longer connected", "t
 
 MAX_RETRANSMIT_INTERVAL = 2.0
 STALE_SESSION_AFTER = 3.0  # budget of one command on a reused session before re-login
+CANCEL_POLL = 0.1  # a blocking wait looks at its cancel event this often
+
+# What the requests labkit sends are called in an error message, by (netfn, cmd).
+COMMAND_NAMES = {(0x00, 0x01): "chassis status", (0x00, 0x02): "chassis control",
+                 (0x00, 0x08): "set boot options", (0x00, 0x09): "get boot options",
+                 (0x06, 0x01): "get device id", (0x06, 0x3B): "set session privilege"}
+CHASSIS_CONTROLS = {0: "power off", 1: "power on", 2: "power cycle", 3: "reset", 4: "diag",
+                    5: "soft-off"}
+# Completion codes as a user reads them (IPMI 2.0 table 5-2), instead of pyghmi's wording.
+READABLE_CODES = {
+    0xC1: "command not supported by this BMC",
+    0xC7: "request data length invalid",
+    0xC9: "parameter out of range",
+    0xCC: "invalid data field in request",
+    0xD4: "insufficient privilege",
+    0xD5: "not possible in the present state",
+    0xD6: "command sub-function disabled or unavailable",
+}
+CC_INSUFFICIENT_PRIVILEGE = 0xD4
+CC_NOT_IN_PRESENT_STATE = 0xD5
+# Session privilege levels (IPMI 2.0 table 22-28)
+PRIVILEGE_NAMES = {1: "callback", 2: "user", 3: "operator", 4: "administrator"}
 
 
 class BmcError(NodeError):
@@ -75,6 +98,10 @@ class BmcTimeout(BmcRetryable):
 
 class BmcAuthError(BmcError):
     """Wrong user or password: retrying cannot help and may lock the account."""
+
+
+class BmcCancelled(BmcError):
+    """The caller gave up (Ctrl-C, SIGTERM): stop waiting on the BMC at once, no retry."""
 
 
 def where(node: str, host: str, port: int) -> str:
@@ -118,8 +145,38 @@ def attempt_failed(e: BaseException, node: str, host: str, port: int, user: str,
     if not (isinstance(err, BmcError) and err.code is not None):
         drop()
     if isinstance(err, BmcError) and not str(err).startswith(f"{node}: "):
-        err = type(err)(f"{where(node, host, port)}: {err}", err.code)
+        text = str(err)
+        if err.code == CC_INSUFFICIENT_PRIVILEGE:
+            text += (f"; BMC user {user!r} may read but not change this node: give it "
+                     "operator or administrator privilege on the BMC")
+        err = type(err)(f"{where(node, host, port)}: {text}", err.code)
     return err
+
+
+class Privilege:
+    """Settle for the privilege the BMC grants this user, down to USER, for both sessions
+    (mixed in before ``_simple.Session``). pyghmi asks for administrator and drops to operator
+    only; a BMC refuses a role above the user's limit (RAKP2 status 0x09/0x0A, or 0x80/0x81 to
+    Set Session Privilege Level). A read-only (USER) account can then read power state, and a
+    power change gets the BMC's own 0xD4, which names the missing privilege, instead of a
+    login refusal that blames the password."""
+
+    privlevel: int
+    autopriv: bool
+    sessioncontext: Any
+    rmcptag: int
+
+    def _got_rakp2(self, data: Any) -> Any:
+        if (self.sessioncontext in ("EXPECTINGRAKP2", "EXPECTINGRAKP4") and len(data) > 1
+                and data[0] == self.rmcptag and data[1] in (0x09, 0x0A)
+                and self.privlevel == 3 and self.autopriv):
+            self.privlevel = 2
+            self.login()  # type: ignore[attr-defined]
+            return None
+        if len(data) > 1 and data[1] == 0x0A and self.privlevel == 4 and self.autopriv:
+            data = bytearray(data)
+            data[1] = 0x09  # pyghmi drops to operator on 0x09 only; 0x0A means the same here
+        return super()._got_rakp2(data)  # type: ignore[misc]
 
 
 class Retransmit:
@@ -190,34 +247,52 @@ class Retransmit:
             self.nowait = False
 
 
-def check_reply(rsp: dict[str, Any] | None, netfn: int, cmd: int) -> bytes:
+def describe(netfn: int, cmd: int, data: tuple[int, ...] | list[int] | bytes = ()) -> str:
+    """A request as a user reads it: "chassis control (power off)", "netfn 0x2C cmd 0x01"."""
+    name = COMMAND_NAMES.get((netfn, cmd))
+    if name is None:
+        return f"netfn 0x{netfn:02X} cmd 0x{cmd:02X}"
+    if (netfn, cmd) == (0x00, 0x02) and data:
+        name += f" ({CHASSIS_CONTROLS.get(data[0] & 0x0F, hex(data[0]))})"
+    return name
+
+
+def check_reply(rsp: dict[str, Any] | None, netfn: int, cmd: int,
+                data: tuple[int, ...] | list[int] | bytes = ()) -> bytes:
     """The data of an IPMI response, or the labkit error its completion code stands for:
     BmcRetryable (busy & co.), BmcTimeout (pyghmi gave up), BmcError; a pyghmi error text
-    without a code becomes IpmiException for :func:`translate`."""
+    without a code becomes IpmiException for :func:`translate`. The message names the request
+    (``data`` is the request's, for the chassis control operand) and says what the code means
+    in words, the code itself in parentheses."""
     code = rsp.get("code", 0) if rsp else 0
     if rsp and "error" in rsp and not code:
         raise IpmiException(rsp["error"])
+    what = describe(netfn, cmd, data)
     if code == 0xFFFF:  # pyghmi's own "gave up waiting" marker
-        raise BmcTimeout(f"timeout waiting for netfn 0x{netfn:02X} cmd 0x{cmd:02X}")
+        raise BmcTimeout(f"timeout waiting for the answer to {what}")
     if code:
         assert rsp is not None
-        text = constants.ipmi_completion_codes.get(code) or rsp.get("error") or "error"
-        msg = f"completion code 0x{code:02X} ({text}) to netfn 0x{netfn:02X} cmd 0x{cmd:02X}"
+        text = (READABLE_CODES.get(code) or RETRYABLE_CODES.get(code)
+                or constants.ipmi_completion_codes.get(code) or rsp.get("error") or "error")
+        msg = f"{what} refused: {text} (completion code 0x{code:02X})"
         if code in RETRYABLE_CODES:
             raise BmcRetryable(msg, code)
         raise BmcError(msg, code)
     return bytes(rsp.get("data", b"")) if rsp else b""
 
 
-class LabSession(Retransmit, _simple.Session):
+class LabSession(Privilege, Retransmit, _simple.Session):
     """pyghmi's simple (one socket, no I/O thread) RMCP+ session plus retransmission and a hard
     deadline. Not thread-safe: one thread at a time (the power client holds a lock per BMC).
 
     ``deadline`` (time.monotonic()) bounds login and each later call; the owner moves it forward
-    before every operation."""
+    before every operation. ``cancel`` (set from another thread, e.g. on Ctrl-C) ends any wait
+    within CANCEL_POLL seconds with BmcCancelled."""
 
-    def __init__(self, host: str, port: int, user: bytes, password: bytes, deadline: float):
+    def __init__(self, host: str, port: int, user: bytes, password: bytes, deadline: float,
+                 cancel: threading.Event | None = None):
         self.deadline = deadline
+        self.cancel = cancel
         self._resend_at = None
         self.socket = None
         try:
@@ -235,6 +310,8 @@ class LabSession(Retransmit, _simple.Session):
     def wait_for_rsp(self, timeout: float | None = None, callout: bool = True) -> None:
         """Wait for a packet (or until ``timeout``); retransmit when the outstanding request is
         overdue; raise BmcTimeout at the deadline. pyghmi calls this in all its wait loops."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise BmcCancelled("interrupted")
         now = time.monotonic()
         left = self.deadline - now
         if left <= 0:
@@ -243,6 +320,8 @@ class LabSession(Retransmit, _simple.Session):
         wait = left if timeout is None else max(0.0, min(left, timeout))
         if self.lastpayload is not None and self._resend_at is not None:
             wait = max(0.0, min(wait, self._resend_at - now))
+        if self.cancel is not None:
+            wait = min(wait, CANCEL_POLL)
         if self.socket is None:
             raise BmcTimeout("session closed")
         ready = select.select([self.socket], [], [], wait)[0]
@@ -261,9 +340,12 @@ class LabSession(Retransmit, _simple.Session):
     def command(self, netfn: int, cmd: int, data: tuple[int, ...] | list[int] = ()) -> bytes:
         """One request/response; returns the response data. A non-zero completion code raises
         BmcRetryable (busy & co.) or BmcError."""
-        return check_reply(self.raw_command(netfn=netfn, command=cmd, data=data), netfn, cmd)
+        return check_reply(self.raw_command(netfn=netfn, command=cmd, data=data), netfn, cmd,
+                           data)
 
 
-def open_session(host: str, port: int, user: bytes, password: bytes, deadline: float) -> LabSession:
-    """Log in to one BMC or raise (pyghmi's IpmiException for refusals, BmcTimeout)."""
-    return LabSession(host, port, user, password, deadline)
+def open_session(host: str, port: int, user: bytes, password: bytes, deadline: float,
+                 cancel: threading.Event | None = None) -> LabSession:
+    """Log in to one BMC or raise (pyghmi's IpmiException for refusals, BmcTimeout,
+    BmcCancelled when ``cancel`` is set meanwhile)."""
+    return LabSession(host, port, user, password, deadline, cancel)

@@ -2,7 +2,7 @@
 drift check, rollback.
 
     bundle.py    what one deploy ships: files, modes, hashes (cached), git revision, digest
-    plan.py      what a node has (its probe) against the bundle: send, hard-link, in sync, drift
+    plan.py      what a node has (its probe) against the bundle: send, keep, in sync, drift
     deployer.py  the Deployer: per node one probe and, if anything changed, one stage command,
                  over THE fan-out
     labkit/nodeside/probe.sh, stage.py   the node's side; labkit/ssh/stream.py the transport
@@ -25,7 +25,7 @@ Why it is shaped like this:
 * Few round trips: each node costs one read-only ``sh`` probe (``probe.sh``: symlinks, the
   current/previous MANIFESTs, leftovers, files touched since the release was built) and, if
   anything changed, one ``stage`` command that receives the changed files as one stream on its
-  stdin, hard-links the unchanged ones from the current/previous release, builds, renames,
+  stdin, copies the unchanged ones from the current/previous release, builds, renames,
   switches and prunes. An unchanged redeploy is one connection and one shell per node.
 * The stage side is a small stdlib-only Python program (``stage.py``) passed inside the exec
   request with ``python3 -I -S -c``: the nodes need python3 anyway (labkit's payloads are
@@ -34,9 +34,15 @@ Why it is shaped like this:
 * One stream over an exec channel rather than SFTP or ``tar``: no per-file request/response,
   and with our own small in-flight limit (``labkit.ssh.stream``) the node side spends less
   CPU per byte than an SFTP server does for ``scp`` (bench/deploy.py measures both).
-* Hard links are only taken from files not touched since their release was built (``find
-  -newer`` the release's ``.labkit-stat`` marker, written last), so a file edited on the node
-  is uploaded again rather than propagated into the new release. ``--check`` hashes every file.
+* Releases share no inode: unchanged files are copied on the node (reflinked where the
+  filesystem can), each copy checked against the sha256 the new MANIFEST promises; an in-place
+  edit in one release (root ignores modes, so read-only files would not stop it) cannot reach
+  another, and ``--rollback`` restores the previous release byte for byte. A copy is only taken
+  from a file not changed since its release was built (``find`` ``-newer``/``-cnewer`` the
+  release's ``.labkit-stat`` marker, written last: ctime cannot be put back by an edit), and a
+  copy whose hash does not match is refused by the node and the file sent instead. The cost:
+  a redeploy with one of 64 MiB changed copies 63 MiB per node (bench/deploy.py, 8 nodes:
+  0.54 s with hard links, 2.09 s with checked copies). ``--check`` hashes every file.
 """
 
 from labkit.deploy.bundle import (

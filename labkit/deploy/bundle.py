@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -169,17 +170,62 @@ class HashCache:
 HASHES = HashCache()
 
 
-def _walk(root: Path) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, source) for every regular file under root, sorted, skipping caches
-    and VCS folders. Symlinks to files are followed (their content is shipped)."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
-        for name in sorted(filenames):
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+
+
+def _unreadable(src: Path, e: OSError) -> UserError:
+    return UserError(f"payload {src}: cannot read it ({e.strerror or e})")
+
+
+def _check_entry(root: Path, src: Path) -> os.stat_result:
+    """The stat of one payload file, after every check that it can be shipped as it is:
+    readable, a regular file, and if a symlink, one to a file inside the payload folder.
+    Anything else is the user's to fix, named, before anything is sent (a FIFO would hang the
+    read, an unreadable file end in a traceback half-way, a dangling or outside link ship
+    nothing or something nobody meant)."""
+    try:
+        lst = os.lstat(src)
+        if stat.S_ISLNK(lst.st_mode):
+            target = Path(os.path.realpath(src))
+            if not target.exists():
+                raise UserError(f"payload {src}: a dangling symlink (to {os.readlink(src)}); "
+                                "remove it or make it point at a file")
+            if target != root and root not in target.parents:
+                raise UserError(f"payload {src}: a symlink to {target}, outside the payload "
+                                f"folder {root}; copy the file in, or list it as a payload of "
+                                "its own")
+            if target.is_dir():
+                raise UserError(f"payload {src}: a symlink to a folder ({target}) is not "
+                                "followed; put the folder itself there or list it as a payload")
+        st = os.stat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"payload {src}: {_kind(st.st_mode)} cannot be deployed; move it "
+                            "out of the payload folder")
+        # O_NONBLOCK: a FIFO swapped in since the stat must not hang us
+        os.close(os.open(src, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as e:
+        raise _unreadable(src, e) from None
+    return st
+
+
+def _walk(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """(relative posix path, source, stat) for every file under root, sorted, skipping caches
+    and VCS folders, each checked by ``_check_entry``. A folder that cannot be listed is an
+    error naming it (os.walk would skip it and leave it out of the release without a word)."""
+    def unlistable(e: OSError) -> None:
+        raise UserError(f"payload {e.filename}: cannot read the folder ({e.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlistable):
+        # os.walk lists a symlink to a folder among the folders and does not enter it
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS and d not in links)
+        for name in sorted(filenames + links):
             if name.endswith(IGNORED_SUFFIXES):
                 continue
             src = Path(dirpath) / name
-            if src.is_file():
-                yield src.relative_to(root).as_posix(), src
+            yield src.relative_to(root).as_posix(), src, _check_entry(root, src)
 
 
 def collect_bundle(paths: Sequence[str | os.PathLike],
@@ -194,11 +240,11 @@ def collect_bundle(paths: Sequence[str | os.PathLike],
     for root in roots:
         if root.is_dir():
             entries = list(_walk(root))
-        elif root.is_file():
-            entries = [(root.name, root)]
+        elif os.path.lexists(root):
+            entries = [(root.name, root, _check_entry(root.parent, root))]
         else:
             raise UserError(f"payload {root}: no such file or directory")
-        for rel, src in entries:
+        for rel, src, st in entries:
             if "\n" in rel or "\r" in rel:
                 raise UserError(f"payload {src!r}: a newline in a file name is not supported")
             if rel in RESERVED:
@@ -206,8 +252,10 @@ def collect_bundle(paths: Sequence[str | os.PathLike],
             if rel in files:
                 raise UserError(f"payload path {rel!r} comes from both {files[rel].source} "
                                 f"and {src}")
-            st = src.stat()
-            digest = cache.sha256(src.resolve(), st) if cache else _sha256(src)
+            try:
+                digest = cache.sha256(src.resolve(), st) if cache else _sha256(src)
+            except OSError as e:
+                raise _unreadable(src, e) from None
             files[rel] = BundleFile(rel, src, st.st_size, _norm_mode(st.st_mode), digest)
     if not files:
         raise UserError(f"payloads {', '.join(map(str, roots))}: no files to deploy")
@@ -268,6 +316,11 @@ def short_rev(rev: str | None, dirty: bool | None) -> str | None:
     return "+".join(r[:10] for r in rev.split("+")) + ("-dirty" if dirty else "")
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 file``, ``2 files``: never "1 files" in what a person reads."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -278,5 +331,5 @@ def human_bytes(n: int) -> str:
 
 def describe_bundle(bundle: Bundle) -> str:
     rev = short_rev(bundle.revision, bundle.dirty) or "no git revision"
-    return (f"bundle: {len(bundle.files)} files, {human_bytes(bundle.total_bytes)} from "
+    return (f"bundle: {plural(len(bundle.files), 'file')}, {human_bytes(bundle.total_bytes)} from "
             f"{', '.join(str(r) for r in bundle.roots)} ({rev}, digest {bundle.digest[:12]})")

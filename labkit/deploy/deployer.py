@@ -24,6 +24,7 @@ from labkit.deploy.bundle import (
     collect_bundle,
     human_bytes,
     new_release_id,
+    plural,
 )
 from labkit.deploy.plan import (
     Plan,
@@ -177,36 +178,53 @@ class Deployer:
                         "clean", workdir, str(self.lock_wait), fast=True), "clean",
                         self.settings.command_timeout).get("cleaned", [])
                 note = f"; cleaned {', '.join(cleaned)}" if cleaned else ""
-                return {"release": cur.get("id"), "uploaded": "0 files", "uploaded_files": 0,
-                        "uploaded_bytes": 0, "linked": 0, "state": "in sync" + note,
+                return {"release": cur.get("id"), "uploaded": plural(0, "file"),
+                        "uploaded_files": 0, "uploaded_bytes": 0, "linked": 0, "state": "in sync" + note,
                         "cleaned": cleaned, "revision": cur.get("revision")}
             plan = plan_upload(bundle, probe)
-            header = {
-                "release": self.release, "lock_wait": self.lock_wait, "fsync": self.fsync,
-                "ack_every": ACK_EVERY,
-                "build": self.build, "build_timeout": self.settings.command_timeout,
-                "link": plan.link,
-                "send": [{"path": f.path, "size": f.size, "mode": f"{f.mode:o}"}
-                         for f in plan.send],
-                "manifest": bundle.manifest(self.release),
-            }
-            head = (json.dumps(header, separators=(",", ":")) + "\n").encode()
-            res = _decode(node, exec_streaming(
-                # the python check must judge the payloads with PATH's python3, the one they
-                # will run under; any other build leaves the agent free to start fast
-                client, agent_command("stage", workdir, str(self.stall_timeout),
-                                      fast=self.build != PYTHON_CHECK),
-                _stream(plan, head, self.counter),
-                self.settings.command_timeout), "stage")
+            try:
+                res = self._stage(client, node, workdir, plan)
+            except NodeError as e:
+                # a file kept on the node failed the agent's hash check (edited in place in a
+                # way the probe cannot see, e.g. with its mtime put back): send those instead,
+                # once — the agent switched nothing
+                resend = e.value.get("resend")
+                if not resend:
+                    raise
+                plan = plan.without_links(resend, bundle)
+                res = self._stage(client, node, workdir, plan)
             cleaned = res.get("cleaned", [])
             note = f"; cleaned {', '.join(cleaned)}" if cleaned else ""
             return {"release": res["release"], "previous": res.get("previous"),
-                    "uploaded": f"{len(plan.send)} files, {human_bytes(plan.send_bytes)}",
+                    "uploaded": f"{plural(len(plan.send), 'file')}, "
+                                f"{human_bytes(plan.send_bytes)}",
                     "uploaded_files": len(plan.send), "uploaded_bytes": plan.send_bytes,
                     "linked": len(plan.link), "state": "deployed" + note, "cleaned": cleaned,
                     "pruned": res.get("pruned", []), "revision": bundle.revision}
 
         return self._with_client(node, act)
+
+    def _stage(self, client: RemoteShell, node: Node, workdir: str,
+               plan: Plan) -> dict[str, Any]:
+        """One stage command: the plan line, then the bytes of every file it sends."""
+        assert self.bundle is not None
+        header = {
+            "release": self.release, "lock_wait": self.lock_wait, "fsync": self.fsync,
+            "ack_every": ACK_EVERY,
+            "build": self.build, "build_timeout": self.settings.command_timeout,
+            "link": plan.link,
+            "send": [{"path": f.path, "size": f.size, "mode": f"{f.mode:o}"}
+                     for f in plan.send],
+            "manifest": self.bundle.manifest(self.release),
+        }
+        head = (json.dumps(header, separators=(",", ":")) + "\n").encode()
+        return _decode(node, exec_streaming(
+            # the python check must judge the payloads with PATH's python3, the one they
+            # will run under; any other build leaves the agent free to start fast
+            client, agent_command("stage", workdir, str(self.stall_timeout),
+                                  fast=self.build != PYTHON_CHECK),
+            _stream(plan, head, self.counter),
+            self.settings.command_timeout), "stage")
 
     def check_node(self, node: Node) -> dict[str, Any]:
         assert self.bundle is not None

@@ -7,7 +7,7 @@ deploy, or the stage agent's hashing ``probe`` for ``--check``; both yield one s
     REL = {"id", "files": {path: {sha256, size, mode}}, "suspect": [...] | "missing"/"modified",
            "revision", "dirty", ...} or {"id", "error"}
 
-A node file is a hard-link source only when its release's MANIFEST lists it and it is not
+A node file is a copy source only when its release's MANIFEST lists it and it is not
 suspected of local modification (touched after the release's ``.labkit-stat`` marker, or
 missing), so an edit made on the node is never propagated into a new release.
 """
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit import nodeside
-from labkit.deploy.bundle import Bundle, BundleFile, files_digest, short_rev
+from labkit.deploy.bundle import Bundle, BundleFile, files_digest, plural, short_rev
 from labkit.errors import NodeError
 
 
 @dataclass
 class Plan:
-    """What one node needs: files to send, files to hard-link from a release already there."""
+    """What one node needs: files to send, files to copy from a release already there."""
 
     send: list[BundleFile] = field(default_factory=list)
     link: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (release, path)
@@ -34,9 +34,15 @@ class Plan:
     def send_bytes(self) -> int:
         return sum(f.size for f in self.send)
 
+    def without_links(self, paths: list[str], bundle: Bundle) -> Plan:
+        """This plan with ``paths`` sent rather than copied from a release on the node."""
+        drop = set(paths) & set(self.link)
+        send = sorted([*self.send, *(bundle.files[p] for p in drop)], key=lambda f: f.path)
+        return Plan(send, {p: src for p, src in self.link.items() if p not in drop})
+
 
 def _trusted_sources(probe: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str]]:
-    """(sha256, mode) -> (release, path) for every node file that can be hard-linked safely:
+    """(sha256, mode) -> (release, path) for every node file that can be copied safely:
     listed in its release's manifest and not suspected of local modification."""
     out: dict[tuple[str, str], tuple[str, str]] = {}
     for key in ("previous", "current"):  # current last: prefer linking from it
@@ -94,7 +100,8 @@ def check_state(bundle: Bundle, probe: dict[str, Any]) -> dict[str, Any]:
     if modified:
         value.update(state="modified on node", detail=_some(modified))
     elif stale:
-        value.update(state="stale", detail=f"{len(stale)} file(s) differ: {_some(stale)}")
+        value.update(state="stale", detail=f"{plural(len(stale), 'file')} differ"
+                     f"{'s' if len(stale) == 1 else ''}: {_some(stale)}")
     else:
         value.update(state="in sync", detail="")
     if value["leftovers"]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from labkit.config import Settings
 from labkit.errors import LabkitError
 from labkit.experiment.relay import RELAY_CHUNK
+from labkit.experiment.remote import Remote
 from labkit.inventory import Inventory
 
 if TYPE_CHECKING:
@@ -19,30 +20,56 @@ def measure_channel_rate(inventory: Inventory, settings: Settings, src: str, dst
                          nbytes: int, pool: ShellPool | None = None) -> float:
     """Bytes/s of ``head -c N /dev/zero`` on src piped through the controller into
     ``cat > /dev/null`` on dst, in the relay's chunk size, timed until dst has it all.
-    ``pool``: the caller's shells (kept open); None opens a pool for this measurement only."""
+    ``pool``: the caller's shells (kept open); None opens a pool for this measurement only.
+
+    Either end dying fails the measurement at once, naming it, how it ended and its stderr
+    (a sink that died used to be read as "everything arrived"); one that stalls fails after
+    the run's wait budget for that many bytes."""
+    from labkit.experiment.run import wait_budget
     from labkit.ssh import ConnectionPool
 
     own = pool is None
     pool = pool or ConnectionPool(settings)
     s_node, d_node = inventory.node(src), inventory.node(dst)
-    sp = pool.get(s_node).open_exec(f"head -c {int(nbytes)} /dev/zero")
-    dp = pool.get(d_node).open_exec("cat > /dev/null; echo done")
+    what = f"the channel test's {int(nbytes)} bytes"
+    sp = Remote(pool.get(s_node), src, f"head -c {int(nbytes)} /dev/zero", "channel source",
+                raw=True)
+    dp = Remote(pool.get(d_node), dst, "cat > /dev/null; echo done", "channel sink", raw=True)
+    budget = wait_budget(settings, nbytes)
+    got = 0
     try:
+        for p in (sp, dp):
+            p.ch.settimeout(budget)
         t0 = time.monotonic()
-        got = 0
-        while True:
-            data = sp.channel.recv(RELAY_CHUNK)
-            if not data:
-                break
-            dp.channel.sendall(data)
-            got += len(data)
-        dp.channel.shutdown_write()
-        dp.channel.recv(64)  # "done": everything reached the far side
+        try:
+            while True:
+                data = sp.ch.recv(RELAY_CHUNK)
+                if not data:
+                    break
+                dp.ch.sendall(data)
+                got += len(data)
+            dp.ch.shutdown_write()
+            done = b""
+            while not done.endswith(b"\n"):  # "done": everything reached the far side
+                more = dp.ch.recv(64)
+                if not more:
+                    break
+                done += more
+        except OSError as e:  # a closed channel, or the budget (socket.timeout)
+            for p in (dp, sp):
+                if p.ch.closed or p.ch.exit_status_ready():
+                    raise p.gone(what) from None
+            raise LabkitError(f"channel test {src} -> {dst}: {e or type(e).__name__} after "
+                              f"{got} of {nbytes} bytes") from None
         secs = time.monotonic() - t0
+        if done.strip() != b"done":
+            raise dp.gone(what)
+        sp.stdout_closed()
+        if sp.exit_status != 0:
+            raise sp.gone(what)
     finally:
         for p in (sp, dp):
             p.kill()
-            p.close()
         if own:
             pool.close_all()
     if got != nbytes:

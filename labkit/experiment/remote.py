@@ -4,15 +4,23 @@ Backend-neutral: the workload, the built-in backend's agents, and whatever a sec
 runs on a node (a CRIU helper, a page server) are all payload programs started in the deployed
 payload folder over one SSH exec channel each, answering in JSON lines. Everything started this
 way carries the connection's run marker (``LABKIT_RUN``), which is what the run's cleanup kills
-by."""
+by.
+
+A run's processes are its peers (``Peers``): every wait of the run fails at once when one of
+them ends without having been told to (``Remote.quit``), with that peer's exit status and last
+stderr lines, instead of waiting out a budget of tens of seconds for an answer that cannot
+come."""
 
 from __future__ import annotations
 
 import json
 import queue
 import shlex
+import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from labkit.errors import LabkitError
@@ -21,12 +29,25 @@ from labkit.inventory import Node
 if TYPE_CHECKING:
     import paramiko
 
+    from labkit.experiment.results import Events
     from labkit.ssh import RemoteProcess, RemoteShell
+
+# After a peer's stdout ends, how long its exit status may take to arrive (OpenSSH sends it
+# after the EOF; the fake lab before it). A channel that closes without one sets it at once.
+EXIT_STATUS_GRACE = 2.0
+# A peer that reported an error may still be writing its stderr: wait this long for its end.
+ERROR_EXIT_GRACE = 1.0
+STDERR_LINES = 3  # of a peer's stderr, the lines a failure quotes (a traceback's last is the one)
+
+# Put into a waiting queue when a peer ends: "look at the peers again".
+WAKE: dict[str, Any] = {"event": "peer-ended"}
 
 
 class MigrationFailed(LabkitError):
     """The migration ran but did not verify, a stream was refused, or a peer stopped answering.
-    One line that names the node and what the run was waiting for."""
+    One line that names the node and what the run was waiting for; ``value`` holds the report's
+    ``error`` object fields (``step``, ``node``, ``peer``, ``exit_status``, ``stderr``) where
+    they are known."""
 
 
 def payload_dir(node: Node) -> str:
@@ -42,30 +63,58 @@ def payload_command(node: Node, script: str, args: str) -> str:
     return f"cd {shlex.quote(payload_dir(node))} && exec python3 -u {script} {args}"
 
 
+def how_ended(status: int | None) -> str:
+    """A peer's end in words: 'exited with status 1', '... 137 (SIGKILL)', 'connection lost'."""
+    if status is None:
+        return "ended (connection lost, no exit status)"
+    text = f"exited with status {status}"
+    if status > 128:
+        try:
+            text += f" ({signal.Signals(status - 128).name})"
+        except ValueError:
+            pass
+    return text
+
+
 class Remote:
     """A payload process on a node, over one SSH exec channel: stdout read by a thread into
-    a queue (JSON lines) unless ``raw`` (then the caller reads the channel, e.g. a relay),
-    stdin written by us, stderr kept for error messages."""
+    a queue (JSON lines) unless ``raw`` (then the caller reads the channel, e.g. a relay, and
+    calls ``stdout_closed`` at its end), stdin written by us, stderr kept for error messages.
+
+    Its end is known once its stdout has ended and its exit status is in (``ended``,
+    ``exit_status``); ``on_end`` callbacks run then, with everything it wrote to stderr
+    already read."""
 
     def __init__(self, client: RemoteShell, node: str, cmd: str, label: str, *,
-                 raw: bool = False,
-                 env: dict[str, str] | None = None):
+                 raw: bool = False, env: dict[str, str] | None = None,
+                 peers: Peers | None = None):
         self.client = client
         self.node = node
         self.label = label
         self.cmd = cmd
+        self.peers = peers
         self.proc: RemoteProcess = client.open_exec(cmd, env=env)
         self.ch: paramiko.Channel = self.proc.channel
         self.raw = raw
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one writer on stdin at a time
+        self._end_lock = threading.Lock()
+        self._err_lock = threading.Lock()  # stderr is read by the reader and by waiters
         self._err = b""
+        self.ended = threading.Event()
+        self.exit_status: int | None = None
+        self.told_to_quit = False  # its end is expected: not a failure
+        self.error_line: str | None = None  # the last error it reported on stdout
+        self._on_end: list[Callable[[Remote], None]] = []
+        if peers is not None:
+            peers.add(self)
         if not raw:
             threading.Thread(target=self._read_lines, daemon=True,
                              name=f"{label}-out").start()
 
     def _read_lines(self) -> None:
         buf = b""
+        error = None
         try:
             while True:
                 data = self.ch.recv(65536)
@@ -78,46 +127,128 @@ class Remote:
                         obj = json.loads(line)
                     except ValueError:
                         obj = {"event": "text", "text": line.decode(errors="replace")}
+                    if isinstance(obj, dict) and (obj.get("event") == "error"
+                                                  or obj.get("ok") is False):
+                        self.error_line = str(obj.get("error"))
                     self.lines.put(obj)
         except OSError as e:
-            self.lines.put({"event": "eof", "error": str(e)})
+            error = str(e)
+        self.stdout_closed()
+        self.lines.put({"event": "eof", **({"error": error} if error else {})})
+
+    def stdout_closed(self) -> None:
+        """Its stdout ended (the reader thread's or a raw channel's consumer's call): wait a
+        moment for the exit status, take the rest of stderr, and tell the ``on_end``
+        callbacks. Idempotent."""
+        if self.ended.is_set():
             return
-        self.lines.put({"event": "eof"})
+        if self.ch.status_event.wait(EXIT_STATUS_GRACE):
+            code = self.ch.recv_exit_status()
+            self.exit_status = None if code == -1 else code
+        self._drain_stderr()
+        with self._end_lock:
+            self.ended.set()
+            callbacks = list(self._on_end)
+        for cb in callbacks:
+            cb(self)
+
+    def on_end(self, callback: Callable[[Remote], None]) -> None:
+        """Call ``callback(self)`` when the process has ended (at once if it has)."""
+        with self._end_lock:
+            if not self.ended.is_set():
+                self._on_end.append(callback)
+                return
+        callback(self)
 
     def send(self, line: str) -> None:
         with self._lock:
             try:
                 self.ch.sendall((line + "\n").encode())
             except OSError as e:
-                raise MigrationFailed(f"{self.node}: {self.label} is gone ({e}); "
-                                      f"{self.stderr_tail()}") from None
+                raise self.failure(f"sending it {line!r}", f"is gone ({e})",
+                                   doing=f"we sent it {line!r}") from None
+
+    def quit(self, line: str = "quit") -> None:
+        """Tell it to end: from now on its end is not a failure of the run."""
+        self.told_to_quit = True
+        self.send(line)
+
+    def _drain_stderr(self) -> None:
+        with self._err_lock:
+            try:
+                while self.ch.recv_stderr_ready():
+                    self._err += self.ch.recv_stderr(65536)
+            except OSError:
+                pass
+
+    def stderr_lines(self, n: int = STDERR_LINES) -> list[str]:
+        """The last ``n`` non-blank lines the process wrote to stderr (all of it is kept)."""
+        self._drain_stderr()
+        with self._err_lock:
+            text = self._err.decode(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return lines[-n:]
 
     def stderr_tail(self) -> str:
-        """The last lines the process wrote to stderr (all of it is kept: a traceback's last
-        line is the useful one)."""
-        err = b""
-        try:
-            while self.ch.recv_stderr_ready():
-                err += self.ch.recv_stderr(65536)
-        except OSError:
-            pass
-        self._err += err
-        lines = [ln for ln in self._err.decode(errors="replace").splitlines() if ln.strip()]
-        return ("stderr: " + " | ".join(lines[-3:])) if lines else "no stderr"
+        """The last stderr lines as one line of text (for a message)."""
+        lines = self.stderr_lines()
+        return ("stderr: " + " | ".join(lines)) if lines else "no stderr"
+
+    def failure(self, what: str, how: str, reason: str | None = None, *,
+                doing: str | None = None) -> MigrationFailed:
+        """The run's error naming this peer: ``<node>: <label> <how> while we waited for
+        <what>: <reason>`` (default reason: its last stderr lines), with the report fields."""
+        if not self.ended.is_set():
+            # it said why on stdout and is likely exiting: its stderr (a separate stream,
+            # not ordered with stdout) is the rest of the story
+            self.ended.wait(ERROR_EXIT_GRACE)
+        lines = self.stderr_lines()
+        if reason is None:
+            reason = self.stderr_tail()
+        return MigrationFailed(
+            f"{self.node}: {self.label} {how} while {doing or f'we waited for {what}'}: "
+            f"{reason}",
+            value={"step": what, "node": self.node, "peer": self.label,
+                   "exit_status": self.exit_status, "stderr": lines})
+
+    def gone(self, what: str) -> MigrationFailed:
+        """The error for this peer having ended (unasked) while the run waited for ``what``:
+        how it ended, and its own reason (the error it reported, else its stderr)."""
+        if not self.ended.is_set():
+            self.stdout_closed()
+        reason = None
+        if self.error_line:
+            reason = self.error_line
+            tail = self.stderr_lines()
+            if tail and not any(self.error_line in ln for ln in tail):
+                reason += f" ({self.stderr_tail()})"
+        return self.failure(what, how_ended(self.exit_status), reason)
 
     def next(self, timeout: float, what: str) -> dict[str, Any]:
-        try:
-            obj = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise MigrationFailed(f"{self.node}: {self.label}: no answer within {timeout:.0f}s "
-                                  f"waiting for {what}") from None
-        if obj.get("event") == "eof":
-            time.sleep(0.05)  # let the dying process's last stderr line arrive
-            raise MigrationFailed(f"{self.node}: {self.label} exited while we waited for {what}"
-                                  f" ({self.stderr_tail()})")
-        if obj.get("event") == "error" or obj.get("ok") is False:
-            raise MigrationFailed(f"{self.node}: {self.label}: {obj.get('error')}")
-        return obj
+        """Its next JSON line. Fails at once if it (or, with ``peers``, any other process of
+        the run) ends unasked, or reports an error; after ``timeout`` if nothing comes."""
+        end = time.monotonic() + timeout
+        with watch_peers(self.peers, self.lines, WAKE):
+            while True:
+                if self.peers is not None:
+                    self.peers.check(what, own=(self,))
+                if self.ended.is_set() and self.lines.empty():
+                    raise self.gone(what)  # its last line (or eof) went to an earlier wait
+                try:
+                    obj = self.lines.get(timeout=max(0.0, end - time.monotonic()))
+                except queue.Empty:
+                    raise MigrationFailed(
+                        f"{self.node}: {self.label}: no answer within {timeout:.0f}s "
+                        f"waiting for {what}",
+                        value={"step": what, "node": self.node, "peer": self.label,
+                               "stderr": self.stderr_lines()}) from None
+                if obj is WAKE:
+                    continue
+                if obj.get("event") == "eof":
+                    raise self.gone(what)
+                if obj.get("event") == "error" or obj.get("ok") is False:
+                    raise self.failure(what, "failed", str(obj.get("error")))
+                return obj
 
     def call(self, line: str, timeout: float) -> dict[str, Any]:
         """Send a command and return its one-line JSON reply."""
@@ -132,3 +263,77 @@ class Remote:
                 self.proc.close()
             except Exception:  # noqa: BLE001 - cleanup must go on
                 pass
+
+
+class Peers:
+    """The processes one run started. A wait of the run watches its queue through
+    ``watching``: when any of them ends without having been told to quit, a ``WAKE`` item
+    is put there and ``check`` raises that peer's failure (the first to end is blamed: what
+    dies after it usually dies of it). Each such end is logged once as a ``peer-exit`` event.
+    ``close`` (the run's cleanup) ends the watching: what cleanup kills is not news."""
+
+    def __init__(self, events: Events | None = None):
+        self.events = events
+        self._lock = threading.Lock()
+        self.remotes: list[Remote] = []
+        self.dead: list[Remote] = []  # ended unasked, in the order they ended
+        self._waiting: list[tuple[queue.Queue[Any], Any]] = []
+        self.closed = False
+
+    def add(self, rem: Remote) -> None:
+        with self._lock:
+            self.remotes.append(rem)
+        rem.on_end(self._ended)
+
+    def _ended(self, rem: Remote) -> None:
+        with self._lock:
+            if self.closed or rem.told_to_quit:
+                return
+            self.dead.append(rem)
+            waiting = list(self._waiting)
+        if self.events is not None:
+            self.events.emit("peer-exit", node=rem.node, peer=rem.label,
+                             exit_status=rem.exit_status, stderr=rem.stderr_lines())
+        for q, item in waiting:
+            q.put(item)
+
+    def check(self, what: str, own: tuple[Remote, ...] = ()) -> None:
+        """Raise the failure of the first peer that ended unasked, if one did — unless that
+        one is among ``own``: the caller reads their ends in order from its own queue, after
+        the last thing they said."""
+        with self._lock:
+            dead = self.dead[0] if self.dead and not self.closed else None
+        if dead is not None and not any(dead is o for o in own):
+            raise dead.gone(what)
+
+    @contextmanager
+    def watching(self, q: queue.Queue[Any], item: Any) -> Iterator[None]:
+        """While inside, a peer's unasked end puts ``item`` into ``q``."""
+        entry = (q, item)
+        with self._lock:
+            self._waiting.append(entry)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting.remove(entry)
+
+    def retire(self, rem: Remote) -> None:
+        """The run needs nothing more from ``rem``: its end (past or future) is no failure."""
+        with self._lock:
+            rem.told_to_quit = True
+            self.dead = [d for d in self.dead if d is not rem]
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+
+
+@contextmanager
+def watch_peers(peers: Peers | None, q: queue.Queue[Any], item: Any) -> Iterator[None]:
+    """``peers.watching(q, item)``, or nothing for a process that belongs to no run."""
+    if peers is None:
+        yield
+        return
+    with peers.watching(q, item):
+        yield

@@ -41,6 +41,8 @@ class Result:
     source_sha256: str | None = None
     restored_sha256: str | None = None
     error: str | None = None
+    # what failed, for run.json's "error" and --json's "failure": run.failure_report()
+    failure: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs, per node
 
@@ -54,7 +56,8 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "error": self.error, "stop_reason": self.stop_reason,
+            "ok": self.ok, "error": self.error, "failure": self.failure,
+            "stop_reason": self.stop_reason,
             "downtime_ms": _ms(self.downtime_s),
             "stop_copy_downtime_ms": _ms(self.stop_copy_downtime_s),
             "total_s": self.total_s, "verified": self.verified,

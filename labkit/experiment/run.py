@@ -26,7 +26,7 @@ from labkit.experiment import backends
 from labkit.experiment import results as res
 from labkit.experiment.config import MigrateConfig, human_size
 from labkit.experiment.prepare import prepare_nodes, report_leftovers
-from labkit.experiment.remote import MigrationFailed, Remote, payload_command
+from labkit.experiment.remote import MigrationFailed, Peers, Remote, payload_command
 from labkit.experiment.results import Result
 from labkit.inventory import Inventory, Node
 
@@ -39,11 +39,27 @@ MIN_STREAM_RATE = 4 << 20
 
 class RunFailed(MigrationFailed):
     """A run failed: the cause's one-line message and exit code, its report data, and
-    ``value["folder"]``, the results folder (written either way)."""
+    ``value["folder"]``, the results folder (written either way); ``value["result"]``, when
+    given, is the run's result as JSON (what run.json and ``--json`` hold: ok false, the
+    error and its ``failure`` object)."""
 
-    def __init__(self, cause: LabkitError, folder: Path):
-        super().__init__(str(cause), value={**cause.value, "folder": str(folder)})
+    def __init__(self, cause: LabkitError, folder: Path,
+                 result: dict[str, Any] | None = None):
+        value = {**cause.value, "folder": str(folder)}
+        if result is not None:
+            value["result"] = result
+        super().__init__(str(cause), value=value)
         self.exit_code = cause.exit_code
+
+
+def failure_report(error: LabkitError, phase: str) -> dict[str, Any]:
+    """run.json's ``error`` object: the message, the step the run was at (what it waited
+    for, else its phase), and, when a process of the run is to blame, its node, its label,
+    how it ended and the last lines of its stderr."""
+    v = error.value
+    return {"message": str(error), "step": v.get("step") or phase, "node": v.get("node"),
+            "peer": v.get("peer"), "exit_status": v.get("exit_status"),
+            "stderr": list(v.get("stderr") or [])}
 
 
 def wait_budget(settings: Settings, size: int) -> float:
@@ -117,6 +133,9 @@ class MigrateRun:
         self.pool: ShellPool = pool
         self.prepared = prepared
         self.remotes: list[Remote] = []
+        # every process the run starts: any of them ending unasked fails the run's waits
+        self.peers = Peers(self.events)
+        self.phase = "prepare"
         self.pids: dict[str, set[int]] = {config.src: set(), config.dst: set()}
         self.timeout = wait_budget(settings, config.size)
         self.result = Result(self.folder, False, config)
@@ -124,13 +143,16 @@ class MigrateRun:
     # -- phases ----------------------------------------------------------------------------
     def run(self) -> Result:
         """Prepare, migrate, clean up, write. A LabkitError comes out as RunFailed (same
-        message and exit code, plus the results folder); Ctrl-C as KeyboardInterrupt, after
-        the cleanup."""
+        message and exit code, plus the results folder and the result as JSON); Ctrl-C as
+        KeyboardInterrupt, after the cleanup."""
         t_start = time.monotonic()
         r = self.result
+        failed: LabkitError | None = None
         try:
             self.events.emit("config", **self.cfg.to_json())
+            self.phase = "prepare"
             r.info = self.prepare()
+            self.phase = "migrate"
             self.backend(self)
             r.ok = True
         except KeyboardInterrupt:
@@ -138,13 +160,17 @@ class MigrateRun:
             self.events.emit("interrupted")
             raise
         except LabkitError as e:
+            failed = e
             r.error = str(e)
-            self.events.emit("failed", error=str(e))
-            raise RunFailed(e, self.folder) from e
+            r.failure = failure_report(e, self.phase)
+            self.events.emit("failed", error=str(e),
+                             **{k: v for k, v in r.failure.items() if k != "message"})
         finally:
             r.total_s = round(time.monotonic() - t_start, 3)
             self.cleanup()
             self.write()
+        if failed is not None:
+            raise RunFailed(failed, self.folder, r.to_json()) from failed
         return r
 
     def prepare(self) -> dict[str, Any]:
@@ -161,7 +187,7 @@ class MigrateRun:
               env: dict[str, str] | None = None, raw: bool = False) -> Remote:
         """Run payload ``script`` on ``node``; cleanup will kill it and all it starts."""
         r = Remote(self.pool.get(node), node.name, payload_command(node, script, args), label,
-                   env=env, raw=raw)
+                   env=env, raw=raw, peers=self.peers)
         self.remotes.append(r)
         self.events.emit("start", node=node.name, what=label, cmd=f"{script} {args}")
         return r
@@ -189,6 +215,7 @@ class MigrateRun:
         stderr and in events.jsonl."""
         from labkit.ssh import SshClient
 
+        self.peers.close()  # what cleanup ends is not a peer dying
         ids: dict[str, list[str]] = {}
         for rem in self.remotes:
             ids.setdefault(rem.node, []).append(rem.proc.run_id)
@@ -236,7 +263,8 @@ class MigrateRun:
         run = {"task": "migrate-test", "config": self.cfg.to_json(), "result": r.to_json(),
                "nodes": (r.info or {}).get("nodes", {}),
                "payload": (r.info or {}).get("payload", {}),
-               "tracker_backend": r.backend, "labkit_version": _version()}
+               "tracker_backend": r.backend, "labkit_version": _version(),
+               "error": r.failure}
         try:
             res.write_json(self.folder / "run.json", run)
             res.write_rounds(self.folder / "rounds.csv", r.rounds)

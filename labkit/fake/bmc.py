@@ -31,15 +31,26 @@ import pyghmi.ipmi.bmc as pyghmi_bmc
 
 from labkit.fake import bootlog
 from labkit.fake.loop import Loop, Timer
-from labkit.fake.rmcp import ADMIN, RmcpSession, SessionTable
+from labkit.fake.rmcp import (
+    ADMIN,
+    CALLBACK,
+    OPERATOR,
+    SUITES,
+    USER,
+    RmcpSession,
+    SessionTable,
+)
 from labkit.fake.sol import SolLink
 
 RMCP_HEADER = b"\x06\x00\xff\x07"
+ASF_IANA = b"\x00\x00\x11\xbe"
+ASF_PING, ASF_PONG = 0x80, 0x40
 CC_OK = 0x00
 CC_BUSY = 0xC0
 CC_INVALID = 0xC1
 CC_BAD_LENGTH = 0xC7
 CC_BAD_FIELD = 0xCC
+CC_NO_PRIVILEGE = 0xD4
 CC_NOT_NOW = 0xD5
 CC_UNSPECIFIED = 0xFF
 MAX_SESSIONS = 64
@@ -53,6 +64,17 @@ SOL_MAX_PAYLOAD = 256
 BOOTDEV_CODES = {"default": 0, "pxe": 1, "disk": 2, "safe": 3, "cdrom": 5, "bios": 6,
                  "floppy": 15}
 BOOTDEV_NAMES = {v: k for k, v in BOOTDEV_CODES.items()}
+PRIVILEGES = {"callback": CALLBACK, "user": USER, "operator": OPERATOR, "admin": ADMIN,
+              "administrator": ADMIN}
+# The privilege a command needs (IPMI 2.0 appendix G); commands not listed need USER. Session
+# management commands work at any privilege.
+REQUIRED_PRIVILEGE: dict[tuple[int, int], int] = {
+    (6, 0x38): CALLBACK, (6, 0x3B): CALLBACK, (6, 0x3C): CALLBACK, (6, 0x54): CALLBACK,
+    (6, 0x02): ADMIN,                       # cold reset
+    (0, 0x02): OPERATOR,                    # chassis control
+    (0, 0x08): OPERATOR, (0, 0x09): OPERATOR,  # set/get system boot options
+    (0x0C, 0x21): ADMIN,                    # set SOL configuration
+}
 BOOTDEV_ALIASES = {"network": "pxe", "net": "pxe", "hd": "disk", "setup": "bios",
                    "optical": "cdrom", "cd": "cdrom", "usb": "floppy"}
 
@@ -116,6 +138,8 @@ class FakeBmc(pyghmi_bmc.Bmc):
         self.loop = loop
         self.user = user.encode()
         self._password = password
+        # name -> privilege limit; every user has the BMC's password (the lab keeps one secret)
+        self.users: dict[bytes, int] = {self.user: ADMIN}
         self.node = node
         self.power_delay = (float(power_delay[0]), float(power_delay[1]))
         self.boot_delay = float(boot_delay)
@@ -126,7 +150,8 @@ class FakeBmc(pyghmi_bmc.Bmc):
         self.sessions = SessionTable()
         self.sol: SolLink | None = None
         self.unreachable_until = 0.0
-        self.stats = {"rx": 0, "dropped": 0, "ignored": 0, "errors": 0, "commands": 0}
+        self.stats: dict[str, Any] = {"rx": 0, "dropped": 0, "ignored": 0, "errors": 0,
+                                      "commands": 0, "pongs": 0, "suites": {}}
         # host state
         self.power = "off"
         self.pending: str | None = None
@@ -184,6 +209,9 @@ class FakeBmc(pyghmi_bmc.Bmc):
             self.stats["dropped"] += 1
             return
         self.stats["rx"] += 1
+        if data[0:2] == b"\x06\x00" and data[3:4] == b"\x06":
+            self._asf(data, addr)
+            return
         if len(data) < 16 or data[0:4] != RMCP_HEADER:
             return
         authtype = data[4]
@@ -214,7 +242,11 @@ class FakeBmc(pyghmi_bmc.Bmc):
             return
         sess.last_rx = now
         self.sessions.touch(sess)
+        was = sess.established
         sess._handle_ipmi2_packet(data)
+        if sess.established and not was:  # which cipher suites clients really negotiate
+            suite = str(SUITES[sess.suite][0])
+            self.stats["suites"][suite] = self.stats["suites"].get(suite, 0) + 1
 
     def _open_session(self, data: bytearray, addr: tuple) -> None:
         plen = data[14] | (data[15] << 8)
@@ -240,14 +272,43 @@ class FakeBmc(pyghmi_bmc.Bmc):
         if self.sol is not None and self.sol.session is sess:
             self._end_sol()
 
+    def add_user(self, name: str, privilege: str) -> None:
+        """Another account on this BMC with the BMC's password and a privilege limit
+        (callback | user | operator | admin); an existing name gets the new limit."""
+        level = PRIVILEGES.get(str(privilege).lower())
+        if level is None:
+            raise ValueError(f"privilege {privilege!r}: expected one of "
+                             f"{', '.join(sorted(set(PRIVILEGES) - {'administrator'}))}")
+        if not name or len(name.encode()) > 16:
+            raise ValueError(f"user name {name!r}: 1-16 bytes")
+        self.users[name.encode()] = level
+        self.log.info("user %s with privilege %s", name, privilege)
+
+    def privilege_limit(self, username: bytes) -> int:
+        return self.users.get(username, 0)
+
     def password_for(self, username: bytes) -> bytes | None:
         """Kuid for a user, None if unknown. With refuse_password, a random key: the client
         sees a RAKP2 HMAC mismatch, exactly like a wrong password."""
-        if username != self.user:
+        if username not in self.users:
             return None
         if self.faults.refuse_password:
             return os.urandom(20)
         return self._password
+
+    def _asf(self, data: bytearray, addr: tuple) -> None:
+        """RMCP class 6 (ASF): answer a presence ping with a pong saying IPMI is supported, so
+        discovery tools (rmcpping, nmap's asf-rmcp-version) find this BMC. Anything else of
+        that class is ignored."""
+        if len(data) < 12 or data[4:8] != ASF_IANA or data[8] != ASF_PING:
+            return
+        tag = data[9]
+        body = (ASF_IANA + b"\x00\x00\x00\x00"  # IANA, OEM defined
+                + bytes([0x81, 0x00])             # entities: IPMI supported, ASF 1.0; interactions
+                + b"\x00" * 6)
+        self.stats["pongs"] += 1
+        self._sendto(b"\x06\x00\xff\x06" + ASF_IANA + bytes([ASF_PONG, tag, 0, len(body)])
+                     + body, addr)
 
     # --- sessionless commands -------------------------------------------------------------
     def _sessionless(self, data: bytearray, addr: tuple, v2: bool) -> None:
@@ -265,9 +326,8 @@ class FakeBmc(pyghmi_bmc.Bmc):
         if cmd == 0x38:  # Get Channel Authentication Capabilities
             # channel 1; IPMI 2.0 extended caps; non-null usernames; IPMI 2.0 supported
             reply = [CC_OK, 1, 0x80, 0x04, 0x02, 0, 0, 0, 0]
-        elif cmd == 0x54:  # Get Channel Cipher Suites: suite 3 only
-            index = body[2] & 0x3F if len(body) >= 3 else 0
-            reply = [CC_OK, 1] + ([0xC0, 3, 0x01, 0x41, 0x81] if index == 0 else [])
+        elif cmd == 0x54:  # Get Channel Cipher Suites
+            reply = [CC_OK, *self._h_cipher_suites(None, bytes(body))[1]]
         else:
             return
         head = [rqaddr, (7 << 2) | (rqseqlun & 3)]
@@ -295,6 +355,12 @@ class FakeBmc(pyghmi_bmc.Bmc):
         if handler is None:
             self.log.debug("unhandled netfn 0x%02x cmd 0x%02x", netfn, cmd)
             session.send_ipmi_response(code=CC_INVALID)
+            return
+        if session.clientpriv < REQUIRED_PRIVILEGE.get((netfn, cmd), USER):
+            self.log.info("netfn 0x%02x cmd 0x%02x refused: session of %r at privilege %d",
+                          netfn, cmd, session.username.decode(errors="replace"),
+                          session.clientpriv)
+            session.send_ipmi_response(code=CC_NO_PRIVILEGE)
             return
         if netfn == 0 and self.faults.busy > 0:
             self.faults.busy -= 1
@@ -350,6 +416,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
             # same client address but a new session: its old session died, take over
         if self.sol is not None:
             self.log.info("SOL taken over from a stale session")
+            self.sol.notify_deactivated()
             self._end_sol()
         self.sol = SolLink(session, self._console_input)
         session.sol_handler = self.sol.received
@@ -361,7 +428,11 @@ class FakeBmc(pyghmi_bmc.Bmc):
             return CC_BAD_FIELD, b""
         if self.sol is None:
             return 0x80, b""  # payload already deactivated
-        # any authenticated session may end SOL: that is how a stale one is taken over
+        # any authenticated session may end SOL: that is how one is taken over (the holder
+        # is told, as a real BMC tells it; a client that ends its own payload is not)
+        if self.sol.session is not session:
+            self.log.info("SOL deactivated by another session")
+            self.sol.notify_deactivated()
         self._end_sol()
         return CC_OK, b""
 
@@ -385,9 +456,14 @@ class FakeBmc(pyghmi_bmc.Bmc):
     def _h_auth_cap(self, session: RmcpSession, data: bytes) -> tuple[int, bytes]:
         return CC_OK, bytes([1, 0x80, 0x04, 0x02, 0, 0, 0, 0])
 
-    def _h_cipher_suites(self, session: RmcpSession, data: bytes) -> tuple[int, bytes]:
+    def _h_cipher_suites(self, session: RmcpSession | None, data: bytes) -> tuple[int, bytes]:
+        """The suites Open Session accepts, as records (IPMI 2.0 table 22-19): C0h, suite id,
+        then the authentication, integrity (40h|n) and confidentiality (80h|n) algorithms,
+        16 bytes per list index."""
         index = data[2] & 0x3F if len(data) >= 3 else 0
-        return CC_OK, bytes([1] + ([0xC0, 3, 0x01, 0x41, 0x81] if index == 0 else []))
+        records = b"".join(bytes([0xC0, SUITES[key][0], key[0], 0x40 | key[1], 0x80 | key[2]])
+                           for key in sorted(SUITES, key=lambda k: SUITES[k][0]))
+        return CC_OK, bytes([1]) + records[index * 16:(index + 1) * 16]
 
     def _h_sol_config(self, session: RmcpSession, data: bytes) -> tuple[int, bytes]:
         param = data[1] & 0x7F
@@ -496,20 +572,34 @@ class FakeBmc(pyghmi_bmc.Bmc):
         return None
 
     def _request(self, action: str) -> int | None:
-        """Accept a power request; it lands later. Repeating a request (a client retry, or
-        asking for the state already reached) changes nothing."""
-        if self.pending == action or (self.pending == "on" and action == "on"):
+        """Accept a power request; it lands later. The last request wins, as on real BMCs: one
+        that arrives while another is landing replaces it, and one for the state the node is
+        in cancels a landing transition away from it (power-on while a power-off lands: the
+        node stays on). Repeating the landing request (a client retry) changes nothing."""
+        if self.pending == action or (self.pending in ("reset", "cycle") and action == "on"):
+            return None  # a retry, or "on" while a reboot lands (it ends on anyway)
+        if action == "on" and self.power == "on":
+            self._cancel_pending("on")
             return None
-        settled = self.pending is None
-        if action == "on" and self.power == "on" and settled:
-            return None
-        if action in ("off", "soft") and self.power == "off" and settled:
+        if action in ("off", "soft") and self.power == "off":
+            self._cancel_pending(action)
             return None
         if action in ("reset", "cycle") and self.power == "off" and self.pending != "on":
-            return CC_NOT_NOW
-        self.log.info("power %s requested (now %s)", action, self.power)
+            return CC_NOT_NOW  # IPMI: no action on an off chassis, 0xD5
+        self.log.info("power %s requested (now %s%s)", action, self.power,
+                      f", replacing a landing {self.pending}" if self.pending else "")
         self._schedule(action)
         return None
+
+    def _cancel_pending(self, by: str) -> None:
+        if self.pending is None:
+            return
+        self.log.info("power %s cancelled by %s: the node stays %s", self.pending, by,
+                      self.power)
+        if self._power_timer is not None:
+            self._power_timer.cancel()
+            self._power_timer = None
+        self.pending = None
 
     def _power_delay(self) -> float:
         lo, hi = self.faults.power_delay or self.power_delay
@@ -729,7 +819,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
             "sol": self.sol is not None, "sessions": len(self.sessions),
             "bmc": f"{self.host}:{self.port}", "faults": self.faults.to_json(),
             "reachable": not self.faults.down and time.monotonic() >= self.unreachable_until,
-            "stats": dict(self.stats),
+            "stats": {**self.stats, "suites": dict(self.stats["suites"])},
         }
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 reply line out. ``LabControl`` is the client used by ``lab.status``/``lab.fault`` and by tests;
 ``ControlServer`` runs inside the lab process on its event loop.
 
-Ops: ping, status, fault, cold_reset, power (set power through the BMC's own state machine,
+Ops: ping, status, fault, user (another BMC account, with the lab's BMC password and a
+privilege limit), cold_reset, power (set power through the BMC's own state machine,
 optionally landing now), console (tail of a node's console log), shutdown.
 
 Why a side channel at all: faults and "what does the fake think the power is" must be
@@ -89,6 +90,11 @@ class LabControl:
 
     def clear(self, node: str = "*") -> dict[str, Any]:
         return self.call("fault", node=node, clear=True)
+
+    def user(self, node: str, name: str, privilege: str) -> dict[str, Any]:
+        """Add BMC account ``name`` (the lab's BMC password) limited to ``privilege``:
+        callback | user | operator | admin."""
+        return self.call("user", node=node, name=name, privilege=privilege)
 
     def cold_reset(self, node: str) -> dict[str, Any]:
         return self.call("cold_reset", node=node)

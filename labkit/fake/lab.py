@@ -202,6 +202,17 @@ class LabServer:
                 except ValueError as e:
                     raise UserError(str(e)) from None
             return {"ok": True, "nodes": {n: self.bmcs[n].faults.to_json() for n in targets}}
+        if op == "user":
+            name, privilege = request.get("name"), request.get("privilege")
+            if not isinstance(name, str) or not isinstance(privilege, str):
+                raise UserError("user: give name and privilege (callback|user|operator|admin)")
+            targets = self._targets(request)
+            for n in targets:
+                try:
+                    self.bmcs[n].add_user(name, privilege)
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+            return {"ok": True, "nodes": targets}
         if op == "cold_reset":
             targets = self._targets(request)
             for n in targets:

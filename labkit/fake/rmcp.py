@@ -4,9 +4,14 @@ defects listed in /work/shared/facts/ipmi.md fixed.
 Kept from pyghmi: packet integrity/decryption (``_handle_ipmi2_packet``), payload framing,
 encryption and HMAC on the way out (``send_payload``), the RAKP4 computation.
 Changed:
-- Open Session: only cipher suite 3 is offered; any other proposal gets status 0x11 (no
-  matching suite) so pyghmi's client, which proposes suite 17 first, falls back instead of
-  dying in RAKP2 with struct.error.
+- Open Session: cipher suites 3 (HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128) and 17 (HMAC-SHA256,
+  HMAC-SHA256-128, AES-CBC-128), what current BMCs offer; "BMC, you choose" gets 17. Any other
+  proposal gets status 0x11 (no matching suite). pyghmi's server session speaks suite 3 only
+  (SHA-1 hard-coded in RAKP and key derivation): here the hash follows the suite.
+- Privilege as a BMC enforces it: RAKP1 asking for a role above the user's limit gets RAKP2
+  status 0x0A (unauthorized role), the session's ceiling is the role it asked for, and it
+  operates at USER until Set Session Privilege Level raises it (the BMC checks each command
+  against that, see ``FakeBmc.handle_raw_request``).
 - RAKP1 for an unknown (or null) user answers RAKP2 status 0x0d instead of silence (the client
   then fails at once instead of timing out after ~14 s); a bad RAKP3 gets RAKP4 status 0x0f.
 - No registration in pyghmi's global ``Session.bmc_handlers``: each BMC keeps its own
@@ -38,11 +43,19 @@ from typing import Any, Protocol
 import pyghmi.ipmi.private.constants as constants
 import pyghmi.ipmi.private.serversession as serversession
 
-SUITE3 = (1, 1, 1)  # HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128
+# Cipher suites offered, by (authentication, integrity, confidentiality) algorithm numbers
+# (IPMI 2.0 tables 13-17..13-19): suite id, the RAKP/integrity hash, the integrity code length.
+SUITES: dict[tuple[int, int, int], tuple[int, Any, int]] = {
+    (3, 4, 1): (17, hashlib.sha256, 16),  # HMAC-SHA256, HMAC-SHA256-128, AES-CBC-128
+    (1, 1, 1): (3, hashlib.sha1, 12),     # HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128
+}
+SUITE3 = (1, 1, 1)
+SUITE17 = (3, 4, 1)
 RMCP_NO_CIPHER_MATCH = 0x11
+RMCP_UNAUTHORIZED_ROLE = 0x0A
 RMCP_UNAUTHORIZED_NAME = 0x0D
 RMCP_INVALID_INTEGRITY = 0x0F
-ADMIN = 4
+CALLBACK, USER, OPERATOR, ADMIN = 1, 2, 3, 4
 DUPLICATE_WINDOW = 10.0
 
 
@@ -55,6 +68,10 @@ class SessionOwner(Protocol):
 
     def password_for(self, username: bytes) -> bytes | None:
         """Kuid for a user, None if the user is unknown."""
+        ...
+
+    def privilege_limit(self, username: bytes) -> int:
+        """The highest privilege level (USER..ADMIN) the user may have."""
         ...
 
     def handle_raw_request(self, request: dict, session: RmcpSession) -> None:
@@ -149,7 +166,8 @@ class RmcpSession(serversession.ServerSession):
         self.pendingpayloads: collections.deque = collections.deque()
         self.pktqueue: collections.deque = collections.deque()
         self.maxpriv = ADMIN
-        self.clientpriv = ADMIN
+        self.clientpriv = USER
+        self.suite = SUITE3
         self.established = False
         self.closed = False
         self.last_rx = time.monotonic()
@@ -170,23 +188,28 @@ class RmcpSession(serversession.ServerSession):
         """Answer an RMCP+ Open Session Request; False if it was refused."""
         tag = request[0]
         self.clientsessionid = bytes(request[4:8])
-        algos = []
+        algos: list[int | None] = []
         for offset, kind in ((8, 0), (16, 1), (24, 2)):
             rec = request[offset:offset + 8]
             if rec[0] != kind:
                 algos.append(-1)
             elif rec[3] == 0:  # length 0: "BMC, you choose"
-                algos.append(1)
+                algos.append(None)
             else:
                 algos.append(rec[4] & 0x3F)
-        if tuple(algos) != SUITE3:
+        suite = next((key for key in SUITES  # strongest first
+                      if all(a is None or a == k for a, k in zip(algos, key))), None)
+        if suite is None:
             self._send_status(constants.payload_types["rmcpplusopenresponse"], tag,
                               RMCP_NO_CIPHER_MATCH)
             return False
+        self.suite = suite
+        _, self.currhashlib, self.currhashlen = SUITES[suite]
+        auth, integrity, conf = suite
         response = (bytearray([tag, 0, ADMIN, 0]) + self.clientsessionid + self.managedsessionid
-                    + bytearray([0, 0, 0, 8, 1, 0, 0, 0,
-                                 1, 0, 0, 8, 1, 0, 0, 0,
-                                 2, 0, 0, 8, 1, 0, 0, 0]))
+                    + bytearray([0, 0, 0, 8, auth, 0, 0, 0,
+                                 1, 0, 0, 8, integrity, 0, 0, 0,
+                                 2, 0, 0, 8, conf, 0, 0, 0]))
         self.send_payload(response, constants.payload_types["rmcpplusopenresponse"], retry=False)
         return True
 
@@ -212,9 +235,16 @@ class RmcpSession(serversession.ServerSession):
             self._send_status(rakp2, tag, RMCP_UNAUTHORIZED_NAME)
             self.bmc.drop_session(self)
             return
+        requested = (data[24] & 0x0F) or ADMIN
+        if requested > self.bmc.privilege_limit(username):
+            self.bmc.log.info("RAKP1 from %s asks %r for privilege %d, above its limit",
+                              self.sockaddr[0], username, requested)
+            self._send_status(rakp2, tag, RMCP_UNAUTHORIZED_ROLE)
+            self.bmc.drop_session(self)
+            return
         self.Rm = bytes(data[8:24])
         self.rolem = data[24]
-        self.maxpriv = (self.rolem & 0x0F) or ADMIN
+        self.maxpriv = requested
         self.username = username
         self.Rc = os.urandom(16)
         self.uuiddata = self.uuid.bytes
@@ -222,7 +252,7 @@ class RmcpSession(serversession.ServerSession):
         self.kg = self.bmc.kg or password
         hmacdata = (self.clientsessionid + self.managedsessionid + self.Rm + self.Rc
                     + self.uuiddata + bytes([self.rolem, ulen]) + username)
-        authcode = hmac.new(self.kuid, hmacdata, hashlib.sha1).digest()
+        authcode = hmac.new(self.kuid, hmacdata, self.currhashlib).digest()
         self.send_payload(bytearray([tag, 0, 0, 0]) + self.clientsessionid + self.Rc
                           + self.uuiddata + authcode, rakp2, retry=False)
 
@@ -235,15 +265,15 @@ class RmcpSession(serversession.ServerSession):
             return
         namepart = bytes([self.rolem, len(self.username)]) + self.username
         expected = hmac.new(self.kuid, self.Rc + self.clientsessionid + namepart,
-                            hashlib.sha1).digest()
-        if not hmac.compare_digest(expected, bytes(data[8:28])):
+                            self.currhashlib).digest()
+        if not hmac.compare_digest(expected, bytes(data[8:8 + len(expected)])):
             self.bmc.log.info("RAKP3 with a bad auth code from %s", self.sockaddr[0])
             self._send_status(constants.payload_types["rakp4"], tag, RMCP_INVALID_INTEGRITY)
             self.bmc.drop_session(self)
             return
-        self.sik = hmac.new(self.kg, self.Rm + self.Rc + namepart, hashlib.sha1).digest()
-        self.k1 = hmac.new(self.sik, b"\x01" * 20, hashlib.sha1).digest()
-        self.k2 = hmac.new(self.sik, b"\x02" * 20, hashlib.sha1).digest()
+        self.sik = hmac.new(self.kg, self.Rm + self.Rc + namepart, self.currhashlib).digest()
+        self.k1 = hmac.new(self.sik, b"\x01" * 20, self.currhashlib).digest()
+        self.k2 = hmac.new(self.sik, b"\x02" * 20, self.currhashlib).digest()
         self.aeskey = self.k2[0:16]
         self.localsid = struct.unpack("<I", self.managedsessionid)[0]
         self.ipmicallback = self.handle_client_request
@@ -251,6 +281,18 @@ class RmcpSession(serversession.ServerSession):
         self.established = True
         self.bmc.log.debug("session %s established for %s", self.managedsessionid.hex(),
                            self.sockaddr)
+
+    def _send_rakp4(self, tagvalue: int, statuscode: int) -> None:
+        """pyghmi's, with the suite's hash: the integrity check value is HMAC(SIK, Rm | SIDm |
+        GUID) cut to the suite's length (12 bytes SHA-1-96, 16 bytes SHA-256-128)."""
+        authdata = hmac.new(self.sik, self.Rm + self.managedsessionid + self.uuiddata,
+                            self.currhashlib).digest()[:self.currhashlen]
+        self.send_payload(bytearray([tagvalue, statuscode, 0, 0]) + self.clientsessionid
+                          + authdata, constants.payload_types["rakp4"], retry=False)
+        self.confalgo = "aes"
+        self.integrityalgo = "sha256" if self.currhashlib is hashlib.sha256 else "sha1"
+        self.sequencenumber = 1
+        self.sessionid = struct.unpack("<I", self.clientsessionid)[0]
 
     def _not_established(self, request: Any) -> None:
         """IPMI payload before RAKP3 completed: drop it (pyghmi's k1 check already should)."""

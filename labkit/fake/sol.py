@@ -4,7 +4,12 @@ pyghmi's ``ServerConsole.send_data`` runs a nested event loop until the client A
 ~12 s), so calling it from a request handler stalls every BMC of the process. Here console
 output is only *queued* (``write``); ``flush`` — called by the serving loop every iteration —
 sends at most one packet in flight, retransmits on timeout, and declares the link dead after a
-few unanswered retransmits so a crashed client cannot pin the SOL payload forever."""
+few unanswered retransmits so a crashed client cannot pin the SOL payload forever.
+
+When another session ends this payload (a take-over), the holder is told the way a real BMC
+tells it: one SOL packet whose status byte has the "SOL deactivating" bit set
+(:meth:`SolLink.notify_deactivated`). A client that misses it still finds out from its
+keepalive (Get Payload Instance Info names another session, or none)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ RETRY_AFTER = 0.7        # seconds before an unacknowledged packet is sent again
 MAX_TRIES = 6            # ... and after this many sends the client is considered gone
 MAX_BUFFER = 256 * 1024  # console output kept while the client is slow; oldest dropped
 NACK = 0x40
+SOL_DEACTIVATING = 0x10  # BMC-to-console status bit (IPMI 2.0, table 15-2)
 
 
 class SolLink:
@@ -94,6 +100,12 @@ class SolLink:
 
     def _send(self, payload: bytes) -> None:
         self.session.send_payload(bytearray(payload), payload_type=SOL_PAYLOAD, retry=False)
+
+    def notify_deactivated(self) -> None:
+        """Tell the client its payload is being ended by someone else: an ACK-only packet
+        (sequence 0, no data) carrying the deactivating status, sent once like real BMCs."""
+        if not self.closed and not getattr(self.session, "closed", False):
+            self._send(bytes((0, 0, 0, SOL_DEACTIVATING)))
 
     def close(self) -> None:
         self.closed = True

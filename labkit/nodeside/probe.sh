@@ -9,11 +9,14 @@
 #   @leftover NAME              a half-assembled release or a stray temp symlink
 #   @release KEY ID             KEY (current|previous) points at releases/ID
 #   @manifest KEY ... @end      that release's MANIFEST
-#   @new KEY  ./path...         files written after the release's .labkit-stat marker, i.e.
-#                               edited on the node after it was built (@nostat KEY: no marker)
+#   @new KEY  ./path...         files written or changed after the release's .labkit-stat
+#                               marker, i.e. edited on the node after it was built (@nostat
+#                               KEY: no marker). By ctime too where find has -cnewer: an edit
+#                               that puts size and mtime back cannot put the ctime back.
 #   @files KEY ./path...        every file of the release
 #   @done                       the output is complete
 W=$1
+C=
 case $W in "~/"*) W="$HOME/${W#\~/}";; esac
 cd "$W/payloads" 2>/dev/null || exit 0
 for f in releases/.incoming-* .*.tmp-*; do
@@ -27,7 +30,11 @@ for k in current previous; do
   [ -d "$d" ] || continue
   if [ -f "$d/MANIFEST" ]; then echo "@manifest $k"; cat "$d/MANIFEST"; echo; echo "@end"; fi
   if [ -f "$d/.labkit-stat" ]; then
-    echo "@new $k"; (cd "$d" && find . -type f -newer .labkit-stat)
+    echo "@new $k"
+    if [ -z "$C" ]; then
+      C=-newer; find "$d/.labkit-stat" -cnewer "$d/.labkit-stat" >/dev/null 2>&1 && C=-cnewer
+    fi
+    (cd "$d" && find . -type f \( -newer .labkit-stat -o $C .labkit-stat \))
   else
     echo "@nostat $k"
   fi

@@ -121,6 +121,41 @@ def sha256(path):
             h.update(b)
 
 
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def copy_verified(src, dst):
+    """Copy ``src`` to the new file ``dst`` (an inode of its own) and return the sha256 of
+    what ``dst`` now holds. A reflink (FICLONE: btrfs, XFS, ...) shares blocks copy-on-write,
+    not the inode, so it is as safe as a copy at almost no cost; elsewhere the bytes are
+    copied and hashed in the same pass."""
+    h = hashlib.sha256()
+    fdr = os.open(src, os.O_RDONLY)
+    try:
+        fdw = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                fcntl.ioctl(fdw, FICLONE, fdr)
+                cloned = True
+            except OSError:
+                cloned = False
+            if cloned:  # hash what the clone holds, not what src holds by now
+                with open(dst, "rb") as f:
+                    for b in iter(lambda: f.read(1 << 20), b""):
+                        h.update(b)
+                return h.hexdigest()
+            while True:
+                b = os.read(fdr, 1 << 20)
+                if not b:
+                    return h.hexdigest()
+                h.update(b)
+                writeall(fdw, b)
+        finally:
+            os.close(fdw)
+    finally:
+        os.close(fdr)
+
+
 def build(cmd, where, timeout, rid):
     """Run the build in the new release folder; None when it passed, else why it failed."""
     if not cmd:
@@ -318,12 +353,26 @@ class Releases:
             obj["cleaned"] = cleaned
             return Answer(obj, FAILED)
 
+        # Files kept from a release already here are COPIED (reflinked where the filesystem
+        # can), never hard-linked: a release shares no inode with another, so an edit made in
+        # place in one (root ignores file modes) cannot reach the others, and --rollback
+        # restores the previous release byte for byte. Each copy is verified against the sha256
+        # the new MANIFEST promises; a source edited on the node (even keeping size and mtime)
+        # is refused here and the controller sends that file instead.
+        changed = []
         for p, (src_rel, src_path) in plan["link"].items():
             src, dst = os.path.join(self.rels, src_rel, src_path), place(p)
             try:
-                os.link(src, dst)
+                digest = copy_verified(src, dst)
             except OSError:
-                shutil.copy2(src, dst)
+                digest = None
+            if digest != plan["manifest"]["files"][p]["sha256"]:
+                changed.append(p)
+        if changed:
+            raise fail({"error": f"{len(changed)} kept file{'s' if len(changed) > 1 else ''} "
+                                 f"changed on the node since its release was built "
+                                 f"({', '.join(sorted(changed)[:3])}); nothing switched",
+                        "resend": sorted(changed)})
         written = []
         got = acked = 0
         ack_every = plan.get("ack_every") or 0
@@ -357,7 +406,7 @@ class Releases:
         for p, fe in manifest["files"].items():
             st = os.lstat(os.path.join(inc, p))
             mode = int(fe["mode"], 8)
-            if stat.S_IMODE(st.st_mode) != mode and p not in plan["link"]:
+            if stat.S_IMODE(st.st_mode) != mode:
                 os.chmod(os.path.join(inc, p), mode)
                 st = os.lstat(os.path.join(inc, p))
             index[p] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)]

@@ -437,6 +437,25 @@ class PagemapScanner:
             pos = max(int(a.walk_end), last_end)
         return chunks
 
+    def populated(self, start: int, end: int, swapped: bool = True) -> list:
+        """Pages of [start, end) that hold private data of their own: present (or, with
+        `swapped`, swapped out), not a page-cache page (FILE) and not the shared zero page (a
+        read fault maps that). In a private mapping only a write puts such a page there, so for
+        a mapping created after some instant these are exactly the pages written to it since
+        (minus any it has since discarded with MADV_DONTNEED). Changes no protection.
+        Once a range is write-protected with WP_UNPOPULATED its empty entries hold uffd-wp
+        markers, which PAGEMAP_SCAN reports as SWAPPED: ask with swapped=False then."""
+        a = self.arg
+        keep = (a.category_inverted, a.category_mask, a.category_anyof_mask, a.return_mask)
+        a.category_inverted = PAGE_IS_FILE | PAGE_IS_PFNZERO
+        a.category_mask = PAGE_IS_FILE | PAGE_IS_PFNZERO
+        a.category_anyof_mask = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swapped else 0)
+        a.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+        try:
+            return self.scan(start, end, wp=False, check=False)
+        finally:
+            a.category_inverted, a.category_mask, a.category_anyof_mask, a.return_mask = keep
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

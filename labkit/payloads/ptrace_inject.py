@@ -359,17 +359,33 @@ def ptrace_denied_reason(pid: int) -> str:
     elif scope == 3:
         reasons.append("kernel.yama.ptrace_scope=3: ptrace disabled")
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("TracerPid:") and int(line.split()[1]) != 0:
-                reasons.append(f"already traced by pid {line.split()[1]}")
-            if line.startswith("Seccomp:") and line.split()[1] != "0":
-                reasons.append(f"target under seccomp mode {line.split()[1]}")
+        theirs = _status(f"/proc/{pid}/status")
+        ours = _status("/proc/self/status")
+        if theirs.get("TracerPid", "0") != "0":
+            reasons.append(f"already traced by pid {theirs['TracerPid']}")
         st = os.stat(f"/proc/{pid}")
         if os.geteuid() != 0 and st.st_uid != os.geteuid():
             reasons.append(f"target owned by uid {st.st_uid}, we are uid {os.geteuid()}")
-    except OSError:
+        extra = int(theirs.get("CapPrm", "0"), 16) & ~int(ours.get("CapPrm", "0"), 16)
+        if extra:
+            reasons.append(f"the target holds capabilities we lack (CapPrm bits {extra:#x})")
+    except (OSError, ValueError):
         pass
-    return "; ".join(reasons) or "unknown reason"
+    if not reasons and scope is None:
+        reasons.append("no Yama, no other tracer, same uid: a security module or container "
+                       "policy refuses it")
+    return "; ".join(reasons)
+
+
+def _status(path: str) -> dict[str, str]:
+    """/proc/PID/status as {field: first word}."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if v.split():
+                out[k] = v.split()[0]
+    return out
 
 
 class Freezer:
@@ -379,13 +395,16 @@ class Freezer:
     def __init__(self, pid: int):
         self.pid = pid
         self.held: dict[int, int] = {}  # tid -> signal to re-deliver
+        done: set[int] = set()  # threads that ended (or were zombies) while we stopped them
         try:
-            for _ in range(3):  # threads may be created while we stop the others
+            # threads may be created while we stop the others: list again until a listing
+            # shows none we do not hold (a held thread creates none), else the hold is a lie
+            for _ in range(100):
                 try:
                     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
                 except FileNotFoundError as e:
                     raise InjectError(errno.ESRCH, f"no process {pid}") from e
-                new = [t for t in tids if t not in self.held]
+                new = [t for t in tids if t not in self.held and t not in done]
                 if not new:
                     break
                 for tid in new:
@@ -393,9 +412,14 @@ class Freezer:
                         ptrace(PTRACE_SEIZE, tid, 0, 0)
                     except InjectError as e:
                         if e.errno == errno.ESRCH or _thread_state(pid, tid) in ("Z", "X", "?"):
-                            continue  # gone, or a zombie (EPERM): nothing of it runs
+                            done.add(tid)  # gone, or a zombie (EPERM): nothing of it runs
+                            continue
                         if exiting(pid):
                             raise InjectError(errno.ESRCH, f"process {pid} exited") from e
+                        if e.errno == errno.EPERM:
+                            raise InjectError(
+                                errno.EPERM, f"ptrace(PTRACE_SEIZE, {tid}) denied: "
+                                f"{os.strerror(e.errno)} ({ptrace_denied_reason(pid)})") from e
                         raise
                     self.held[tid] = 0
                     ptrace(PTRACE_INTERRUPT, tid)
@@ -406,9 +430,13 @@ class Freezer:
                         status = _wait_stop(tid)
                     except InjectError:
                         del self.held[tid]
+                        done.add(tid)
                         continue
                     if (status >> 16) == 0 and os.WSTOPSIG(status) != signal.SIGTRAP:
                         self.held[tid] = os.WSTOPSIG(status)
+            else:
+                raise InjectError(errno.EAGAIN, f"process {pid} keeps creating threads "
+                                  "faster than they can be stopped")
         except BaseException:
             self.close()
             raise

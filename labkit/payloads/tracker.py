@@ -16,15 +16,20 @@ Backends (best first; `auto` picks the first that works for the target):
 Library API:
     probe(pid) -> {"uffd": {"ok", "reason"}, "softdirty": {...}, "compare": {...}}
     t = open_tracker(pid, backend="auto", ranges=None); t.start(); r = t.scan(); t.close()
-    r.pages (sorted array('Q') of page addresses), r.per_mapping, r.new_mappings,
-    r.dropped_mappings, r.seconds
+    r.pages (sorted array('Q') of page addresses: what a copy must take, a new mapping whole),
+    r.written_pages (the pages known written: a new mapping's populated pages only),
+    r.lower / r.upper (why written_pages may miss or over-count), r.per_mapping,
+    r.new_mappings, r.dropped_mappings, r.seconds
+    with t.hold(): ...   (every thread of the target stopped for the body)
+    DirtyRate(t): arm(), round(final=...), report() -- the dirty-rate measurement
 
 A target may exit at any moment (while the tracker attaches, between rounds, in the middle of a
 scan or of re-protecting pages): open_tracker/start/scan then raise TargetGone, never whatever
 the kernel said first (ESRCH, EPERM from ptrace, an empty /proc/PID/maps...), and a round that
 overlapped the exit is never returned. The rounds before it stand.
 
-CLI exit codes: 0 done; 1 the tracker cannot work on this target (JSON {"error"}); 2 usage;
+CLI exit codes: 0 done; 1 the tracker cannot work on this target (JSON {"pid", "error"}: one
+line saying why, e.g. "pid 7: no tracking backend works: uffd: ptrace(...) denied: ..."); 2 usage;
 3 the target exited or never existed: stdout ends, after the rounds so far, with one JSON line
 {"gone": true, "rounds": N, "error": "pid 4242 exited after 3 rounds", ...}; for dirty-rate that
 line is the partial measurement (the part of the window before the exit).
@@ -72,6 +77,8 @@ class NoProcess(TargetGone):
 
 
 EXIT_GONE = 3  # CLI exit code: the target exited (or never existed); see the module docstring
+WHOLE_NEW = ("mappings that appeared in the window are counted whole (%s cannot tell which of "
+             "their pages were written)")
 
 
 @dataclass
@@ -86,6 +93,16 @@ class ScanResult:
     tracked_pages: int = 0  # size of the tracked set, in pages
     notes: list[str] = field(default_factory=list)
     new_ranges: list[tuple[int, int]] = field(default_factory=list)  # the new_pages, merged
+    # `pages` is what a copy must take (a new mapping whole); `written` the pages known to have
+    # been written since the previous scan (a new mapping: only its pages that hold data), for
+    # a measurement that claims writes. None: the same as `pages`.
+    written: array | None = None
+    lower: list[str] = field(default_factory=list)  # why writes may be missing from `written`
+    upper: list[str] = field(default_factory=list)  # why `written` may hold unwritten pages
+
+    @property
+    def written_pages(self) -> array:
+        return self.pages if self.written is None else self.written
 
     def to_json(self, addresses: bool = False) -> dict:
         d = {
@@ -120,6 +137,7 @@ class Tracker:
     """Common part: follows the target's writable private mappings (clipped to `ranges`)."""
 
     backend = "?"
+    unseen = ""  # writes this backend cannot see at all, in words ("" : it sees every write)
 
     def __init__(self, pid: int, ranges: list[tuple[int, int]] | None = None):
         self.pid = pid
@@ -131,6 +149,7 @@ class Tracker:
         self.started = False
         self.closed = False
         self.auto_reasons: dict[str, str] = {}
+        self._held = False
         self.pidfd = _open_pidfd(pid)
 
     # -- the target's life --
@@ -145,6 +164,38 @@ class Tracker:
             return pti.pidfd_exited(self.pidfd, timeout)
         time.sleep(timeout)
         return self.gone()
+
+    @contextlib.contextmanager
+    def hold(self, required: bool = True):
+        """Every thread of the target held in a ptrace-stop for the body (nested: the outer
+        hold counts), so nothing it does can fall inside a read-and-clear or across an instant
+        the caller reads the clock at. Yields whether the target is held: with
+        required=False a target that may not be stopped (already traced, ptrace refused)
+        yields False instead of raising (`hold_error` says why)."""
+        if self._held:
+            yield True
+            return
+        freezer = None
+        try:
+            with self._watch():
+                freezer = pti.Freezer(self.pid)
+        except TargetGone:
+            raise
+        except OSError as e:
+            if required:
+                raise
+            self.hold_error = _reason(self.pid, e)
+        if freezer is None:
+            yield False
+            return
+        self._held = True
+        try:
+            yield True
+        finally:
+            self._held = False
+            freezer.close()
+
+    hold_error = ""
 
     @contextlib.contextmanager
     def _watch(self):
@@ -240,7 +291,8 @@ class Tracker:
                 out[label] = out.get(label, 0) + 1
         return out
 
-    def _result(self, chunks, t0, new, dropped, new_ranges, unique, notes=None) -> ScanResult:
+    def _result(self, chunks, t0, new, dropped, new_ranges, unique, notes=None,
+                written=None, upper=None) -> ScanResult:
         pages = pm.concat(chunks)
         if unique or (np is None and len(chunks) > 1):
             pages = pm.to_array_q(pages)
@@ -249,7 +301,14 @@ class Tracker:
             a.frombytes(pages.astype(np.uint64, copy=False).tobytes())
             pages = a
         self.pieces.sort()
+        lower = []
+        if dropped:
+            lower.append(f"{dropped} tracked range(s) were unmapped, replaced or made read-only "
+                         "between two scans: writes to them after the earlier scan are not seen")
         return ScanResult(
+            written=None if written is None else pm.to_array_q(pm.concat(written)),
+            lower=lower,
+            upper=upper or [],
             pages=pages,
             per_mapping=self._per_mapping(pages),
             new_mappings=new,
@@ -349,19 +408,29 @@ class UffdTracker(Tracker):
             raise TrackerError(errno.ENOTSUP, "kernel lacks UFFD_FEATURE_WP_ASYNC/WP_UNPOPULATED")
         self.scanner = pm.PagemapScanner(pid)
 
-    def _register(self, s: int, e: int) -> bool:
+    def _register(self, s: int, e: int, written: list | None = None) -> bool:
+        """Register and write-protect [s, e). With `written` (a range that appeared since the
+        previous scan: everything in it was written since), append the pages that already
+        hold data: those populated before the protection (present or swapped) and those
+        written between that look and the protection (present after it; markers of empty
+        entries read as swapped by then, hence present only)."""
         try:
             self.uffd.register_wp(s, e)
+            if written is not None:
+                written.extend(self.scanner.populated(s, e))
             self.uffd.writeprotect(s, e)
+            if written is not None:
+                written.extend(self.scanner.populated(s, e, swapped=False))
             return True
         except OSError:
             return False
 
-    def _add(self, pieces) -> list:
-        """Register + protect new pieces; returns their pages (counted wholly dirty)."""
+    def _add(self, pieces, written: list | None = None) -> list:
+        """Register + protect new pieces; returns their ranges (to copy whole). With
+        `written`, appends their pages that hold data (see _register)."""
         out = []
         for s, e, label in pieces:
-            if not self._register(s, e):
+            if not self._register(s, e, written):
                 self.unregistered.append((s, e))
             self.pieces.append((s, e, label))
             out.append((s, e))
@@ -416,7 +485,7 @@ class UffdTracker(Tracker):
             want = [(max(a, lo), min(b, hi), lab) for a, b, lab in want if max(a, lo) < min(b, hi)]
             for a, b, lab in want:
                 was = pm.subtract([(a, b)], pm.subtract([(a, b)], tracked))
-                if self._register(a, b):
+                if self._register(a, b, counters["written"]):
                     if was:
                         counters["dropped"] += 1
                     else:
@@ -447,22 +516,29 @@ class UffdTracker(Tracker):
     def _scan(self) -> ScanResult:
         t0 = time.perf_counter()
         vmas, added, dropped = self._diff()
-        fresh = self._add(added)
-        counters = {"new": len(added), "dropped": dropped, "dirty": list(fresh), "unique": False}
+        new_written: list = []
+        fresh = self._add(added, new_written)
+        counters = {"new": len(added), "dropped": dropped, "dirty": list(fresh), "unique": False,
+                    "written": new_written}
         chunks: list = []
         for s, e in self._runs(vmas):
             self._scan_range(s, e, chunks, counters)
-        always = pm.subtract(pm.merge(self.unregistered), pm.merge(counters["dirty"]))
-        notes = []
+        unreg = pm.merge(self.unregistered)
+        always = pm.subtract(unreg, pm.merge(counters["dirty"]))
+        notes, upper = [], []
         if self.unregistered:
-            notes.append(f"{pm.page_count(pm.merge(self.unregistered))} pages in ranges that refused "
+            notes.append(f"{pm.page_count(unreg)} pages in ranges that refused "
                          "uffd registration are reported dirty every round")
+            upper.append(f"{pm.page_count(unreg)} pages in ranges that refused uffd "
+                         "registration are counted as written every round")
         extra = pm.merge(counters["dirty"] + always)
-        if extra:
+        written = None
+        if extra:  # what was written differs from what a copy takes: list it apart
+            written = [*chunks, *counters["written"], pm.pages_of(unreg)]
             chunks.append(pm.pages_of(extra))
         unique = counters["unique"] or bool(extra)
         return self._result(chunks, t0, counters["new"], counters["dropped"],
-                            pm.merge(counters["dirty"]), unique, notes)
+                            pm.merge(counters["dirty"]), unique, notes, written, upper)
 
     def close(self) -> None:
         if self.scanner is not None:
@@ -500,6 +576,8 @@ class CompareTracker(Tracker):
     copy. Large targets are split over threads (the GIL is released in both calls)."""
 
     backend = "compare"
+    unseen = ("compare sees pages whose content changed: a write that leaves a page's bytes as "
+              "they were is not seen")
     DEFAULT_CHUNK = 4 << 20  # per thread: read + compare while the chunk is still in cache (L3)
     PARALLEL_MIN = 32 << 20  # split over threads above this many tracked bytes
 
@@ -518,7 +596,8 @@ class CompareTracker(Tracker):
                     with open(f"/proc/{pid}/mem", "rb"):
                         pass
                 except PermissionError as e:
-                    raise TrackerError(errno.EPERM, f"cannot read memory of {pid}: {e}") from e
+                    raise TrackerError(errno.EPERM, f"cannot read the memory of pid {pid}: "
+                                       f"{e.strerror}: {e.filename}") from e
             self._alive_after()
         except BaseException:
             self.close()
@@ -655,7 +734,9 @@ class CompareTracker(Tracker):
             chunks.append(pm.pages_of(fresh))
         notes = [f"{self.unreadable} unreadable pages skipped"] if self.unreadable else []
         unique = bool(fresh) or len(chunks) > 1
-        return self._result(chunks, t0, len(added), dropped, pm.merge(fresh), unique, notes)
+        upper = [WHOLE_NEW % "compare"] if fresh else []
+        return self._result(chunks, t0, len(added), dropped, pm.merge(fresh), unique, notes,
+                            upper=upper)
 
     def close(self) -> None:
         for _, buf in self.store.values():
@@ -701,13 +782,13 @@ class SoftDirtyTracker(Tracker):
         _, added, _ = self._diff()
         self._add(added)
         self.pieces.sort()
-        with pti.Freezer(self.pid):
+        with self.hold():
             self._clear()
 
     def _scan(self) -> ScanResult:
         t0 = time.perf_counter()
         chunks: list = []
-        with pti.Freezer(self.pid):
+        with self.hold():
             _, added, dropped = self._diff()
             old = [(s, e) for s, e, _ in self.pieces]
             fresh = self._add(added)
@@ -716,7 +797,9 @@ class SoftDirtyTracker(Tracker):
             self._clear()
         if fresh:
             chunks.append(pm.pages_of(fresh))
-        return self._result(chunks, t0, len(added), dropped, pm.merge(fresh), bool(fresh))
+        upper = [WHOLE_NEW % "soft-dirty"] if fresh else []
+        return self._result(chunks, t0, len(added), dropped, pm.merge(fresh), bool(fresh),
+                            upper=upper)
 
     def close(self) -> None:
         if self.pm_fd >= 0:
@@ -814,6 +897,17 @@ def _uffd_kernel_ok() -> tuple[bool, str]:
             pass
 
 
+def _reason(pid: int, e: OSError) -> str:
+    """One line for why the tracker cannot work on `pid`: the kernel's words without the
+    "[Errno N]" prefix, and for a refusal the likely cause (Yama, another tracer, uid...)."""
+    text = e.strerror if e.strerror and not e.filename else str(e)
+    if e.filename:
+        text = f"{e.strerror}: {e.filename}"
+    if e.errno in (errno.EPERM, errno.EACCES) and not isinstance(e, pti.InjectError):
+        text += f" ({pti.ptrace_denied_reason(pid)})"
+    return text
+
+
 def _access_reason(pid: int, what: str, e: OSError) -> str:
     if e.errno == errno.ESRCH or isinstance(e, FileNotFoundError):
         return f"no process {pid}"
@@ -893,11 +987,12 @@ def open_tracker(pid: int, backend: str = "auto", ranges: list[tuple[int, int]] 
         except TargetGone:
             raise
         except OSError as e:
-            reasons[name] = str(e)
+            reasons[name] = _reason(pid, e)
             continue
         t.auto_reasons = reasons
         return t
-    raise TrackerError(errno.ENOTSUP, f"no tracking backend works for {pid}: {json.dumps(reasons)}")
+    raise TrackerError(errno.ENOTSUP, f"pid {pid}: no tracking backend works: "
+                       + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -964,46 +1059,150 @@ def _track(t: Tracker, a: argparse.Namespace) -> int:
     return 0
 
 
+class DirtyRate:
+    """The distinct pages a process writes in a window, and the window, both exact.
+
+    The window opens at an instant the target is held still (every thread in a ptrace-stop)
+    with tracking armed, and closes at an instant it is held still again, before the final
+    collection: no write can fall between arming and the opening or between the closing and
+    the collection, so the count is exactly the distinct pages written between the two
+    instants, and `window_s` is exactly their distance. Within the window the target is
+    scanned every `interval` s and the rounds united (each write lands in exactly one round),
+    so mappings created in the window are followed (their written pages counted, not their
+    size), replaced ones re-armed, and a target that exits mid-window leaves the part before.
+
+    Where a bound cannot be held still (the target may not be stopped: another tracer holds
+    it), the window is bracketed instead: every page written between `start_ns` and `end_ns`
+    is counted, and none written outside [`outer_start_ns`, `outer_end_ns`]. What else keeps
+    the count from being exact (a tracked mapping unmapped between two scans, a backend that
+    cannot see every write) is named in `method_notes`, and `method` is not "exact".
+    Instants are CLOCK_MONOTONIC nanoseconds, the clock a program on the node reads too.
+    Not seen, and not flagged (nothing in /proc tells): a mapping created and unmapped between
+    two scans, and pages discarded (MADV_DONTNEED) from a mapping created in the window; a
+    mapping that turns writable (mprotect) or moves (mremap) in the window counts as new, with
+    the pages it already held. A shorter `interval` narrows the first."""
+
+    def __init__(self, t: Tracker):
+        self.t = t
+        self.seen = array("Q")  # sorted, unique: every page written so far in the window
+        self.new: list[tuple[int, int]] = []  # ranges of mappings that appeared in the window
+        self.rounds = 0
+        self.lower: dict[str, None] = {}  # ordered sets of reasons
+        self.upper: dict[str, None] = {}
+        self.held: list[str] = []  # why a bound could not be held still
+        self.window: dict = {}
+        self.last: ScanResult | None = None
+        self.per_mapping: dict[str, int] = {}
+
+    def arm(self) -> None:
+        outer = time.monotonic_ns()
+        with self.t.hold(required=False) as held:
+            self.t.start()
+            start = time.monotonic_ns()
+        self.start_held = bool(held)
+        if held:
+            outer = start
+        else:
+            self.held.append(f"the target could not be held still to open the window "
+                             f"({self.t.hold_error})")
+        self.window = {"clock": "CLOCK_MONOTONIC", "start_ns": start, "end_ns": None,
+                       "outer_start_ns": outer, "outer_end_ns": None, "held": bool(held)}
+
+    def round(self, final: bool = False) -> None:
+        """One scan; the final one closes the window (held still, where it may be)."""
+        if final:
+            with self.t.hold(required=False) as held:
+                begin = time.monotonic_ns()
+                r = self.t.scan()
+            if not held:
+                self.held.append(f"the target could not be held still to close the window "
+                                 f"({self.t.hold_error})")
+        else:
+            held = False
+            begin = time.monotonic_ns()
+            r = self.t.scan()
+        end = begin if held else time.monotonic_ns()
+        self.rounds += 1
+        self.last = r
+        w = r.written_pages
+        self.seen = pm.to_array_q(pm.concat([self.seen, w])) if self.rounds > 1 else \
+            pm.to_array_q(w)
+        self.new = pm.merge(self.new + r.new_ranges)
+        # labelled now: a later round that ends in the target's exit may find its maps gone
+        self.per_mapping = self.t._per_mapping(self.seen)
+        for why in r.lower:
+            self.lower[why] = None
+        for why in r.upper:
+            self.upper[why] = None
+        self.window.update(end_ns=begin, outer_end_ns=end,
+                           held=self.start_held and bool(held))
+
+    def method(self) -> tuple[str, list[str]]:
+        lower = ([self.t.unseen] if self.t.unseen else []) + list(self.lower)
+        upper = list(self.upper)
+        notes = lower + upper + (self.held if not self.window["held"] else [])
+        if not self.window["held"] and not self.held:
+            notes.append("the window ends at the start of the last scan before the target "
+                         "exited; pages written during that scan may be counted")
+        if lower and upper:
+            return "approximate", notes
+        if lower:
+            return "lower-bound", notes
+        if upper:
+            return "upper-bound", notes
+        return ("exact" if self.window["held"] else "bracketed"), notes
+
+    def report(self) -> dict:
+        out: dict = {"pid": self.t.pid, "backend": self.t.backend, "window_s": None,
+                     "pages": None, "new_mapping_pages": None, "mib_per_s": None,
+                     "pages_per_s": None, "per_mapping": {}, "tracked_pages": None,
+                     "rounds": self.rounds, "window": dict(self.window)}
+        method, notes = self.method()
+        out["method"] = method
+        if notes:
+            out["method_notes"] = notes
+        if not self.rounds:
+            return out
+        window = max((self.window["end_ns"] - self.window["start_ns"]) / 1e9, 1e-9)
+        n = len(self.seen)
+        out.update(window_s=round(window, 6), pages=n,
+                   new_mapping_pages=_count_in(self.seen, self.new),
+                   mib_per_s=round(n * PAGE / (1 << 20) / window, 3),
+                   pages_per_s=round(n / window, 1), per_mapping=self.per_mapping,
+                   tracked_pages=self.last.tracked_pages if self.last else None)
+        return out
+
+
 def _dirty_rate(t: Tracker, a: argparse.Namespace) -> int:
-    """Distinct pages written in the window. It is scanned every --interval s and the rounds
-    united (exact: each write lands in exactly one round), so a target that exits mid-window
-    still leaves the rate of the part before its exit."""
-    t.start()
-    t_start = time.perf_counter()
-    sys.stderr.write(json.dumps({"armed": True, "backend": t.backend}) + "\n")
+    """Distinct pages written in a window of --seconds (see DirtyRate); the report is the one
+    JSON line on stdout; stderr says {"armed": true} once the window is open."""
+    m = DirtyRate(t)
+    m.arm()
+    t_start = time.monotonic()
+    sys.stderr.write(json.dumps({"armed": True, "backend": t.backend,
+                                 "start_ns": m.window["start_ns"]}) + "\n")
     sys.stderr.flush()
     end = t_start + a.seconds
-    seen = array("Q")  # sorted, unique: every page written so far in the window
-    new: list[tuple[int, int]] = []  # pages of mappings that appeared in the window
-    out: dict = {"pid": t.pid, "backend": t.backend, "seconds": None, "pages": None,
-                 "new_mapping_pages": None, "mib_per_s": None, "pages_per_s": None,
-                 "per_mapping": {}, "tracked_pages": None, "method": "exact"}
-    rounds = 0
     while True:
-        left = end - time.perf_counter()
+        left = end - time.monotonic()
         final = left <= a.interval
         t.wait_exit(max(0.0, min(a.interval, left)))
         try:
-            r = t.scan()
+            m.round(final=final)
         except TargetGone:
-            at = time.perf_counter() - t_start
-            what = (f"after {_rounds(rounds)} (the rate covers its first {out['seconds']:.3g} s)"
-                    if rounds else "before the first scan: nothing measured")
-            return _gone_line(t.pid, rounds, f"pid {t.pid} exited {at:.3g} s into the "
+            at = time.monotonic() - t_start
+            out = m.report()
+            what = (f"after {_rounds(m.rounds)} (the rate covers its first "
+                    f"{out['window_s']:.3g} s)" if m.rounds else
+                    "before the first scan: nothing measured")
+            return _gone_line(t.pid, m.rounds, f"pid {t.pid} exited {at:.3g} s into the "
                               f"{a.seconds:g} s window, {what}", out)
-        window = max(time.perf_counter() - t_start - r.seconds, 1e-9)  # to the scan's start
-        rounds += 1
-        seen = pm.to_array_q(pm.concat([seen, r.pages])) if rounds > 1 else r.pages
-        new = pm.merge(new + r.new_ranges)
-        n_new = _count_in(seen, new)
-        n = len(seen) - n_new
-        out.update(seconds=round(window, 6), pages=n, new_mapping_pages=n_new,
-                   mib_per_s=round(n * PAGE / (1 << 20) / window, 3),
-                   pages_per_s=round(n / window, 1), per_mapping=t._per_mapping(seen),
-                   tracked_pages=r.tracked_pages)
         if final:
             break
-    _emit({**out, "rounds": rounds})
+    out = m.report()
+    if a.addresses:
+        out["addresses"] = [f"{x:#x}" for x in m.seen]
+    _emit(out)
     return 0
 
 
@@ -1032,6 +1231,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--interval", type=float, default=1.0,
                            help="scan (and unite the rounds) this often within the window, so "
                                 "a target that exits mid-window leaves a partial rate")
+            p.add_argument("--addresses", action="store_true",
+                           help="include the addresses of the pages counted")
     a = ap.parse_args(argv)
     if a.cmd != "probe" and a.interval <= 0:
         ap.error("--interval must be > 0")
@@ -1045,13 +1246,17 @@ def main(argv: list[str] | None = None) -> int:
             return _dirty_rate(t, a) if a.cmd == "dirty-rate" else _track(t, a)
         finally:
             t.close()
-    except NoProcess as e:
-        return _gone_line(a.pid, 0, str(e.strerror))
+    except NoProcess:
+        return _gone_line(a.pid, 0, f"pid {a.pid}: no such process")
     except TargetGone:
         return _gone_line(a.pid, 0, f"pid {a.pid} exited while the tracker attached: nothing "
                                     "measured")
-    except OSError as e:
-        _emit({"error": str(e)})
+    except OSError as e:  # one line that says why, for the controller's error text
+        why = _reason(a.pid, e)
+        if a.cmd != "probe" and a.backend != "auto":
+            why = f"{a.backend} backend: {why}"
+        _emit({"pid": a.pid, "error": why if why.startswith(f"pid {a.pid}") else
+               f"pid {a.pid}: {why}"})
         return 1
 
 

@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with open(a.image, "rb", buffering=0) as f:
                     wl = Workload.restore(f)
-    except WorkloadError as e:
+    except WorkloadError as e:  # the reason on both streams, like the agent's
+        print(f"workload[{os.getpid()}]: {e}", file=sys.stderr, flush=True)
         print(json.dumps({"event": "error", "error": str(e)}), flush=True)
         return 2
     if a.log:

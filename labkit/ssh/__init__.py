@@ -8,6 +8,7 @@ streams, and ends what it started.
     target.py    ``resolve``: the inventory's ssh: block merged over ~/.ssh/config -> ``Target``
     hostkeys.py  known_hosts checks: unknown refused (unless TOFU), changed always refused
     client.py    ``SshClient``: connect, auth, ProxyJump; run, check, open_exec (a RemoteShell)
+    proxy.py     a ProxyCommand from ssh_config, run as OpenSSH runs it
     run.py       the run loop: output, stdin, timeout and cancel of one command
     process.py   ``RemoteProcess`` and the markers: LABKIT_RUN / LABKIT_CTL, controller_tag
     stream.py    a flow-controlled stream into a command's stdin (deploy's stage step)
@@ -17,17 +18,27 @@ streams, and ends what it started.
 
 Names are re-exported here, loaded on first use, so that importing ``labkit.ssh`` (or
 ``labkit.ssh.shell`` for a type) does not pay for paramiko until a connection is made.
+
+paramiko logs what its transport thread sees (``Socket exception: Connection reset by peer``
+when a node is powered off under a live connection, ``Exception (client)`` tracebacks under
+load) at ERROR, and with no logging configured Python prints those on stderr, between the
+task's lines. Each one is a lost connection that the command running over it already reports in
+the node's error text ("connection lost ... node powered off or rebooted?"), so paramiko's
+logger gets a handler that drops them: noise for a user of the CLI; a program that sets up
+logging itself (a root handler) still receives them.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "RemoteShell": "shell", "RunResult": "shell", "ShellPool": "shell",
     "SshError": "errors", "SshUnreachable": "errors", "HostKeyError": "errors",
-    "SshAuthError": "errors", "CommandFailed": "errors",
+    "SshAuthError": "errors", "CommandFailed": "errors", "exit_text": "errors",
+    "last_error_line": "errors",
     "Target": "target", "resolve": "target", "ssh_config_path": "target",
     "DEFAULT_IDENTITIES": "target",
     "fingerprint": "hostkeys", "check_host_key": "hostkeys",
@@ -47,8 +58,11 @@ __all__ = [
     "FAST_CIPHERS", "HostKeyError", "IN_FLIGHT", "MAX_PACKET", "RUN_VAR", "RemoteProcess",
     "RemoteShell", "RunResult", "SFTP_CHUNK", "ShellPool", "SshAuthError", "SshClient", "SshError",
     "SshUnreachable", "Target", "WINDOW", "check_host_key", "controller_tag", "exec_streaming",
-    "fingerprint", "proc_start_time", "resolve", "ssh_config_path", "wait_ssh",
+    "exit_text", "fingerprint", "last_error_line", "proc_start_time", "resolve", "ssh_config_path",
+    "wait_ssh",
 ]
+
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from labkit.ssh.client import FAST_CIPHERS, MAX_PACKET, WINDOW, SshClient
@@ -58,6 +72,8 @@ if TYPE_CHECKING:
         SshAuthError,
         SshError,
         SshUnreachable,
+        exit_text,
+        last_error_line,
     )
     from labkit.ssh.hostkeys import check_host_key, fingerprint
     from labkit.ssh.pool import ConnectionPool

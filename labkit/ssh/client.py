@@ -10,6 +10,8 @@ byte on anything with AES-NI.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -24,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+import paramiko.agent
 
 from labkit.config import Settings
 from labkit.inventory import Node
 from labkit.ssh.errors import CommandFailed, SshAuthError, SshError, SshUnreachable, exc_text
-from labkit.ssh.hostkeys import check_host_key, load_known
+from labkit.ssh.hostkeys import check_host_key, known_key_types
 from labkit.ssh.process import RemoteProcess, kill_command, wrap
+from labkit.ssh.proxy import ProxyProcess
 from labkit.ssh.run import CHUNK, run_to_end
 from labkit.ssh.shell import RunResult
 from labkit.ssh.target import Target, resolve
@@ -40,6 +44,7 @@ log = logging.getLogger("labkit.ssh")
 WINDOW = 64 * 1024 * 1024
 MAX_PACKET = 256 * 1024
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+MAX_HOPS = 8
 
 
 class SshClient:
@@ -48,12 +53,13 @@ class SshClient:
     session."""
 
     def __init__(self, target: Target, settings: Settings, transport: paramiko.Transport,
-                 jump: SshClient | None = None):
+                 jump: SshClient | None = None, proxy: ProxyProcess | None = None):
         self.target = target
         self.node = target.node
         self.settings = settings
         self.transport = transport
         self._jump = jump
+        self._proxy = proxy
         self._files = SftpFiles(self.node, self._open_channel, settings.command_timeout)
 
     # -- connecting --
@@ -68,28 +74,38 @@ class SshClient:
 
     @classmethod
     def _connect_target(cls, target: Target, settings: Settings, ssh_config: Path | None,
-                        timeout: float | None) -> SshClient:
+                        timeout: float | None, depth: int = 0) -> SshClient:
         timeout = settings.ssh_timeout if timeout is None else timeout
         where = f"{target.node}: ssh {target.user}@{target.hostname}:{target.port}"
         jump: SshClient | None = None
+        proxy: ProxyProcess | None = None
         sock: Any
         try:
             if target.proxy_jump:
+                # OpenSSH's -J a,b: the target is reached through b, and b through a; each
+                # hop with its own Host block (keys, known_hosts, user, its own proxy).
                 hops = [h.strip() for h in target.proxy_jump.split(",") if h.strip()]
-                jt = resolve(hops[0], settings, ssh_config=ssh_config)
-                jt = replace(jt, node=f"{target.node} (via {hops[0]})",
-                             known_hosts=target.known_hosts,
-                             trust_on_first_use=target.trust_on_first_use,
-                             proxy_jump=",".join(hops[1:]) or None)
-                jump = cls._connect_target(jt, settings, ssh_config, timeout)
+                if depth >= MAX_HOPS:
+                    raise SshError(f"{where}: more than {MAX_HOPS} jump hosts (a ProxyJump "
+                                   f"loop in the ssh config?)")
+                jt = resolve(hops[-1], settings, ssh_config=ssh_config,
+                             jump_via=",".join(hops[:-1]) or None)
+                jt = replace(jt, node=f"{target.node} (via {hops[-1]})")
+                jump = cls._connect_target(jt, settings, ssh_config, timeout, depth + 1)
                 try:
                     sock = jump.transport.open_channel(
                         "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0),
                         window_size=WINDOW, max_packet_size=MAX_PACKET, timeout=timeout)
-                except paramiko.ChannelException as e:
+                except (paramiko.ChannelException, paramiko.SSHException, EOFError) as e:
                     jump.close()
-                    raise SshUnreachable(f"{where}: jump host {hops[0]} could not connect: "
-                                         f"{e.text or e.code}") from None
+                    text = e.text or e.code if isinstance(e, paramiko.ChannelException) \
+                        else exc_text(e)
+                    raise SshUnreachable(f"{where}: jump host {hops[-1]} could not connect: "
+                                         f"{text}") from None
+            elif target.proxy_command:
+                proxy = ProxyProcess(target.proxy_command, target.proxy_source, where,
+                                     timeout=timeout, fdpass=target.proxy_fdpass)
+                sock = proxy.sock
             else:
                 sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -107,29 +123,32 @@ class SshClient:
         t.banner_timeout = t.handshake_timeout = t.auth_timeout = timeout
         opts = t.get_security_options()
         opts.ciphers = FAST_CIPHERS + tuple(c for c in opts.ciphers if c not in FAST_CIPHERS)
-        # Prefer the key type we already know for this host, so a server with several host
-        # keys does not look "unknown" just because it offered another type first.
-        known = load_known(target.known_hosts).lookup(target.known_hosts_name)
-        if known:
-            types = [k for k in opts.key_types if k in known.keys()]
+        try:
+            # Prefer the key type we already know for this host, so a server with several
+            # host keys does not look "unknown" just because it offered another type first.
+            known = known_key_types(target)
+            types = [k for k in opts.key_types if k in known]
             if types:
                 opts.key_types = tuple(types) + tuple(k for k in opts.key_types
                                                       if k not in types)
-        try:
             try:
                 t.start_client(timeout=timeout)
             except (paramiko.SSHException, EOFError, OSError) as e:
-                raise SshUnreachable(f"{where}: handshake failed: {exc_text(e)}") from None
+                why = proxy.reason() if proxy else ""
+                raise SshUnreachable(f"{where}: handshake failed: {exc_text(e)}{why}") \
+                    from None
             check_host_key(target, t.get_remote_server_key())
-            _authenticate(t, target, where)
+            _authenticate(t, target, where, timeout)
         except BaseException:
             t.close()
+            if proxy:
+                proxy.close()
             if jump:
                 jump.close()
             raise
         t.set_keepalive(30)
         log.debug("%s: connected", where)
-        return cls(target, settings, t, jump)
+        return cls(target, settings, t, jump, proxy)
 
     @property
     def active(self) -> bool:
@@ -138,6 +157,8 @@ class SshClient:
     def close(self) -> None:
         self._files.close()
         self.transport.close()
+        if self._proxy is not None:
+            self._proxy.close()
         if self._jump is not None:
             self._jump.close()
 
@@ -277,37 +298,136 @@ def kill_problem(status: int | None, stdout: bytes, stderr: bytes) -> str | None
     return f"the kill exited {status}: {tail}"
 
 
-def _authenticate(t: paramiko.Transport, target: Target, where: str) -> None:
+def _authenticate(t: paramiko.Transport, target: Target, where: str, timeout: float) -> None:
+    """Public-key auth as OpenSSH offers keys: each IdentityFile (an encrypted one through the
+    agent's copy of it, matched by public key: labkit never asks for a passphrase), then the
+    agent's other keys unless IdentitiesOnly."""
     tried: list[str] = []
     keys: list[tuple[str, paramiko.PKey]] = []
-    for path in target.key_files:
-        try:
-            keys.append((str(path), paramiko.PKey.from_path(str(path))))
-        except paramiko.PasswordRequiredException:
-            tried.append(f"{path} (encrypted: load it into ssh-agent)")
-        except FileNotFoundError:
-            tried.append(f"{path} (missing)")
-        except (OSError, paramiko.SSHException, ValueError) as e:
-            tried.append(f"{path} (unreadable: {type(e).__name__})")
-    if os.environ.get("SSH_AUTH_SOCK"):
-        try:
-            for i, k in enumerate(paramiko.Agent().get_keys()):
-                keys.append((f"agent key {i + 1}", k))
-        except (paramiko.SSHException, OSError):
-            pass
-    for label, key in keys:
-        try:
-            t.auth_publickey(target.user, key)
-        except paramiko.BadAuthenticationType as e:
-            raise SshAuthError(f"{where}: server allows only {', '.join(e.allowed_types)}") \
-                from None
-        except paramiko.AuthenticationException:
-            tried.append(label)
-            continue
-        except (paramiko.SSHException, EOFError, OSError) as e:
-            raise SshUnreachable(f"{where}: connection lost during auth: {exc_text(e)}") \
-                from None
-        if t.is_authenticated():
-            return
+    agent = _agent(target, where, timeout)
+    try:
+        in_agent = {k.asbytes(): k for k in agent.get_keys()} if agent else {}
+        mine: set[bytes] = set()
+        for path in target.key_files:
+            pub = public_blob(path)
+            if pub is not None:
+                mine.add(pub)
+            try:
+                keys.append((str(path), paramiko.PKey.from_path(str(path))))
+                continue
+            except FileNotFoundError:
+                tried.append(f"{path} (missing)")
+                continue
+            except (paramiko.PasswordRequiredException, TypeError) as e:
+                if not is_encrypted(path):  # a TypeError of another kind: say what it was
+                    tried.append(f"{path} (unreadable: {exc_text(e)})")
+                    continue
+            except (OSError, paramiko.SSHException, ValueError) as e:
+                tried.append(f"{path} (unreadable: {type(e).__name__})")
+                continue
+            if pub is not None and pub in in_agent:
+                keys.append((f"{path} (from ssh-agent)", in_agent[pub]))
+            elif agent is None:
+                tried.append(f"{path} (encrypted; load it into ssh-agent: ssh-add {path})")
+            else:
+                why = "" if pub is not None else ", and no .pub beside it to find it by"
+                tried.append(f"{path} (encrypted and not in ssh-agent{why}; ssh-add {path})")
+        if not target.identities_only:
+            keys += [(f"ssh-agent key {k.get_name()} {k.comment or ''}".rstrip(), k)
+                     for b, k in in_agent.items() if b not in mine]
+        for label, key in keys:
+            try:
+                t.auth_publickey(target.user, key)
+            except paramiko.BadAuthenticationType as e:
+                raise SshAuthError(f"{where}: server allows only {', '.join(e.allowed_types)}") \
+                    from None
+            except paramiko.AuthenticationException:
+                tried.append(label)
+                continue
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                raise SshUnreachable(f"{where}: connection lost during auth: {exc_text(e)}") \
+                    from None
+            if t.is_authenticated():
+                return
+    finally:
+        if agent is not None:
+            agent._close()
     raise SshAuthError(f"{where}: authentication failed (tried: {', '.join(tried) or 'no keys'})")
 
+
+def _agent(target: Target, where: str, timeout: float) -> paramiko.agent.AgentSSH | None:
+    """The ssh-agent IdentityAgent (or $SSH_AUTH_SOCK) names, or None: none configured, or
+    not answering (logged; the keys on disk are still tried). paramiko's ``Agent`` only reads
+    $SSH_AUTH_SOCK, so its base class is connected to the socket here."""
+    path = target.identity_agent
+    if path is None:
+        path = os.environ.get("SSH_AUTH_SOCK") or ""
+    if not path:
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    agent = paramiko.agent.AgentSSH()
+    try:
+        conn.connect(path)
+        agent._connect(conn)
+    except (OSError, paramiko.SSHException) as e:
+        conn.close()
+        log.warning("%s: ssh-agent at %s does not answer: %s", where, path, exc_text(e))
+        return None
+    return agent
+
+
+def public_blob(path: Path) -> bytes | None:
+    """A key file's public key without decrypting it: from ``PATH.pub``, else from the file
+    itself when it is in OpenSSH's format (its public part is never encrypted)."""
+    pub = path.with_name(path.name + ".pub")
+    try:
+        fields = pub.read_text().split()
+        return base64.b64decode(fields[1], validate=True)
+    except (OSError, IndexError, ValueError, binascii.Error):
+        pass
+    body = _openssh_body(path)
+    if body is None:
+        return None
+    try:
+        m = paramiko.Message(body[len(OPENSSH_MAGIC):])
+        m.get_string(), m.get_string(), m.get_string()  # cipher, kdf, kdf options
+        if m.get_int() < 1:
+            return None
+        return m.get_binary()
+    except Exception:  # a truncated or foreign file: no public key to be had
+        return None
+
+
+OPENSSH_MAGIC = b"openssh-key-v1\0"
+
+
+def _openssh_body(path: Path) -> bytes | None:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    begin, end = "-----BEGIN OPENSSH PRIVATE KEY-----", "-----END OPENSSH PRIVATE KEY-----"
+    if begin not in text or end not in text:
+        return None
+    try:
+        body = base64.b64decode("".join(text.split(begin, 1)[1].split(end, 1)[0].split()))
+    except (binascii.Error, ValueError):
+        return None
+    return body if body.startswith(OPENSSH_MAGIC) else None
+
+
+def is_encrypted(path: Path) -> bool:
+    """Whether a private key file needs a passphrase (OpenSSH format: its cipher is not
+    "none"; PEM: an ENCRYPTED header)."""
+    body = _openssh_body(path)
+    if body is not None:
+        try:
+            return paramiko.Message(body[len(OPENSSH_MAGIC):]).get_string() != b"none"
+        except Exception:
+            return False
+    try:
+        head = path.read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+    return "ENCRYPTED" in head

@@ -17,11 +17,42 @@ from labkit.ssh.shell import RunResult
 CHUNK = 256 * 1024
 
 
+class Tail:
+    """A stream's bytes as a run keeps them: all of them (``keep`` None), or only the last
+    ``keep`` — what bounds a controller's memory when a node writes hundreds of MB that were
+    streamed elsewhere already. ``total`` counts every byte seen, so ``dropped`` says how much
+    of the head is gone."""
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep
+        self.total = 0
+        self._parts: list[bytes] = []
+        self._held = 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        self._parts.append(data)
+        self._held += len(data)
+        if self.keep is not None and self._held > 2 * self.keep + CHUNK:
+            # trim now and then, not per chunk: amortised O(1) a byte
+            self._parts = [self.value()]
+            self._held = len(self._parts[0])
+
+    def value(self) -> bytes:
+        data = b"".join(self._parts)
+        return data if self.keep is None else data[max(0, len(data) - self.keep):]
+
+    @property
+    def dropped(self) -> int:
+        return 0 if self.keep is None else self.total - min(self._held, self.keep)
+
+
 def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
                input: bytes | None = None,
                on_stdout: Callable[[bytes], None] | None = None,
                on_stderr: Callable[[bytes], None] | None = None,
-               cancel: threading.Event | None = None) -> RunResult:
+               cancel: threading.Event | None = None,
+               keep: int | None = None) -> RunResult:
     """Wait for ``proc`` (started at ``started``, a time.monotonic() value) until it exits, the
     connection drops (SshError), ``deadline`` passes (its processes are killed; the result says
     timed_out) or ``cancel`` is set (killed too; KeyboardInterrupt). The channel is closed on
@@ -42,8 +73,7 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
         except (OSError, EOFError, paramiko.SSHException):
             proc.close()
             raise SshError(f"{node}: connection lost while starting {proc.cmd!r}") from None
-    out: list[bytes] = []
-    err: list[bytes] = []
+    out, err = Tail(keep), Tail(keep)
     timed_out = False
     try:
         while True:
@@ -53,7 +83,7 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
                 if not data:
                     break
                 got = True
-                out.append(data)
+                out.add(data)
                 if on_stdout:
                     on_stdout(data)
             while ch.recv_stderr_ready():
@@ -61,7 +91,7 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
                 if not data:
                     break
                 got = True
-                err.append(data)
+                err.add(data)
                 if on_stderr:
                     on_stderr(data)
             if got:
@@ -89,4 +119,4 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
     code = None if timed_out else (ch.recv_exit_status() if ch.exit_status_ready() else None)
     if code == -1:
         code = None  # exit-signal or no status at all
-    return RunResult(code, b"".join(out), b"".join(err), time.monotonic() - started, timed_out)
+    return RunResult(code, out.value(), err.value(), time.monotonic() - started, timed_out)

@@ -47,7 +47,9 @@ class RunResult:
             return f"{node}: timed out after {self.seconds:.1f}s (remote processes killed)"
         if self.exit_code is None:
             return f"{node}: no exit status (killed or connection lost)"
-        return f"{node}: exit code {self.exit_code}"
+        from labkit.ssh.errors import exit_text
+
+        return f"{node}: {exit_text(self.exit_code, self.stderr)}"
 
 
 class RemoteShell(Protocol):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Context, task
 from invoke.exceptions import Exit
 
+from labkit import signals
 from labkit.config import Settings
 from labkit.errors import LabkitError
 
@@ -151,7 +152,7 @@ def labtask(*args: Any, changes: bool | None = None, **kwargs: Any):
         def body(*a: Any, **kw: Any) -> Any:
             token = _DECLARED.set(changes)
             try:
-                return fn(*a, **kw)
+                return signals.call(fn, *a, **kw)  # SIGTERM/SIGHUP act as Ctrl-C
             except LabkitError as e:
                 from labkit.secrets import scrub
 

@@ -48,7 +48,13 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
     Both nodes are changed (powered on, swept, deployed, a workload started and killed), so a
     lease someone else holds on either refuses the run (every --matrix cell uses the same two
     nodes) unless --force."""
-    from labkit.experiment import build_config, parse_matrix, run_matrix, run_migrate_test
+    from labkit.experiment import (
+        RunFailed,
+        build_config,
+        parse_matrix,
+        run_matrix,
+        run_migrate_test,
+    )
 
     # every argument is checked before anything is started
     cfg = build_config(src=src, dst=dst, size=size, rate=rate, pattern=pattern,
@@ -74,7 +80,12 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
         if not all(r.get("ok") for r in rows):
             raise Exit(code=1)
         return
-    result = run_migrate_test(inv, lab_.settings, cfg, deploy=not no_deploy)
+    try:
+        result = run_migrate_test(inv, lab_.settings, cfg, deploy=not no_deploy)
+    except RunFailed as e:
+        if json and "result" in e.value:  # the JSON still comes (ok false, the failure)
+            print(jsonlib.dumps({**e.value["result"], "folder": e.value["folder"]}, indent=2))
+        raise
     if json:
         print(jsonlib.dumps({**result.to_json(), "folder": str(result.folder)}, indent=2))
     else:
@@ -88,7 +99,8 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
 def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = None,
                pid: int = 0, seconds: str = "5", tracker: str = "auto",
                json: bool = False, force: bool = False) -> None:
-    """Exact dirty rate (MiB/s of distinct pages written) of a process on nodes (-n).
+    """Dirty rate (MiB/s of distinct pages written) of a process on nodes (-n), over an exact
+    window (`window_s`; its instants in --json) unless `method` says otherwise.
 
     The tracker attaches to the process (ptrace, userfaultfd or soft-dirty bits): that changes
     someone's running process, so a node leased by someone else is refused unless --force."""

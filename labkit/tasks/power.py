@@ -9,7 +9,11 @@ namespace (every ``labkit`` command) must not pay for pyghmi."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from invoke import Context
@@ -38,14 +42,48 @@ def _action(lab_: Lab, nodes: str | None, action: str, wait: bool, as_json: bool
            as_json=as_json, columns=POWER_COLUMNS)
 
 
+@contextlib.contextmanager
+def _cancel_on_signal(cancel: Callable[[], None]) -> Iterator[None]:
+    """While the body runs, SIGINT/SIGTERM/SIGHUP first call ``cancel()``, then whatever the
+    signal did before (KeyboardInterrupt for SIGINT, and for the others once the task layer
+    treats them alike). Why: the thread fan-out waits for its workers after an interrupt, and a
+    worker blocked on a dead BMC would hold the exit for the whole retry window (~60 s)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        cancel()
+        before = previous.get(signum)
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:  # what the signal would have done: do it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        before = signal.getsignal(sig)
+        if before is signal.SIG_IGN or before is None:
+            continue
+        previous[sig] = before
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
 def _bringup(lab_: Lab, nodes: str | None, label: str,
              action: Callable[[Any, Any], dict[str, Any]], as_json: bool, force: bool) -> None:
     """``--wait=ssh``: ``action(client, node)`` (labkit.bringup) per node on the thread
-    fan-out, the BMC part through one shared ``PowerClient``."""
+    fan-out, the BMC part through one shared ``PowerClient``, cancelled on Ctrl-C/SIGTERM so
+    the workers return at once."""
     selected = lab_.select(nodes, change=True, force=force)
     from labkit.bmc.power import PowerClient
 
-    with PowerClient(lab_.settings) as client:
+    with PowerClient(lab_.settings) as client, _cancel_on_signal(client.cancel):
         outcomes = lab_.fan_out(selected, lambda n: action(client, n), label=label)
     finish(outcomes, as_json=as_json, columns=POWER_COLUMNS)
 
@@ -70,7 +108,8 @@ def power_status(c: Context, inventory: str | None = None, nodes: str | None = N
 @labtask(optional=["wait"], help={"wait": WAIT_HELP}, changes=True)
 def power_on(c: Context, inventory: str | None = None, nodes: str | None = None,
              wait: Any = None, json: bool = False, force: bool = False) -> None:
-    """Power nodes on (nothing is sent to a node that is already on)."""
+    """Power nodes on (a node already on stays on: the request is sent anyway, so a power-off
+    still landing is overridden)."""
     from labkit import bringup
 
     mode = bringup.normalize_wait(wait)  # a bad value is a usage error before any BMC is touched
@@ -86,7 +125,7 @@ def power_on(c: Context, inventory: str | None = None, nodes: str | None = None,
 @labtask(help={"wait": "wait until the BMC reports off"}, changes=True)
 def power_off(c: Context, inventory: str | None = None, nodes: str | None = None,
               wait: bool = False, json: bool = False, force: bool = False) -> None:
-    """Hard power off (nothing is sent to a node that is already off)."""
+    """Hard power off (a node already off stays off, unchanged)."""
     _action(lab(c, inventory), nodes, "off", wait, json, force)
 
 
@@ -100,7 +139,8 @@ def power_soft(c: Context, inventory: str | None = None, nodes: str | None = Non
 @labtask(changes=True)
 def power_reset(c: Context, inventory: str | None = None, nodes: str | None = None,
                 json: bool = False, force: bool = False) -> None:
-    """Hard reset."""
+    """Hard reset of nodes that are on (a node that is off fails: use power-on or
+    power-cycle)."""
     _action(lab(c, inventory), nodes, "reset", False, json, force)
 
 
@@ -139,15 +179,19 @@ def boot_device(c: Context, device: str, inventory: str | None = None, nodes: st
 @labtask(help={"node": "the node whose serial console to open",
                "capture": "record this many seconds non-interactively instead of attaching",
                "log": "with --capture: write the timestamped log here (default: a results/ "
-                      "folder)",
-               "take_over": "take over an SOL session another client holds (default: on; "
-                            "--no-take-over to leave it)",
+                      "folder); refused up front if it cannot be written",
+               "take_over": "take the node's SOL session from the client holding it (that "
+                            "client is told and exits); default: refuse when it is in use",
                "force": "attach to a node leased by someone else"},
          changes=True)
 def console(c: Context, node: str, inventory: str | None = None, capture: float = 0.0,
-            log: str | None = None, take_over: bool = True, force: bool = False) -> None:
+            log: str | None = None, take_over: bool = False, force: bool = False) -> None:
     """Serial-over-LAN console. Interactive: type ~. at the start of a line to leave.
     With --capture N: record N seconds to a timestamped log and exit.
+
+    One node has one SOL session: when another client holds it, the console is refused unless
+    --take-over; the client that loses it says so and exits non-zero. Login refused, SOL in
+    use, a BMC that does not answer (--capture) or a lost session end it with exit 1.
 
     Leases: attaching is changing the node (what you type goes to its console: a login, a
     reboot, a kernel's magic SysRq), so a node leased by someone else is refused unless
@@ -156,12 +200,16 @@ def console(c: Context, node: str, inventory: str | None = None, capture: float 
     from labkit.bmc import console as sol
 
     _positional("console", node)
-    if capture < 0:
-        raise UserError(f"--capture: seconds must be >= 0, got {capture:g}")
+    seconds = sol.check_seconds(capture)
+    if log is not None and not seconds:
+        raise UserError("--log: only with --capture SECONDS (an interactive console keeps no "
+                        "log)")
+    if log is not None and not log.strip():
+        raise UserError("--log: empty path")
     lab_ = lab(c, inventory)
-    (target,) = lab_.named([node], change=not capture, force=force)
-    if capture:
-        path = sol.capture(target, lab_.settings, float(capture), log, force=take_over)
+    (target,) = lab_.named([node], change=not seconds, force=force)
+    if seconds:
+        path = sol.capture(target, lab_.settings, seconds, log, force=take_over)
         print(path)
     else:
         sol.attach(target, lab_.settings, force=take_over)

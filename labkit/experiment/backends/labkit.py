@@ -106,7 +106,7 @@ class LabkitMigration:
         if not r.verified:
             raise MigrationFailed(f"image verification FAILED: frozen source {ver['sha256'][:16]}"
                                   f" != restored {restored['sha256'][:16]}")
-        sa.send("quit")
+        sa.quit()
         pump.wait(T, "the restored workload to serve", dst_event="serving")
         frozen_step = int(ver.get("step", resumed.get("step", 0)))
 
@@ -115,9 +115,9 @@ class LabkitMigration:
         if cfg.verify_resume:
             self._verify_resume(wl, pump, src, wpid, frozen_step)
         # orderly ends (cleanup kills whatever ignores them)
-        for rem, line in ((wl, "quit"), (da, "quit")):
+        for rem in (wl, da):
             try:
-                rem.send(line)
+                rem.quit()
             except MigrationFailed:
                 pass
 
@@ -164,12 +164,12 @@ class LabkitMigration:
                 match=restored["sha256"] == frozen_sha)
         if restored["sha256"] != frozen_sha:
             raise MigrationFailed("stop-and-copy baseline restored a different image")
-        sa.send("quit")
+        sa.quit()
         try:
             pump.wait(T, "the stop-and-copy restore to serve", dst_event="serving")
-            da.send("quit")
+            da.quit()
         except MigrationFailed:
-            pass
+            run.peers.retire(da)  # the baseline is measured: what its restore does now is moot
 
     def _verify_resume(self, wl: Remote, pump: Pump, src: Node, wpid: int,
                        frozen_step: int) -> None:

@@ -1,0 +1,195 @@
+"""`run`'s output as a user meets it: streamed as it arrives however it is shaped, bounded
+memory however much of it there is, a failed command's own last words in its node's error
+text, and no paramiko noise on stderr when a node is powered off under a live connection.
+Real CLI processes against fake nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from labkit import inventory as inv
+from labkit.config import Settings
+from labkit.fake.harness import SshNodeSet, start_fake_lab
+from labkit.ssh import CommandFailed, SshClient
+from labkit.tasks.nodes import KEEP, LINE_MAX
+
+REPO = Path(__file__).resolve().parent.parent
+LABKIT = [sys.executable, "-m", "labkit.cli"]
+INVOKE = [str(Path(sys.executable).with_name("invoke"))]
+MB = 1000 * 1000
+LIMIT = 90.0  # seconds: the 400 MB run takes 1-9 s here, under load from other test runs
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    with SshNodeSet(tmp_path_factory.mktemp("runout"), ["node1", "node2"]) as lab:
+        yield lab
+
+
+def cli(lab: SshNodeSet, *args: str, prog: list[str] = LABKIT,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LABKIT_INVENTORY=str(lab.inventory_path))
+    return subprocess.run([*prog, *args], capture_output=True, env=env, timeout=timeout,
+                          cwd=REPO)
+
+
+# --- bounded: time and memory ----------------------------------------------------------------
+
+def test_400mb_without_newlines_streams_in_bounded_time_and_memory(lab: SshNodeSet,
+                                                                    tmp_path: Path) -> None:
+    """Used to never finish (the partial line was re-scanned and copied on every chunk, and
+    every byte was kept): 80 MB took 8-11 s and 350-440 MB of RSS. Now the output streams in
+    LINE_MAX pieces, each prefixed, and the controller's peak RSS (from wait4: the child's own
+    high-water mark) stays near its size at rest plus the SSH window."""
+    size = 400 * MB
+    env = dict(os.environ, LABKIT_INVENTORY=str(lab.inventory_path))
+    err = open(tmp_path / "stderr", "wb")  # noqa: SIM115
+    t0 = time.monotonic()
+    proc = subprocess.Popen([*LABKIT, "run", "-n", "node1", "--", f"head -c {size} /dev/zero"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=err)
+    # the old code printed nothing until the end and never got there: a deadline, not a hang
+    deadline = threading.Timer(LIMIT, proc.kill)
+    deadline.start()
+    received = newlines = longest = 0
+    pending = 0  # bytes since the last newline
+    assert proc.stdout is not None
+    while data := proc.stdout.read1(1 << 20):
+        received += len(data)
+        newlines += data.count(b"\n")
+        last = data.rfind(b"\n")
+        if last < 0:
+            pending += len(data)
+        else:
+            longest = max(longest, pending + data.find(b"\n"))
+            pending = len(data) - last - 1
+    _, status, usage = os.wait4(proc.pid, 0)
+    deadline.cancel()
+    seconds = time.monotonic() - t0
+    err.close()
+    assert seconds < LIMIT, f"killed after {LIMIT:.0f} s, {received / MB:.0f} MB received"
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "stderr").read_text()
+    pieces = -(-size // LINE_MAX)
+    table = received - size - pieces * len(b"node1| \n")
+    assert 0 < table < 1000, f"got {received} bytes for {size} of output in {pieces} pieces"
+    assert newlines >= pieces and longest <= LINE_MAX + len("node1| ")
+    peak = usage.ru_maxrss * 1024
+    print(f"400 MB without newlines: {seconds:.1f}s, controller peak RSS {peak / MB:.0f} MB")
+    assert peak < 250 * MB, f"controller peak RSS {peak / MB:.0f} MB"
+
+
+def test_json_keeps_the_last_mib_and_says_how_much_is_left_out(lab: SshNodeSet) -> None:
+    p = cli(lab, "run", "--json", "--", "head -c 3000000 /dev/zero | tr '\\0' a; echo END; "
+            "head -c 5 /dev/zero | tr '\\0' e >&2")
+    assert p.returncode == 0, p.stderr
+    for d in json.loads(p.stdout):
+        assert len(d["stdout"]) == KEEP and d["stdout"].endswith("aaaEND\n")
+        assert d["stdout_truncated"] == 3000004 - KEEP
+        assert d["stderr"] == "eeeee" and d["stderr_truncated"] == 0
+
+
+def test_a_long_line_is_printed_in_prefixed_pieces(lab: SshNodeSet) -> None:
+    p = cli(lab, "run", "-n", "node1", "--",
+            f"head -c {2 * LINE_MAX + 10} /dev/zero | tr '\\0' b; echo; echo next")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[:4] == [b"node1| " + b"b" * LINE_MAX] * 2 + [b"node1| " + b"b" * 10,
+                                                                b"node1| next"]
+
+
+@pytest.mark.parametrize("prog", [LABKIT, INVOKE], ids=["labkit", "invoke"])
+def test_out_dir_keeps_every_byte(lab: SshNodeSet, tmp_path: Path, prog: list[str]) -> None:
+    out = tmp_path / "a" / "b"
+    p = cli(lab, "run", "--json", "--out", str(out), "--",
+            "head -c 2500000 /dev/urandom | od -An -tx1 -v | head -c 3000000; "
+            "echo $LABKIT_NODE >&2", prog=prog)
+    assert p.returncode == 0, p.stderr
+    rows = {d["node"]: d for d in json.loads(p.stdout)}
+    for node in ("node1", "node2"):
+        data = (out / f"{node}.stdout").read_bytes()
+        assert len(data) == 3000000
+        assert data.endswith(rows[node]["stdout"].encode())
+        assert (out / f"{node}.stderr").read_text() == f"{node}\n"
+
+
+@pytest.mark.parametrize("prog", [LABKIT, INVOKE], ids=["labkit", "invoke"])
+def test_out_dir_that_cannot_be_written_is_a_usage_error(lab: SshNodeSet, tmp_path: Path,
+                                                         prog: list[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    marker = lab.nodes["node1"].root / "ran"
+    for bad in (blocker / "sub", "/proc/labkit-out"):
+        p = cli(lab, "run", "--out", str(bad), "--", "touch ran", prog=prog)
+        err = p.stderr.decode()
+        assert p.returncode == 2, err
+        assert err.count("\n") == 1 and err.startswith("error: --out ") and str(bad) in err
+        assert not marker.exists(), "the command ran although --out was refused"
+
+
+# --- a failed command's reason in its node's error text --------------------------------------
+
+@pytest.mark.parametrize("prog", [LABKIT, INVOKE], ids=["labkit", "invoke"])
+def test_run_error_text_ends_with_the_last_stderr_line(lab: SshNodeSet, prog: list[str]) -> None:
+    p = cli(lab, "run", "--", 'echo early >&2; echo "tracker: no such pid 99" >&2; echo >&2; '
+            '[ "$LABKIT_NODE" = node2 ] && exit 3; true', prog=prog)
+    assert p.returncode == 1
+    row = [line for line in p.stdout.decode().splitlines() if line.startswith("node2")][0]
+    assert row.endswith("exit code 3: tracker: no such pid 99"), row
+    p = cli(lab, "run", "--json", "--", "exit 4")
+    assert [d["error"] for d in json.loads(p.stdout)] == ["exit code 4", "exit code 4"]
+
+
+def test_check_failure_carries_the_last_stderr_line(lab: SshNodeSet) -> None:
+    """The shared path (``RunResult.failure``, what ``check`` raises with): dirty-rate, node
+    preparation and every other ``check`` caller get the command's own reason."""
+    node = inv.load(lab.inventory_path).node("node1")
+    with SshClient.connect(node, Settings(ssh_timeout=10.0, command_timeout=30.0)) as c:
+        with pytest.raises(CommandFailed) as e:
+            c.check("printf 'Traceback...\\nValueError: bad \\033[1mpid\\033[0m\\n\\n' >&2; "
+                    "exit 5")
+    assert str(e.value) == "node1: exit code 5: ValueError: bad  [1mpid [0m"
+    assert e.value.value["exit_code"] == 5
+
+
+# --- paramiko's logger ------------------------------------------------------------------------
+
+def test_paramiko_log_records_never_reach_stderr() -> None:
+    """What paramiko's transport thread logs when a connection breaks under it. labkit's own
+    warnings still do reach stderr."""
+    code = ("import logging, labkit.ssh.client\n"
+            "logging.getLogger('paramiko.transport').error('Socket exception: reset (104)')\n"
+            "logging.getLogger('paramiko.transport').error('Exception (client): boom')\n"
+            "logging.getLogger('labkit.ssh').warning('labkit says')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stderr == "labkit says\n"
+
+
+def test_power_off_mid_run_leaves_no_paramiko_line(tmp_path: Path) -> None:
+    """Nodes powered off while they stream output to `run`: each node fails with "connection
+    lost", and stderr holds nothing but the streamed lines (a reset connection used to add
+    paramiko's "Socket exception: Connection reset by peer (104)" now and then)."""
+    lab = start_fake_lab(tmp_path, count=3, power_on=True)
+    try:
+        for _ in range(3):
+            proc = subprocess.Popen([*LABKIT, "run", "--", "yes | head -c 4000000000"],
+                                    env=lab.env, cwd=tmp_path,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+            end = time.monotonic() + 30
+            while sum("head -c" in p for p in lab.processes()) < 3:
+                assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+                time.sleep(0.02)
+            lab.control.power("*", "off", now=True)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 1, err
+            assert [line for line in err.splitlines() if "| " not in line] == [], err
+            lab.power_on_all()
+    finally:
+        lab.stop()
