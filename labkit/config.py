@@ -97,16 +97,19 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def parse_number(value: Any, what: str, *, integer: bool = False, minimum: float | None = None,
-                 above: float | None = None, maximum: float | None = None) -> Any:
+                 above: float | None = None, maximum: float | None = None,
+                 shown: str | None = None) -> Any:
     """THE parser of a number the user gave (a task flag, a matrix cell, a config value):
     plain decimal only, finite, in range, or a one-line ``UserError`` naming ``what`` and the
     value. ``nan``, ``inf``, ``1e999`` (which float() reads as inf), ``0x10`` and, where a
     whole number is meant, ``1.5`` are refused rather than converted: each of them once
     reached a traceback or a silently wrong run. ``minimum`` is inclusive, ``above``
-    exclusive. Returns an int when ``integer``, else a float."""
+    exclusive. ``shown``: how to name the value in an error when ``what value`` is not how
+    the user wrote it (a matrix cell is ``--matrix rate=nan``). Returns an int when
+    ``integer``, else a float."""
     from labkit.errors import UserError
 
-    shown = f"{what} {value!r}"
+    shown = shown or f"{what} {value!r}"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UserError(f"{shown}: expected {'a whole number' if integer else 'a number'}")
     if isinstance(value, str):

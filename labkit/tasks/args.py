@@ -32,16 +32,20 @@ def count(text: str | int, flag: str) -> int:
 
 
 def number(text: str | float, flag: str, *, minimum: float | None = None,
-           above: float | None = None, maximum: float | None = None) -> float:
-    """A finite decimal number in range (``--drop``, ``--rate`` ...)."""
-    return float(parse_number(text, flag, minimum=minimum, above=above, maximum=maximum))
+           above: float | None = None, maximum: float | None = None,
+           shown: str | None = None) -> float:
+    """A finite decimal number in range (``--drop``, ``--rate`` ...). ``shown``: how an
+    error names the value when it is one part of a flag (``--power-delay '1,x'``)."""
+    return float(parse_number(text, flag, minimum=minimum, above=above, maximum=maximum,
+                              shown=shown))
 
 
-def seconds(text: str | float, flag: str, *, allow_zero: bool = False) -> float:
+def seconds(text: str | float, flag: str, *, allow_zero: bool = False,
+            shown: str | None = None) -> float:
     """A duration in seconds: finite, > 0 (or >= 0 with ``allow_zero``)."""
     if allow_zero:
-        return number(text, flag, minimum=0.0)
-    return number(text, flag, above=0.0)
+        return number(text, flag, minimum=0.0, shown=shown)
+    return number(text, flag, above=0.0, shown=shown)
 
 
 def writable_folder(path: str | os.PathLike, what: str) -> Path:
@@ -67,4 +71,14 @@ def writable_folder(path: str | os.PathLike, what: str) -> Path:
         raise UserError(f"{where}: {e.strerror}") from None
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{where}: not writable (permission denied)")
+    # access() says yes to root everywhere, also where nothing can be created (/proc, a
+    # read-only bind mount): try it, with an empty folder removed at once
+    trial = probe / f".labkit-write-check-{os.getpid()}"
+    try:
+        os.mkdir(trial)
+        os.rmdir(trial)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise UserError(f"{where}: not writable ({e.strerror})") from None
     return p

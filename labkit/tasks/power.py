@@ -15,6 +15,7 @@ from typing import Any
 from invoke import Context
 
 from labkit.errors import UserError
+from labkit.tasks import args
 from labkit.tasks.common import Lab, finish, lab, labtask
 
 POWER_COLUMNS = ("power", "changed", "confirmed")
@@ -43,6 +44,7 @@ def _bringup(lab_: Lab, nodes: str | None, label: str,
     """``--wait=ssh``: ``action(client, node)`` (labkit.bringup) per node on the thread
     fan-out, the BMC part through one shared ``PowerClient``."""
     selected = lab_.select(nodes, change=True, force=force)
+    lab_.need_ssh(selected, f"{label} --wait ssh")
     from labkit.bmc.power import PowerClient
 
     with PowerClient(lab_.settings) as client:
@@ -144,7 +146,7 @@ def boot_device(c: Context, device: str, inventory: str | None = None, nodes: st
                             "--no-take-over to leave it)",
                "force": "attach to a node leased by someone else"},
          changes=True)
-def console(c: Context, node: str, inventory: str | None = None, capture: float = 0.0,
+def console(c: Context, node: str, inventory: str | None = None, capture: str | None = None,
             log: str | None = None, take_over: bool = True, force: bool = False) -> None:
     """Serial-over-LAN console. Interactive: type ~. at the start of a line to leave.
     With --capture N: record N seconds to a timestamped log and exit.
@@ -156,12 +158,13 @@ def console(c: Context, node: str, inventory: str | None = None, capture: float 
     from labkit.bmc import console as sol
 
     _positional("console", node)
-    if capture < 0:
-        raise UserError(f"--capture: seconds must be >= 0, got {capture:g}")
+    seconds = args.seconds(capture, "--capture", allow_zero=True) if capture is not None else 0.0
     lab_ = lab(c, inventory)
-    (target,) = lab_.named([node], change=not capture, force=force)
-    if capture:
-        path = sol.capture(target, lab_.settings, float(capture), log, force=take_over)
+    if seconds and log is None:
+        args.writable_folder(lab_.settings.results_dir, "results folder (labkit.results_dir)")
+    (target,) = lab_.named([node], change=not seconds, force=force)
+    if seconds:
+        path = sol.capture(target, lab_.settings, seconds, log, force=take_over)
         print(path)
     else:
         sol.attach(target, lab_.settings, force=take_over)
