@@ -34,6 +34,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def config_layer() -> dict[str, Any]:
+    """The ``labkit:`` defaults as handed to Invoke: numbers and booleans as None. Invoke
+    casts an environment variable to the type of the value it overrides, itself and before
+    any labkit code runs: ``INVOKE_LABKIT_PARALLEL=nan`` was a ValueError traceback and
+    ``..._TRUST_ON_FIRST_USE=maybe`` silently True. Given None, Invoke keeps the text and
+    :meth:`Settings.from_mapping` parses it like any flag (None there is the default)."""
+    return {k: None if isinstance(v, (bool, int, float)) else v for k, v in DEFAULTS.items()}
+
+
 @dataclass
 class Settings:
     parallel: int = DEFAULTS["parallel"]
@@ -61,7 +70,7 @@ class Settings:
         or ``results_dir: 0123`` (YAML's octal 83) is a one-line error, not a surprise."""
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
-            if data is None or f.name not in data:
+            if data is None or f.name not in data or data[f.name] is None:
                 continue
             default, value = DEFAULTS[f.name], data[f.name]
             what = f"config labkit.{f.name}"

@@ -31,7 +31,7 @@ PROGRAMS = {"labkit": [sys.executable, "-m", "labkit.cli"],
     ({"command_timeout": -1}, ["labkit.command_timeout"]),
     ({"trust_on_first_use": "maybe"}, ["labkit.trust_on_first_use", "maybe"]),
     ({"results_dir": 83}, ["labkit.results_dir", "quote"]),       # `results_dir: 0123`
-    ({"lease_dir": None}, ["labkit.lease_dir", "quote"]),         # `lease_dir: ~`
+    ({"lease_dir": 0.5}, ["labkit.lease_dir", "quote"]),          # `lease_dir: .5`
     ({"progress": "sometimes"}, ["labkit.progress", "sometimes"]),
 ])
 def test_bad_setting_is_one_user_error(data: dict[str, Any], words: list[str]) -> None:
@@ -85,6 +85,21 @@ def test_bad_config_file_one_line_exit_2(tmp_path: Path, prog: str, yaml_text: s
     assert len(lines) == 1 and lines[0].startswith("error: config labkit."), r.stderr
     for w in words:
         assert w in lines[0]
+
+
+@pytest.mark.parametrize("prog", list(PROGRAMS))
+@pytest.mark.parametrize("var, value", [("PARALLEL", "nan"), ("PARALLEL", "1.5"),
+                                        ("BMC_TIMEOUT", "inf"), ("TRUST_ON_FIRST_USE", "maybe")])
+def test_bad_setting_in_the_environment_one_line_exit_2(tmp_path: Path, prog: str, var: str,
+                                                        value: str) -> None:
+    """Invoke casts INVOKE_LABKIT_* itself (a traceback for nan, True for 'maybe') unless
+    the value it overrides is None: labkit's config layer hands it None."""
+    env = {**os.environ, f"INVOKE_LABKIT_{var}": value}
+    r = subprocess.run([*PROGRAMS[prog], "power-status", "--inventory", "/nonexistent.yaml"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == r.stderr.strip().splitlines()[0], r.stderr
+    assert f"labkit.{var.lower()}" in r.stderr and value in r.stderr, r.stderr
 
 
 # --- "node2: node2: ..." ------------------------------------------------------------------
