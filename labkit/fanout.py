@@ -34,6 +34,20 @@ class Outcome:
             d.setdefault(k, v)
         return d
 
+    def line(self) -> str:
+        """``node: error`` for a message that names several nodes' failures in one line."""
+        return named(self.node, self.error or "ok")
+
+
+def named(node: str, text: str) -> str:
+    """``text`` prefixed with ``node: `` once. Most node errors already start with their node
+    (``node2: BMC 10.0.0.2:623: timeout``, so that a bare exception reads well too); a
+    summary that prefixed them again read ``node2: node2: ...``. Every place that puts a
+    node's name before its error goes through here."""
+    if text == node or text.startswith((f"{node}: ", f"{node} (")):
+        return text
+    return f"{node}: {text}"
+
 
 def error_text(e: BaseException) -> str:
     """One line for a node's failure: our own errors speak for themselves; foreign ones get

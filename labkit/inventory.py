@@ -6,8 +6,12 @@ stop a run before it touches a machine, not after it powered off the wrong one."
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
+import math
 import os
 import re
+import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,19 @@ TOP_KEYS = {"defaults", "groups", "nodes", "fake_lab", "payloads"}
 NODE_KEYS = {"bmc", "ssh", "fake"}
 FAKE_LAB_KEYS = {"state_dir", "power_delay", "boot_delay", "sshd", "seed"}
 
+# The most a file the inventory names may hold: a password file, a private key or a
+# known_hosts larger than this is the wrong file (a disk image, /dev/zero's copy), and reading
+# it whole once ended in MemoryError. The inventory itself is capped the same way.
+FILE_CAPS = {"password_file": 64 << 10, "key_file": 1 << 20, "known_hosts": 64 << 20,
+             "inventory": 16 << 20}
+# Plain decimal, as a number in an inventory is meant: YAML 1.1 would also read 0x26F, 0o17,
+# 1_000 and 1:30 (sexagesimal: 90) as numbers, none of which a user writing a port means.
+_DECIMAL_INT = re.compile(r"^[+-]?[0-9]+$")
+_DECIMAL = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
+# ProxyJump hop, as OpenSSH writes it: [user@]host[:port], host may be [v6]
+_HOP = re.compile(r"^(?:(?P<user>[^@\s,:\[\]]+)@)?"
+                  r"(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9_.%-]+)(?::(?P<port>[0-9]+))?$")
+
 
 @dataclass(frozen=True)
 class BmcSpec:
@@ -50,11 +67,9 @@ class BmcSpec:
                 raise UserError(f"{self.source}: password_env {self.password_env} is not set")
             return Secret(value.encode())
         if self.password_file:
-            try:
-                return Secret(self.password_file.read_bytes().rstrip(b"\r\n"))
-            except OSError as e:
-                raise UserError(
-                    f"{self.source}: password_file {self.password_file}: {e.strerror}") from None
+            data = read_small(self.password_file, FILE_CAPS["password_file"],
+                              f"{self.source}: password_file")
+            return Secret(data.rstrip(b"\r\n"))
         if self.password_literal is not None:
             return Secret(self.password_literal.encode())
         raise UserError(f"{self.source}: no password_env, password_file or password for the BMC")
@@ -100,9 +115,18 @@ class Inventory:
     payloads: list[Path] = field(default_factory=list)
 
     def select(self, selector: str | None) -> list[Node]:
-        """Resolve ``-n SEL``: comma list of names, globs, ``@group`` or ``@all``; default all.
-        Order follows the inventory so tables are stable."""
-        if selector is None or selector.strip() in ("", "@all", "all"):
+        """Resolve ``-n SEL``: comma list of names, globs, ``@group`` or ``@all``; no ``-n`` at
+        all (None) is every node. Order follows the inventory so tables are stable.
+
+        A selector that selects nothing by accident (``-n ""``, blanks, only commas: an unset
+        shell variable, a script's empty list) is refused: it must never widen to the whole
+        lab, which is what it once did for ``power-on``."""
+        if selector is None:
+            return list(self.nodes.values())
+        if not selector.replace(",", "").strip():
+            raise UserError(f"empty node selector {selector!r}: name nodes, @group or @all "
+                            "(leave out -n for every node)")
+        if selector.strip() in ("@all", "all"):
             return list(self.nodes.values())
         wanted: set[str] = set()
         for item in (s.strip() for s in selector.split(",")):
@@ -142,9 +166,75 @@ def find_inventory(explicit: str | os.PathLike | None = None) -> Path:
         path = Path(os.environ[ENV_VAR])
     else:
         path = Path("inventory.yaml")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"{path}: inventory not found (use --inventory PATH or ${ENV_VAR})")
+    problem = file_problem(path, FILE_CAPS["inventory"], may_be_empty=True)
+    if problem:
+        src = "" if explicit or not os.environ.get(ENV_VAR) else f" (from ${ENV_VAR})"
+        raise UserError(f"{path}{src}: inventory {problem}")
     return path
+
+
+# --- files the inventory names ---------------------------------------------------------------
+
+def file_problem(path: Path, cap: int, *, may_be_missing: bool = False,
+                 may_be_empty: bool = False) -> str | None:
+    """What is wrong with ``path`` as a small regular file we are about to read, or None.
+    Only ``stat`` is used: opening a FIFO to look at it would block until a writer comes (one
+    such inventory once hung forever), and a device or a huge file is never what was meant."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a dangling symlink (to {os.readlink(path)})"
+        return None if may_be_missing else "is not readable: no such file"
+    except OSError as e:
+        return f"is not readable: {e.strerror}"
+    mode = st.st_mode
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else None)
+    if kind is not None:
+        return f"is {kind}, not a regular file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    if st.st_size == 0 and not may_be_empty:
+        return "is empty"
+    if st.st_size > cap:
+        return f"is {st.st_size} bytes, more than the {cap} such a file can be (wrong file?)"
+    if not os.access(path, os.R_OK):
+        return "is not readable: permission denied"
+    return None
+
+
+def read_small(path: Path, cap: int, what: str) -> bytes:
+    """Read a file the user named, at most ``cap`` bytes, without ever blocking on a FIFO or
+    a device (O_NONBLOCK, then fstat on what was actually opened): the checks at load time
+    cannot see what the path became since. Errors are one ``UserError`` line ``what path:
+    problem``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise UserError(f"{what} {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{what} {path}: is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= cap:
+            chunk = os.read(fd, min(1 << 16, cap + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > cap:
+            raise UserError(f"{what} {path}: more than {cap} bytes (wrong file?)")
+        return b"".join(chunks)
+    except OSError as e:
+        raise UserError(f"{what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 # --- loading with line numbers -------------------------------------------------------------
@@ -187,22 +277,49 @@ class _Loader:
         return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
     def string(self, node: yaml.Node, what: str) -> str:
+        """A text value. An unquoted one that YAML types as something else (``user: yes`` is
+        True, ``password_file: 0123`` is 83, ``host: 10.0`` is 10.0, ``workdir: ~`` is None,
+        ``2024-01-01`` a date) is refused with a hint to quote it, never converted back to a
+        string that is not what was written."""
         value = self.scalar(node, what)
-        if not isinstance(value, str) or not value.strip():
-            raise self.err(node, f"{what} must be a non-empty string")
-        return value
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(node, yaml.ScalarNode) and not node.style and node.value != "" \
+                and not isinstance(value, str):  # plain (unquoted): libyaml says "", PyYAML None
+            raise self.err(node, f"{what}: {node.value} reads as {_yaml_kind(value)} in YAML, "
+                                 f"not text; quote it: '{node.value}'")
+        raise self.err(node, f"{what} must be a non-empty string")
 
     def port(self, node: yaml.Node, what: str) -> int:
         value = self.scalar(node, what)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535 \
+                or not _DECIMAL_INT.match(node.value):
             raise self.err(node, f"{what} must be a port number 1-65535, got {node.value!r}")
         return value
 
-    def number(self, node: yaml.Node, what: str, minimum: float = 0.0) -> float:
+    def number(self, node: yaml.Node, what: str, minimum: float = 0.0,
+               integer: bool = False) -> float:
+        """A plain decimal number >= ``minimum``: finite (no ``.inf``/``.nan``), no hex,
+        octal or sexagesimal, and a whole one where ``integer``."""
         value = self.scalar(node, what)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            raise self.err(node, f"{what} must be a number >= {minimum}, got {node.value!r}")
+        kind = "a whole number" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not (_DECIMAL_INT if integer else _DECIMAL).match(node.value) \
+                or not math.isfinite(value) or value < minimum:
+            raise self.err(node, f"{what} must be {kind} >= {minimum:g}, got {node.value!r}")
         return float(value)
+
+    def file(self, node: yaml.Node, what: str, key: str, *, may_be_missing: bool = False,
+             may_be_empty: bool = False) -> Path:
+        """A path to a small regular file (:func:`file_problem`), checked now, at load, so a
+        directory, FIFO, device, empty, huge or unreadable file is one line naming this
+        line instead of a failure per node (or a hang, or MemoryError) later."""
+        p = self.path_value(node, what)
+        problem = file_problem(p, FILE_CAPS[key], may_be_missing=may_be_missing,
+                               may_be_empty=may_be_empty)
+        if problem:
+            raise self.err(node, f"{what} {p} {problem}")
+        return p
 
     def boolean(self, node: yaml.Node, what: str) -> bool:
         value = self.scalar(node, what)
@@ -213,6 +330,16 @@ class _Loader:
     def path_value(self, node: yaml.Node, what: str) -> Path:
         p = Path(os.path.expanduser(self.string(node, what)))
         return p if p.is_absolute() else (self.path.parent / p)
+
+
+def _yaml_kind(value: Any) -> str:
+    if value is None:
+        return "null (nothing)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return f"a {type(value).__name__} ({value})"
 
 
 def _merge(defaults: dict[str, tuple], own: dict[str, tuple]) -> dict[str, tuple]:
@@ -245,15 +372,13 @@ def _bmc(ld: _Loader, fields_: dict[str, tuple], block: yaml.Node, node_name: st
             raise ld.err(v_node, f"{where}: password_env {var} is not set")
         kw["password_env"] = var
     elif src == "password_file":
-        p = ld.path_value(v_node, f"{where}.password_file")
-        if check_secrets and not os.access(p, os.R_OK):
-            raise ld.err(v_node, f"{where}: password_file {p} is not readable")
-        kw["password_file"] = p
+        # lab.up (check_secrets=False) writes the file: it may be missing, never wrong
+        kw["password_file"] = ld.file(v_node, f"{where}: password_file", "password_file",
+                                      may_be_missing=not check_secrets)
     else:
-        value = ld.scalar(v_node, f"{where}.password")
-        if value is None:
+        if isinstance(v_node, yaml.ScalarNode) and v_node.value == "":
             raise ld.err(v_node, f"{where}.password is empty")
-        kw["password_literal"] = str(value)
+        kw["password_literal"] = ld.string(v_node, f"{where}.password")
         _warn_literal(source)
     return BmcSpec(source=source, **kw)
 
@@ -268,7 +393,8 @@ def _warn_literal(source: str) -> None:
               "password_file for anything but a throwaway lab", file=sys.stderr)
 
 
-def _ssh(ld: _Loader, fields_: dict[str, tuple], block: yaml.Node, node_name: str) -> SshSpec:
+def _ssh(ld: _Loader, fields_: dict[str, tuple], block: yaml.Node, node_name: str,
+         check_secrets: bool) -> SshSpec:
     where = f"nodes.{node_name}.ssh"
     if "host" not in fields_:
         raise ld.err(block, f"{where}: missing host")
@@ -278,9 +404,16 @@ def _ssh(ld: _Loader, fields_: dict[str, tuple], block: yaml.Node, node_name: st
     for key in ("user", "proxy_jump", "workdir"):
         if key in fields_:
             kw[key] = ld.string(fields_[key][1], f"{where}.{key}")
-    for key in ("key_file", "known_hosts"):
-        if key in fields_:
-            kw[key] = ld.path_value(fields_[key][1], f"{where}.{key}")
+    if "key_file" in fields_:
+        # lab.up's generated inventory names the key it is about to create
+        kw["key_file"] = ld.file(fields_["key_file"][1], f"{where}.key_file", "key_file",
+                                 may_be_missing=not check_secrets)
+    if "known_hosts" in fields_:
+        # missing or empty is a fresh known_hosts (trust_on_first_use fills it)
+        kw["known_hosts"] = ld.file(fields_["known_hosts"][1], f"{where}.known_hosts",
+                                    "known_hosts", may_be_missing=True, may_be_empty=True)
+    if "proxy_jump" in fields_:
+        _check_jump(ld, fields_["proxy_jump"][1], kw["proxy_jump"], f"{where}.proxy_jump")
     if "trust_on_first_use" in fields_:
         kw["trust_on_first_use"] = ld.boolean(fields_["trust_on_first_use"][1],
                                               f"{where}.trust_on_first_use")
@@ -293,9 +426,9 @@ def load(path: str | os.PathLike | None = None, *, check_secrets: bool = True) -
     path = find_inventory(path)
     ld = _Loader(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise InventoryError(path, None, f"cannot read: {e.strerror}") from None
+        text = read_small(path, FILE_CAPS["inventory"], "inventory").decode()
+    except UserError as e:
+        raise InventoryError(path, None, str(e)) from None
     except UnicodeDecodeError:
         raise InventoryError(path, None, "not a UTF-8 text file") from None
     try:
@@ -335,7 +468,7 @@ def load(path: str | os.PathLike | None = None, *, check_secrets: bool = True) -
             bmc = _bmc(ld, _merge(defaults_bmc, own), body["bmc"][1], name, check_secrets)
         if "ssh" in body:
             own = ld.mapping(body["ssh"][1], f"nodes.{name}.ssh", SSH_KEYS)
-            ssh = _ssh(ld, _merge(defaults_ssh, own), body["ssh"][1], name)
+            ssh = _ssh(ld, _merge(defaults_ssh, own), body["ssh"][1], name, check_secrets)
         if bmc is None and ssh is None:
             raise ld.err(k_node, f"node {name!r} has neither bmc: nor ssh:")
         fake: dict[str, Any] = {}
@@ -365,6 +498,10 @@ def load(path: str | os.PathLike | None = None, *, check_secrets: bool = True) -
         f = ld.mapping(top["fake_lab"][1], "fake_lab", FAKE_LAB_KEYS)
         kw: dict[str, Any] = {"state_dir": ld.path_value(f["state_dir"][1], "fake_lab.state_dir")
                               if "state_dir" in f else path.parent / ".lab"}
+        if "state_dir" in f and os.path.lexists(kw["state_dir"]) and \
+                not os.path.isdir(kw["state_dir"]):
+            raise ld.err(f["state_dir"][1], f"fake_lab.state_dir {kw['state_dir']} exists and "
+                                            "is not a folder")
         if "power_delay" in f:
             pd = f["power_delay"][1]
             if isinstance(pd, yaml.SequenceNode) and len(pd.value) == 2:
@@ -383,7 +520,7 @@ def load(path: str | os.PathLike | None = None, *, check_secrets: bool = True) -
                 raise ld.err(f["sshd"][1], "fake_lab.sshd must be python or openssh")
             kw["sshd"] = v
         if "seed" in f:
-            kw["seed"] = int(ld.number(f["seed"][1], "fake_lab.seed"))
+            kw["seed"] = int(ld.number(f["seed"][1], "fake_lab.seed", integer=True))
         fake_lab = FakeLabSpec(**kw)
     payloads: list[Path] = []
     if "payloads" in top:
@@ -395,16 +532,97 @@ def load(path: str | os.PathLike | None = None, *, check_secrets: bool = True) -
     return Inventory(path=path, nodes=nodes, groups=groups, fake_lab=fake_lab, payloads=payloads)
 
 
+def _check_jump(ld: _Loader, node: yaml.Node, value: str, what: str) -> None:
+    """ProxyJump as OpenSSH takes it: ``[user@]host[:port]`` hops, comma-separated, no blanks,
+    no empty hop, ports 1-65535 (or ``none``). Checked here: a typo found at connect time
+    would fail every node behind it, one by one."""
+    if value.strip().lower() == "none":
+        return
+    for hop in value.split(","):
+        m = _HOP.match(hop)
+        bad = None
+        if not hop:
+            bad = "an empty hop"
+        elif not m:
+            bad = f"hop {hop!r} is not [user@]host[:port]"
+        elif m.group("port") is not None and not 1 <= int(m.group("port")) <= 65535:
+            bad = f"hop {hop!r}: port must be 1-65535"
+        if bad:
+            raise ld.err(node, f"{what} {value!r}: {bad} (hops are [user@]host[:port], "
+                               "comma-separated, no spaces)")
+
+
+_LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+
+def _addresses(host: str) -> frozenset[str]:
+    """The addresses ``host`` stands for, to tell that two spellings are one BMC: a numeric
+    address in any form getaddrinfo takes (``127.1``, ``::ffff:127.0.0.1``, ``0x7f.1``) is
+    normalized without any lookup (AI_NUMERICHOST); ``localhost`` and names in /etc/hosts
+    are resolved from that file. Any other name is compared as a name, case-insensitively:
+    asking DNS at load time would make every command wait on a resolver for a check."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_UDP,
+                                   flags=socket.AI_NUMERICHOST)
+        return frozenset(_canonical(i[4][0]) for i in infos)
+    except (socket.gaierror, UnicodeError, ValueError):
+        pass
+    found = set(_etc_hosts().get(name, ()))
+    if name in _LOCAL_NAMES or name.endswith(".localhost"):
+        found |= {"127.0.0.1", "::1"}
+    return frozenset(found) if found else frozenset({f"name:{name}"})
+
+
+def _canonical(addr: str) -> str:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+_HOSTS: dict[str, list[str]] | None = None
+
+
+def _etc_hosts() -> dict[str, list[str]]:
+    """/etc/hosts as name -> canonical addresses (read once, bounded, never blocking)."""
+    global _HOSTS
+    if _HOSTS is None:
+        table: dict[str, list[str]] = {}
+        try:
+            text = read_small(Path("/etc/hosts"), 1 << 20, "/etc/hosts").decode(errors="replace")
+        except UserError:
+            text = ""
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            if len(words) < 2:
+                continue
+            try:
+                addr = _canonical(words[0])
+            except ValueError:
+                continue
+            for w in words[1:]:
+                table.setdefault(w.lower().rstrip("."), []).append(addr)
+        _HOSTS = table
+    return _HOSTS
+
+
 def _check_endpoints(ld: _Loader, nodes: dict[str, Node]) -> None:
     """Two nodes on one BMC endpoint is almost always a copy-paste error that would power off
-    the wrong machine."""
-    seen: dict[tuple[str, int], str] = {}
+    the wrong machine, also when the two spell the address differently (``localhost`` and
+    ``127.0.0.1``, ``127.1``, ``::ffff:127.0.0.1``). SSH endpoints are not checked: one
+    host:port behind different proxy_jump hops is different machines."""
+    seen: dict[tuple[str, int], Node] = {}
     for n in nodes.values():
         if n.bmc is None:
             continue
-        key = (n.bmc.host, n.bmc.port)
-        if key in seen:
-            raise InventoryError(ld.path, int(n.source.rsplit(":", 1)[1]),
-                                 f"node {n.name!r} uses the same BMC {key[0]}:{key[1]} as "
-                                 f"{seen[key]!r}")
-        seen[key] = n.name
+        for addr in _addresses(n.bmc.host):
+            first = seen.get((addr, n.bmc.port))
+            if first is not None and first.name != n.name:
+                assert first.bmc is not None
+                same = (f"{n.bmc.host}:{n.bmc.port}" if first.bmc.host == n.bmc.host else
+                        f"{n.bmc.host}:{n.bmc.port} (= {first.bmc.host}:{first.bmc.port})")
+                raise InventoryError(ld.path, int(n.source.rsplit(":", 1)[1]),
+                                     f"node {n.name!r} uses the same BMC {same} as "
+                                     f"{first.name!r} ({first.source})")
+            seen[(addr, n.bmc.port)] = n

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from labkit.config import parse_number
 from labkit.errors import UserError
 from labkit.experiment.rules import StopRules
 
@@ -59,29 +61,34 @@ class MigrateConfig:
     corrupt: str = ""              # test hook passed to the source agent (LABKIT_AGENT_CORRUPT)
     label: str = ""
 
-    def validate(self) -> MigrateConfig:
+    def validate(self, name: Callable[[str, Any], str] | None = None) -> MigrateConfig:
+        """Check every field; ``name(key, value)`` says how the user gave it (``--rate 5``
+        by default; a matrix cell names itself, ``--matrix pattern=bogus``)."""
+        def what(key: str, value: Any) -> str:
+            if name is not None:
+                return name(key, value)
+            return f"--{key.replace('_', '-')} {value!r}"
+
+        def check(key: str, value: Any, **kw: Any) -> None:
+            parse_number(value, key, shown=what(key, value), **kw)
+
         if not self.src or not self.dst:
             raise UserError("--src and --dst name the two nodes")
         if self.src == self.dst:
             raise UserError(f"--src and --dst are both {self.src!r}: migrate between two nodes")
-        if self.rate < 0:
-            raise UserError(f"--rate {self.rate:g}: must be >= 0 pages/s")
+        for key, value, lo in (("rate", self.rate, 0), ("seed", self.seed, None),
+                               ("verify_resume", self.verify_resume, 0),
+                               ("steps_per_round", self.steps_per_round, 0)):
+            # typed fields set in code (a test, the demo) pass the same gate as flags
+            check(key, value, integer=key != "rate", minimum=lo)
         if self.pattern not in PATTERNS:
-            raise UserError(f"--pattern {self.pattern!r}: one of {', '.join(PATTERNS)}")
+            raise UserError(f"{what('pattern', self.pattern)}: one of {', '.join(PATTERNS)}")
         if self.tracker not in TRACKERS:
-            raise UserError(f"--tracker {self.tracker!r}: one of {', '.join(TRACKERS)}")
-        if not 0 < self.hot_fraction <= 1:
-            raise UserError(f"--hot-fraction {self.hot_fraction}: must be in (0, 1]")
-        if self.rules.max_rounds < 1:
-            raise UserError(f"--max-rounds {self.rules.max_rounds}: must be >= 1")
-        if self.rules.min_pages < 0:
-            raise UserError(f"--min-pages {self.rules.min_pages}: must be >= 0")
-        if self.rules.max_growth < 0:
-            raise UserError(f"--max-growth {self.rules.max_growth}: must be >= 0 (percent)")
-        if self.verify_resume < 0:
-            raise UserError(f"--verify-resume {self.verify_resume}: must be >= 0 steps")
-        if self.steps_per_round < 0:
-            raise UserError(f"--steps-per-round {self.steps_per_round}: must be >= 0")
+            raise UserError(f"{what('tracker', self.tracker)}: one of {', '.join(TRACKERS)}")
+        check("hot_fraction", self.hot_fraction, above=0, maximum=1)
+        check("max_rounds", self.rules.max_rounds, integer=True, minimum=1)
+        check("min_pages", self.rules.min_pages, integer=True, minimum=0)
+        check("max_growth", self.rules.max_growth, minimum=0)
         if self.corrupt and not re.match(r"^(round|truncate):(\d+|final)$", self.corrupt):
             raise UserError(f"corrupt hook {self.corrupt!r}: expected round:N or truncate:N")
         return self
@@ -106,12 +113,11 @@ def build_config(*, src: str, dst: str, size: str | int = "256M", rate: float | 
                  max_growth: float | str = 10, verify_resume: int | str = 0,
                  steps_per_round: int | str = 0, stop_and_copy: bool = True,
                  corrupt: str = "") -> MigrateConfig:
-    """From task flags (strings allowed) to a validated config."""
+    """From task flags (strings allowed) to a validated config. Numbers go through THE
+    parser (``labkit.config.parse_number``): ``nan``, ``inf``, ``1e999``, ``0x10`` and a
+    fraction where a whole number is meant are one-line errors, never a traceback later."""
     def num(value: Any, kind: type, flag: str) -> Any:
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{flag} {value!r}: expected a number") from None
+        return parse_number(value, flag, integer=kind is int)
 
     cfg = MigrateConfig(
         src=src, dst=dst, size=parse_size(size), rate=num(rate, float, "--rate"),
@@ -140,7 +146,10 @@ def parse_matrix(spec: str) -> list[dict[str, Any]]:
             raise UserError(f"--matrix key {key!r}: one of {', '.join(sorted(MATRIX_KEYS))}")
         if any(k == key for k, _ in axes):
             raise UserError(f"--matrix key {key!r} given twice")
-        axes.append((key, [v for v in values.split(",") if v]))
+        cells = [v for v in values.split(",") if v.strip()]
+        if not cells:  # `rate=,` would be a grid of no runs at all
+            raise UserError(f"--matrix item {item!r}: no values")
+        axes.append((key, cells))
     if not axes:
         raise UserError("--matrix is empty")
     return [dict(zip([k for k, _ in axes], combo))
@@ -148,21 +157,21 @@ def parse_matrix(spec: str) -> list[dict[str, Any]]:
 
 
 def apply_cell(base: MigrateConfig, cell: dict[str, Any]) -> MigrateConfig:
+    """``base`` with one matrix cell's values; an error names the cell as the user wrote it
+    (``--matrix pattern=bogus``), not a flag they never gave."""
+    def name(key: str, value: Any) -> str:
+        return f"--matrix {key}={cell.get(key, value)}"
+
     changes: dict[str, Any] = {}
     for k, v in cell.items():
         if k == "size":
             changes[k] = parse_size(v, "--matrix size")
         elif k in ("rate", "hot_fraction"):
-            try:
-                changes[k] = float(v)
-            except ValueError:
-                raise UserError(f"--matrix {k}={v!r}: expected a number") from None
+            changes[k] = parse_number(v, k, shown=name(k, v))
         elif k in ("seed", "steps_per_round"):
-            try:
-                changes[k] = int(v)
-            except ValueError:
-                raise UserError(f"--matrix {k}={v!r}: expected an integer") from None
+            changes[k] = parse_number(v, k, shown=name(k, v), integer=True)
         else:
             changes[k] = v
     label = "-".join(f"{k}={v}" for k, v in cell.items())
-    return replace(base, label=label, **changes).validate()
+    return replace(base, label=label, **changes).validate(
+        lambda k, v: name(k, v) if k in cell else f"--{k.replace('_', '-')} {v!r}")

@@ -69,7 +69,7 @@ def prepare_nodes(nodes: list[Node], settings: Settings,
                        progress=settings.progress)
     failed = [o for o in outcomes if not o.ok]
     if failed:
-        raise LabkitError("; ".join(f"{o.node}: {o.error}" for o in failed))
+        raise LabkitError("; ".join(o.line() for o in failed))
     info: dict[str, Any] = {"nodes": {o.node: o.value for o in outcomes}}
     # a release id is <time>-<content digest>: equal content may carry different times
     contents = {str(o.value.get("release")).rsplit("-", 1)[-1] for o in outcomes}

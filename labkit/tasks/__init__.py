@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from invoke import Collection
 
-from labkit.config import DEFAULTS
+from labkit.config import config_layer
 
 
 def build_namespace() -> Collection:
@@ -20,7 +20,7 @@ def build_namespace() -> Collection:
             ns.add_task(t)
         if module.COLLECTION is not None:
             ns.add_collection(module.COLLECTION)
-    ns.configure({"labkit": dict(DEFAULTS)})
+    ns.configure({"labkit": config_layer()})
     return ns
 
 

@@ -30,7 +30,7 @@ from invoke.exceptions import Exit
 
 from labkit import signals
 from labkit.config import Settings
-from labkit.errors import LabkitError
+from labkit.errors import LabkitError, UserError
 
 if TYPE_CHECKING:
     from labkit.fanout import Outcome
@@ -87,6 +87,17 @@ class Lab:
         nodes = [inv.node(n) for n in names]
         self._leases(nodes, change, force)
         return nodes
+
+    def need_ssh(self, nodes: Sequence[Node], why: str) -> None:
+        """Refuse, before anything is started, when ``why`` (``--wait ssh``) needs SSH on a
+        node that has no ``ssh:`` block: powering the lab on to then fail per node is the
+        opposite of a usage error."""
+        missing = [n for n in nodes if n.ssh is None]
+        if missing:
+            shown = ", ".join(f"{n.name} ({n.source})" for n in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UserError(f"{why} needs SSH, but {shown}{more} "
+                            f"{'has' if len(missing) == 1 else 'have'} no ssh: block")
 
     def _leases(self, nodes: list[Node], change: bool, force: bool) -> None:
         if not change:

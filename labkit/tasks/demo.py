@@ -41,6 +41,11 @@ def demo(c: Context, inventory: str | None = None, size: str = "64M", rate: str 
     # the lab's password file may not exist before it is up: secrets are checked at login
     nodes = lab_.select(None, change=True, force=force, check_secrets=False)
     lab_.named([src, dst], change=False)
+    lab_.need_ssh(nodes, "demo (power-on --wait ssh)")
+    from labkit.tasks import args
+
+    args.writable_folder(fake.state_dir_of(lab_.inventory()), "fake lab state folder")
+    args.writable_folder(lab_.settings.results_dir, "results folder (labkit.results_dir)")
 
     t0 = _step(f"1/4 fake lab ({path})")
     info = fake.up(path)

@@ -10,6 +10,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from labkit.errors import UserError
+from labkit.tasks import args
 from labkit.tasks.common import lab, labtask
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
         for cell in cells:
             apply_cell(cfg, cell)
     lab_ = lab(c, inventory)
+    args.writable_folder(lab_.settings.results_dir, "results folder (labkit.results_dir)")
     lab_.named([cfg.src, cfg.dst], change=True, force=force)  # unknown node: UserError now
     inv = lab_.inventory()
     if cells is not None:
@@ -97,7 +99,7 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
                                   "tracker": "auto | uffd | softdirty | compare"},
          changes=True)
 def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = None,
-               pid: int = 0, seconds: str = "5", tracker: str = "auto",
+               pid: str | None = None, seconds: str = "5", tracker: str = "auto",
                json: bool = False, force: bool = False) -> None:
     """Dirty rate (MiB/s of distinct pages written) of a process on nodes (-n), over an exact
     window (`window_s`; its instants in --json) unless `method` says otherwise.
@@ -109,14 +111,10 @@ def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = Non
     from labkit.ssh import SshClient
     from labkit.tasks.common import finish
 
-    if pid <= 0:
+    if pid is None:
         raise UserError("--pid: give the process id on the node")
-    try:
-        secs = float(seconds)
-    except ValueError:
-        raise UserError(f"--seconds {seconds!r}: expected a number") from None
-    if secs <= 0:
-        raise UserError(f"--seconds {seconds}: must be > 0")
+    pid_ = args.integer(pid, "--pid", minimum=1)
+    secs = args.seconds(seconds, "--seconds")
     if tracker not in TRACKERS:
         raise UserError(f"--tracker {tracker!r}: one of {', '.join(TRACKERS)}")
     lab_ = lab(c, inventory)
@@ -124,7 +122,7 @@ def dirty_rate(c: Context, inventory: str | None = None, nodes: str | None = Non
 
     def act(node: Node) -> dict[str, Any]:
         with SshClient.connect(node, lab_.settings) as client:
-            return dirty.dirty_rate(node, client, pid, secs, tracker)
+            return dirty.dirty_rate(node, client, pid_, secs, tracker)
 
     outcomes = lab_.fan_out(selected, act, label="dirty-rate")
     finish(outcomes, as_json=json, columns=dirty.COLUMNS)

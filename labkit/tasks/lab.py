@@ -11,6 +11,7 @@ from typing import Any
 from invoke import Collection, Context
 
 from labkit.errors import LabkitError, UserError
+from labkit.tasks import args
 from labkit.tasks.common import finish, labtask
 
 STATUS_COLUMNS = ("power", "pending", "phase", "ssh", "bootdev", "bmc", "faults")
@@ -45,20 +46,23 @@ def _faults_text(f: dict[str, Any]) -> str:
 @labtask(help={"count": "generate a lab of N nodes on free ports in ./.lab (writes "
                         ".lab/inventory.yaml) instead of serving the inventory",
                "power_on": "with --count: nodes start powered on"})
-def up(c: Context, inventory: str | None = None, count: int = 0, power_on: bool = False) -> None:
+def up(c: Context, inventory: str | None = None, count: str | None = None,
+       power_on: bool = False) -> None:
     """Start the fake lab in the background (idempotent); print its inventory path."""
     from labkit import inventory as inv
     from labkit.fake import lab as fake
 
-    if count < 0:
-        raise UserError("--count must be >= 1")
-    if count:
+    nodes = args.count(count, "--count") if count is not None else 0
+    if nodes:
         state = DEFAULT_STATE.resolve()
+        args.writable_folder(state, "fake lab state folder")
         if fake._pid(state) is not None:
             raise UserError(f"a fake lab already runs in {state}; run lab.down first")
-        path = fake.generate(count, state, power_on=power_on)
+        path = fake.generate(nodes, state, power_on=power_on)
     else:
         path = inv.find_inventory(inventory).resolve()
+        args.writable_folder(fake.state_dir_of(inv.load(path, check_secrets=False)),
+                             "fake lab state folder (fake_lab.state_dir)")
     info = fake.up(path)
     word = "started" if info["started"] else "already running"
     print(f"fake lab {word}: pid {info['pid']}, state {info['state_dir']}")
@@ -103,7 +107,8 @@ def status(c: Context, inventory: str | None = None, json: bool = False) -> None
     "power_delay": "LO,HI seconds for power changes to land (e.g. 0.5,2)",
 }, changes=False)
 def fault(c: Context, inventory: str | None = None, nodes: str | None = None,
-          drop: str | None = None, busy: int = -1, hang: bool = False, no_hang: bool = False,
+          drop: str | None = None, busy: str | None = None, hang: bool = False,
+          no_hang: bool = False,
           refuse_password: bool = False, cold_reset: bool = False, down: bool = False,
           clear: bool = False,
           power_delay: str | None = None, json: bool = False) -> None:
@@ -121,17 +126,9 @@ def fault(c: Context, inventory: str | None = None, nodes: str | None = None,
     if clear:
         change["clear"] = True
     if drop is not None:
-        try:
-            fraction = float(drop)
-        except ValueError:
-            raise UserError(f"--drop {drop!r}: want a fraction between 0 and 1") from None
-        if not 0.0 <= fraction <= 1.0:
-            raise UserError("--drop must be between 0 and 1")
-        change["drop"] = fraction
-    if busy != -1:
-        if busy < 0:
-            raise UserError("--busy must be >= 0")
-        change["busy"] = busy
+        change["drop"] = args.number(drop, "--drop", minimum=0.0, maximum=1.0)
+    if busy is not None:
+        change["busy"] = args.integer(busy, "--busy", minimum=0)
     if hang or no_hang:
         change["hang"] = hang
     if refuse_password:
@@ -139,13 +136,12 @@ def fault(c: Context, inventory: str | None = None, nodes: str | None = None,
     if down:
         change["down"] = True
     if power_delay is not None:
-        try:
-            parts = [float(x) for x in power_delay.split(",")]
-        except ValueError:
-            raise UserError(f"--power-delay {power_delay!r}: want LO,HI seconds") from None
+        parts = [args.seconds(x, "--power-delay", allow_zero=True,
+                              shown=f"--power-delay {power_delay!r} (LO,HI seconds)")
+                 for x in power_delay.split(",")]
         if len(parts) == 1:
             parts *= 2
-        if len(parts) != 2 or parts[0] < 0 or parts[0] > parts[1]:
+        if len(parts) != 2 or parts[0] > parts[1]:
             raise UserError(f"--power-delay {power_delay!r}: want LO,HI with 0 <= LO <= HI")
         change["power_delay"] = parts
     if not change and not cold_reset:
@@ -160,9 +156,15 @@ def fault(c: Context, inventory: str | None = None, nodes: str | None = None,
         path = None  # a generated lab without inventory at hand: names go to the lab as is
     if path is not None:
         names = [n.name for n in inv.load(path, check_secrets=False).select(nodes)]
+    elif nodes is not None:
+        # no inventory to select from: the names go to the lab as given, but an empty list
+        # must not widen to every node ("*"), as `-n ""` once did
+        names = [n.strip() for n in nodes.split(",")]
+        if not all(names):
+            raise UserError(f"bad node selector {nodes!r}: empty item")
     else:
-        names = nodes.split(",") if nodes else []
-    target = ",".join(names) if nodes else "*"
+        names = []
+    target = ",".join(names) if nodes is not None else "*"
     result = control.fault(target, **change) if change else {
         "nodes": {n: None for n in names}}
     if cold_reset:

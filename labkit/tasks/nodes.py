@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Context
 
 from labkit.errors import UserError
+from labkit.tasks import args
 from labkit.tasks.common import finish, lab, labtask
 
 if TYPE_CHECKING:
@@ -172,14 +173,7 @@ def run(ctx: Context, nodes: str | None = None, inventory: str | None = None,
     command = (getattr(ctx, "remainder", "") or "").strip()
     if not command:
         raise UserError("nothing to run: give the command after --, e.g. run -n node1 -- uptime")
-    seconds = None
-    if timeout is not None:
-        try:
-            seconds = float(timeout)
-        except ValueError:
-            seconds = -1.0
-        if not seconds > 0:
-            raise UserError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+    seconds = args.seconds(timeout, "--timeout") if timeout is not None else None
     lab_ = lab(ctx, inventory)
     selected = lab_.select(nodes, change=True, force=force)
     out_dir = output_dir(out) if out is not None else None

@@ -19,6 +19,7 @@ from typing import Any
 from invoke import Context
 
 from labkit.errors import UserError
+from labkit.tasks import args
 from labkit.tasks.common import Lab, finish, lab, labtask
 
 POWER_COLUMNS = ("power", "changed", "confirmed")
@@ -81,6 +82,7 @@ def _bringup(lab_: Lab, nodes: str | None, label: str,
     fan-out, the BMC part through one shared ``PowerClient``, cancelled on Ctrl-C/SIGTERM so
     the workers return at once."""
     selected = lab_.select(nodes, change=True, force=force)
+    lab_.need_ssh(selected, f"{label} --wait ssh")
     from labkit.bmc.power import PowerClient
 
     with PowerClient(lab_.settings) as client, _cancel_on_signal(client.cancel):
@@ -184,7 +186,7 @@ def boot_device(c: Context, device: str, inventory: str | None = None, nodes: st
                             "client is told and exits); default: refuse when it is in use",
                "force": "attach to a node leased by someone else"},
          changes=True)
-def console(c: Context, node: str, inventory: str | None = None, capture: float = 0.0,
+def console(c: Context, node: str, inventory: str | None = None, capture: str | None = None,
             log: str | None = None, take_over: bool = False, force: bool = False) -> None:
     """Serial-over-LAN console. Interactive: type ~. at the start of a line to leave.
     With --capture N: record N seconds to a timestamped log and exit.
@@ -200,13 +202,15 @@ def console(c: Context, node: str, inventory: str | None = None, capture: float 
     from labkit.bmc import console as sol
 
     _positional("console", node)
-    seconds = sol.check_seconds(capture)
+    seconds = args.seconds(capture, "--capture", allow_zero=True) if capture is not None else 0.0
     if log is not None and not seconds:
         raise UserError("--log: only with --capture SECONDS (an interactive console keeps no "
                         "log)")
     if log is not None and not log.strip():
         raise UserError("--log: empty path")
     lab_ = lab(c, inventory)
+    if seconds and log is None:
+        args.writable_folder(lab_.settings.results_dir, "results folder (labkit.results_dir)")
     (target,) = lab_.named([node], change=not seconds, force=force)
     if seconds:
         path = sol.capture(target, lab_.settings, seconds, log, force=take_over)
