@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.fake import sshd_watchdog, vmimage
-from labkit.fake.base import SWEEP_INTERVAL, FakeNode, ensure_host_key, _username
+from labkit.fake.base import SWEEP_INTERVAL, FakeNode, _username, ensure_host_key
 from labkit.nodeside import killmarked
 
 WATCHDOG = Path(sshd_watchdog.__file__).resolve()
@@ -58,7 +58,10 @@ class VmSpec:
 class VmNode(FakeNode):
     """One guest. ``start``/``stop`` are the BMC's power; ``acpi_shutdown``, ``reset`` and
     ``running`` the rest of what a machine does. Console bytes go to ``console`` (set by the
-    BMC); ``on_exit`` is called when the guest powers itself off, panics or QEMU dies."""
+    BMC); ``on_ready`` once the guest's boot says its sshd is up; ``on_exit`` when the guest
+    powers itself off, panics or QEMU dies (never for a power-off the BMC asked for)."""
+
+    machine = True  # the BMC relays this node's serial port and follows its state
 
     def __init__(self, name: str, root: Path, host: str, port: int, host_key: Path,
                  authorized_keys: Path, log: logging.Logger, *, index: int,
@@ -71,6 +74,7 @@ class VmNode(FakeNode):
         self.disk = self.root / "disk"
         self.run_dir = self.root / "vm"
         self.console: Callable[[bytes], None] | None = None
+        self.on_ready: Callable[[], None] | None = None
         self.on_exit: Callable[[], None] | None = None
         self._proc: subprocess.Popen | None = None
         self._serial: socket.socket | None = None
@@ -95,7 +99,7 @@ class VmNode(FakeNode):
         initrd = vmimage.initrd(kernel, self.cache)
         qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
         mac = f"52:54:00:77:{self.index >> 8 & 0xff:02x}:{self.index & 0xff:02x}"
-        append = (f"console=ttyS0 panic=-1 loglevel=6 edd=off labkit.node={self.name} "
+        append = (f"console=ttyS0 panic=-1 loglevel=6 edd=off transparent_hugepage=madvise labkit.node={self.name} "
                   f"labkit.user={self.user} labkit.lan={self.lan_address}/24 "
                   f"labkit.lanmac={mac} labkit.acpi={int(self.spec.acpi)} {self.spec.cmdline}")
         cmd = [qemu, "-name", f"labkit-{self.name}", "-nodefaults", "-nographic",
@@ -180,6 +184,8 @@ class VmNode(FakeNode):
     def _read_serial(self, conn: socket.socket) -> None:
         """Serial port → console, until QEMU closes it (the guest is gone: powered itself off,
         panicked with panic=-1 -no-reboot, or was killed)."""
+        ready = f"labkit-boot: {self.name} up".encode()
+        tail = b""
         while True:
             try:
                 data = conn.recv(65536)
@@ -189,6 +195,12 @@ class VmNode(FakeNode):
                 break
             if self.console is not None:
                 self.console(data)
+            if tail is not None:
+                tail = (tail + data)[-4096:]
+                if ready in tail:
+                    tail = None
+                    if self.on_ready is not None:
+                        self.on_ready()
         with self._lock:
             mine = self._serial is conn
         if mine and self.on_exit is not None:

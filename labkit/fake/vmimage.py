@@ -177,12 +177,12 @@ def initrd(kernel: Kernel, cache: Path) -> Path:
     return out
 
 
-def have_qemu() -> str | None:
+def have_qemu(kernel: str | None = None) -> str | None:
     """Why guest nodes cannot run here, or None."""
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
     try:
-        find_kernel()
+        find_kernel(kernel)
         find_busybox()
     except UserError as e:
         return str(e)
