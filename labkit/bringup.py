@@ -50,7 +50,13 @@ def normalize_wait(wait: bool | str | None) -> str | None:
 def tail_text(text: str, lines: int = 5, max_chars: int = 400) -> str:
     """The last non-empty lines of console output as one ``|``-joined line (error messages and
     outcomes are one line)."""
-    kept = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-lines:]
+    every = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    kept = every[-lines:]
+    # A panic's cause is followed by its stack and register dump: keep the cause line first
+    panic = next((ln for ln in reversed(every) if "Kernel panic" in ln), None)
+    if panic is not None and panic not in kept:
+        head = panic[:max_chars // 2] + " | ... | "
+        return head + " | ".join(kept)[-(max_chars - len(head)):]
     return " | ".join(kept)[-max_chars:]
 
 

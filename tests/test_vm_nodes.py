@@ -43,7 +43,7 @@ def ok(lab, *args: str, timeout: float = 300.0) -> str:
 def stdout_of(lab, node: str, command: str) -> str:
     (row,) = json.loads(ok(lab, "run", "-n", node, "--json", "--", command))
     assert row["ok"], row
-    return row["value"]["stdout"]
+    return row["stdout"]
 
 
 def power_on(lab, node: str) -> None:
@@ -79,8 +79,8 @@ def test_guest_runs_its_own_kernel_with_soft_dirty(vmlab) -> None:
 def test_status_shows_each_guest_and_its_pid(vmlab) -> None:
     rows = json.loads(ok(vmlab, "lab.status", "--json"))
     for row in rows:
-        pid = row["value"]["pid"]
-        assert row["value"]["power"] == "on" and isinstance(pid, int)
+        pid = row["pid"]
+        assert row["power"] == "on" and isinstance(pid, int)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert b"qemu-system" in f.read()
 
@@ -176,3 +176,14 @@ def test_killed_lab_leaves_no_guest(tmp_path) -> None:
         assert not os.path.exists(f"/proc/{qemu}"), "QEMU outlived its BMC"
     finally:
         lab.stop()
+
+
+def test_console_tail_keeps_a_panics_cause() -> None:
+    """What a panicked node's error shows: the panic line survives its stack dump."""
+    from labkit.bringup import tail_text
+
+    text = "boot\nKernel panic - not syncing: No working init found\n" + \
+        "".join(f" frame {i}\n" for i in range(40)) + "Kernel Offset: 0x3a00000\n"
+    tail = tail_text(text)
+    assert tail.startswith("Kernel panic - not syncing: No working init found | ... |")
+    assert tail.endswith("Kernel Offset: 0x3a00000") and len(tail) <= 400

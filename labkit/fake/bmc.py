@@ -165,7 +165,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
         self.power = "off"
         self.pending: str | None = None
         self._power_timer: Timer | None = None
-        self.phase = "off"         # off | booting | up
+        self.phase = "off"         # off | booting | up (| hung: a guest past its boot_timeout)
         self.epoch = 0             # bumps on every power landing; stale boot steps check it
         self.bootdev = "default"
         self.bootdev_persistent = False
@@ -680,14 +680,26 @@ class FakeBmc(pyghmi_bmc.Bmc):
         self.console_write(bootlog.login_prompt(self.name))
 
     def _machine_started(self, epoch: int) -> None:
-        if epoch == self.epoch and not self.machine.running:
+        if epoch != self.epoch:
+            return
+        if not self.machine.running:
             self.log.warning("the guest did not start; power reads off")
             self.console_write("labkit: the guest did not start (see the lab log)\n")
             self.power = "off"
             self.phase = "off"
+            return
+        self.loop.call_later(self.machine.spec.boot_timeout, self._machine_late, epoch)
+
+    def _machine_late(self, epoch: int) -> None:
+        """Still booting after fake_lab.boot_timeout: say so in lab.status ("hung") and the
+        log; the guest keeps running, as a machine stuck at boot does."""
+        if epoch == self.epoch and self.phase == "booting":
+            self.log.warning("the guest has not finished booting after %.0f s",
+                             self.machine.spec.boot_timeout)
+            self.phase = "hung"
 
     def _machine_ready(self) -> None:
-        if self.phase == "booting":
+        if self.phase in ("booting", "hung"):
             self.phase = "up"
 
     def _machine_exited(self) -> None:

@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import stat
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ GUEST = Path(__file__).resolve().parent / "guest"
 # What the initramfs must load before it can mount its root; dependencies are added from
 # modules.dep. button/evdev (ACPI power button) are loaded later from the host's module tree.
 WANTED = ("virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay")
+_BUILD = threading.Lock()  # one lab powers its guests on from several threads at once
 BUSYBOX_PATHS = ("/usr/bin/busybox", "/bin/busybox", "/usr/lib/busybox/busybox-static")
 
 
@@ -154,8 +157,14 @@ def initrd(kernel: Kernel, cache: Path) -> Path:
     for p in parts:
         h.update(p.read_bytes())
     out = cache / f"initrd-{kernel.version}-{h.hexdigest()[:12]}.gz"
-    if out.is_file():
-        return out
+    with _BUILD:
+        if not out.is_file():
+            _build(out, busybox, mods)
+    return out
+
+
+def _build(out: Path, busybox: Path, mods: list[Path]) -> None:
+    cache = out.parent
     c = _Cpio()
     for d in ("bin", "dev", "proc", "sys", "modules"):
         c.dir(d)
@@ -167,14 +176,15 @@ def initrd(kernel: Kernel, cache: Path) -> Path:
     for m in mods:
         c.file(f"modules/{m.name}", m.read_bytes())
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=out.name + ".")
+    with os.fdopen(fd, "wb") as f:
         f.write(gzip.compress(c.finish(), compresslevel=1))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)  # atomic: two labs building at once both end with a whole file
-    for old in cache.glob(f"initrd-{kernel.version}-*.gz"):
+    version = out.name.split("-")[1:-1]
+    for old in cache.glob(f"initrd-{'-'.join(version)}-*.gz"):
         if old != out:
             old.unlink(missing_ok=True)
-    return out
 
 
 def have_qemu(kernel: str | None = None) -> str | None:
