@@ -187,3 +187,50 @@ def test_console_tail_keeps_a_panics_cause() -> None:
     tail = tail_text(text)
     assert tail.startswith("Kernel panic - not syncing: No working init found | ... |")
     assert tail.endswith("Kernel Offset: 0x3a00000") and len(tail) <= 400
+
+
+def test_soft_dirty_tests_that_skip_on_the_host_pass_inside_a_guest(vmlab) -> None:
+    """The tracker's soft-dirty tests (exact dirty sets against the workload's ground truth,
+    every round) skip on a host kernel without soft-dirty; inside the guest they run for real.
+    The guest sees this checkout and this interpreter at the same paths (its root is the
+    host's), so it runs the very same test files."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = (f"cd {repo} && PYTHONDONTWRITEBYTECODE=1 {sys.executable} -m pytest -q -rs "
+           "-p no:cacheprovider tests/test_tracker.py tests/test_workload.py -k softdirty")
+    r = labkit(vmlab, "run", "-n", "node1", "--json", "--timeout", "900", "--", cmd,
+               timeout=1000)
+    (row,) = json.loads(r.stdout)
+    out = row["stdout"]
+    assert row["ok"], out[-3000:] + row.get("stderr", "")[-2000:]
+    assert " passed" in out and "skipped" not in out, out[-3000:]
+
+
+def test_console_is_the_guests_serial_port_both_ways(vmlab) -> None:
+    """`console NODE` on a terminal: what we type reaches the guest's own shell on ttyS0 and its
+    answer comes back over SOL."""
+    import pty
+    import select as sel
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*LABKIT, "console", "node1"], env=vmlab.env, stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True, start_new_session=True)
+    seen = bytearray()
+
+    def read_until(needle: bytes, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while needle not in seen and time.monotonic() < end:
+            if sel.select([master], [], [], 0.1)[0]:
+                seen.extend(os.read(master, 4096))
+        return needle in seen
+
+    try:
+        assert read_until(b"SOL connected", 30), seen
+        os.write(master, b"\recho sum=$((40+2)) on $(hostname)\r")
+        assert read_until(b"sum=42 on node1", 60), seen  # computed by the guest's shell
+        os.write(master, b"\r~.")
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+        os.close(slave)
