@@ -9,10 +9,15 @@ is measured against the very same servers. scp is run once per node, all in para
 shell loop with ``&`` does), with OpenSSH's default cipher and with the cipher labkit
 negotiates (aes128-gcm); the ratio is taken against the faster of the two.
 
-"one file changed" is where releases that share no inode cost: each node copies and hashes the
-63 unchanged MiB instead of hard-linking them (same shared 2-core machine, same run settings:
-0.54 s with hard links, 2.09 s with checked copies; first deploy and unchanged redeploys
-unchanged).
+"one file changed" is where releases that share no inode cost: each node copies the 63
+unchanged MiB instead of hard-linking them. The copy runs in the kernel (FICLONE, else
+copy_file_range) and a kept file is trusted by its stat against its release's seal, hashed
+only when the stat does not vouch for it. Same shared 2-core machine, 8 nodes: 0.54 s with
+hard links, 2.09 s with copies hashed on the node. Re-measured in one sitting with this bench
+(best of 3, two runs each, load average 10-18): 2.60 / 2.24 s hashing every kept file,
+1.69 / 1.41 s with kernel copies and stat seals; the stage agent alone on one node (63 kept
+MiB, profiled): 0.36 s, of which 0.22 s reading, hashing and writing, against 0.17 s, of which
+0.05 s in copy_file_range (ext4: no reflink). The rest is syncfs of the copies.
 
     .venv/bin/python bench/deploy.py [--nodes 32] [--files 64] [--file-mib 1] [--json]
 """
@@ -182,9 +187,13 @@ def main() -> int:
         t_rest, _ = timed(lambda: deploy(all_nodes[args.first:args.nodes]))
         t_re32, outs = timed(lambda: deploy(all_nodes[:args.nodes]))
         assert all(o.value["uploaded_files"] == 0 for o in outs)
-        (src / "f000.bin").write_bytes(os.urandom(size))
-        t_one, outs = timed(lambda: deploy(first))
-        assert all(o.value["uploaded_files"] == 1 for o in outs)
+        ones: list[float] = []
+        for _ in range(max(1, args.repeat)):
+            (src / "f000.bin").write_bytes(os.urandom(size))
+            t, outs = timed(lambda: deploy(first))
+            assert all(o.value["uploaded_files"] == 1 for o in outs)
+            ones.append(t)
+        t_one = min(ones)
         scp = {k: min(v) for k, v in scp.items()}
 
         data = args.first * total
@@ -195,7 +204,7 @@ def main() -> int:
             (f"first deploy, {args.nodes - args.first} more nodes", t_rest,
              (args.nodes - args.first) * total / t_rest / MIB),
             (f"unchanged redeploy, {args.nodes} nodes", t_re32, None),
-            (f"one file changed, {args.first} nodes", t_one, None),
+            (f"one file changed, {args.first} nodes (best of {len(ones)})", t_one, None),
         ]
         for name, t in scp.items():
             rows.append((f"scp -r, {name} cipher, {args.first} in parallel (best)", t,
@@ -204,7 +213,7 @@ def main() -> int:
         for name, t, rate in rows:
             print(f"{name:60} {t:8.3f} {rate:8.1f}" if rate else f"{name:60} {t:8.3f} {'':>8}")
         result = {"first_deploy_s": t_first, "first_deploy_runs": firsts, "redeploy_8_s": t_re8, "redeploy_32_s": t_re32,
-                  "one_file_s": t_one, "scp_s": scp, "bytes": data}
+                  "one_file_s": t_one, "one_file_runs": ones, "scp_s": scp, "bytes": data}
         if scp:
             best = min(scp.values())
             ratio = best / t_first

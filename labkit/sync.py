@@ -25,6 +25,14 @@ every failure handled:
    split cannot be rebuilt; said in the report). Clean -> drop the stash. Conflict -> the stash
    is KEPT, the conflicted files are listed with the commands to finish or to go back. (exit 1)
 
+Interrupted (Ctrl-C, SIGTERM, SIGHUP) anywhere in 4-6: the running git command is ended first
+(stash commands finish, merge/rebase get SIGTERM), then the same clean-up as a failure — a
+half-done pull undone, the stash re-applied and dropped, or kept with the commands — and the
+task exits 128 + the signal with that report (``SyncInterrupted``). Killed outright
+(SIGKILL): the next sync finds the labkit stash no report handed over and refuses (exit 2, as
+any state a sync would make worse) with the one command that restores it. Backup refs of a
+stash still in the stash list are never pruned.
+
 Dry run (``dry_run=True``): steps 1-2 only (the fetch updates remote-tracking refs, nothing
 else — that is how it knows how far behind the branch is; ``fetch=False`` skips even that), then
 it says what it would stash, which commits it would bring in, and which locally changed files the
@@ -64,6 +72,13 @@ if TYPE_CHECKING:  # controller-side types only: on a node this module runs on t
 
 MODES = ("ff-only", "rebase", "merge")
 BACKUP_PREFIX = "refs/labkit/sync-backup/"
+# A kept stash the report already handed to the user (apply conflict): same stamp as its
+# backup ref. A labkit stash in the stash list WITHOUT one was never applied nor reported —
+# the sync was killed — and the next sync refuses until it is restored (``_check_pending``).
+KEPT_PREFIX = "refs/labkit/sync-kept/"
+STASH_RE = re.compile(r"labkit sync (\d{8}T\d{6}-\d+): local changes before pulling ")
+INTERRUPT_GRACE = 10.0   # seconds a git command has to end after SIGTERM, then SIGKILL
+ERROR_LINE_MAX = 300     # as labkit.ssh.errors.ERROR_LINE_MAX (this file cannot import it)
 KEEP_BACKUPS = 20        # older backup refs are pruned after a sync that needed none of them
 MAX_COMMITS_LISTED = 20  # the report's oneline list is truncated beyond this
 
@@ -76,7 +91,7 @@ class SyncReport:
 
     repo: str
     status: str = "error"   # up-to-date | synced | would-sync | refused | pull-failed |
-    #                         apply-conflict | error
+    #                         apply-conflict | interrupted | error
     exit_code: int = FAILED
     message: str = ""
     dry_run: bool = False
@@ -108,6 +123,26 @@ class _Stop(Exception):
     """Ends the run with the report's status set; carries nothing (the report does)."""
 
 
+class SyncInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM / SIGHUP during a sync, raised after the clean-up ran: ``report`` says
+    where the local changes are (restored, or which stash and the command that restores it).
+    A KeyboardInterrupt, so the task still ends as interrupted (exit 128 + the signal)."""
+
+    def __init__(self, report: SyncReport):
+        super().__init__(report.message)
+        self.report = report
+
+
+@dataclass
+class _Progress:
+    """How far a sync got, for the clean-up after an interrupt: set BEFORE each step starts,
+    so an interrupt anywhere in a step finds that step named here."""
+
+    git: Git | None = None
+    phase: str = "check"      # check (incl. fetch, dry run) | stash | integrate | apply | done
+    stamp: str = ""           # of this sync's stash message and backup ref
+
+
 class Git:
     """``git -C repo`` with a predictable environment: C locale (we parse a few messages), no
     prompts (a sync must never sit waiting for a password), no editor, stdin closed."""
@@ -126,7 +161,14 @@ class Git:
         self.skip: tuple[str, ...] = ()
 
     def __call__(self, *args: str, check: bool = True, network: bool = False,
-                 extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                 extra_env: dict[str, str] | None = None,
+                 finish: bool = False) -> subprocess.CompletedProcess:
+        """Run git. On Ctrl-C/SIGTERM (a KeyboardInterrupt here) the command is ended before
+        the interrupt goes on, so the clean-up never races a git still writing: ``finish``
+        (stash push/apply/drop, update-ref: short, local, and half-done they would leave the
+        tree and the stash both holding the changes) lets it run to its end; otherwise
+        (fetch, merge, rebase: may wait on the network or a hook) it gets SIGTERM — git
+        removes its lock files on it — and SIGKILL after INTERRUPT_GRACE."""
         env = self.env if not extra_env else {**self.env, **extra_env}
         argv = ["git", "-C", str(self.repo), *args]
         # Network commands get the configured budget and their own process group, so a hung
@@ -136,6 +178,9 @@ class Git:
                              stderr=subprocess.PIPE, env=env, start_new_session=True)
         try:
             out, err = p.communicate(timeout=timeout)
+        except KeyboardInterrupt:
+            _end_child(p, finish, timeout)
+            raise
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -146,7 +191,7 @@ class Git:
         r = subprocess.CompletedProcess(argv, p.returncode, out.decode(errors="replace"),
                                         err.decode(errors="replace"))
         if check and r.returncode != 0:
-            raise GitFailed(f"git {' '.join(args[:2])} failed: {last_line(r.stderr)}",
+            raise GitFailed(f"git {' '.join(args[:2])}: {exit_text(r.returncode, r.stderr)}",
                             r.returncode, r.stderr)
         return r
 
@@ -157,6 +202,29 @@ class Git:
         return self(*args, check=False).returncode == 0
 
 
+def _end_child(p: subprocess.Popen, finish: bool, timeout: float) -> None:
+    """End git after an interrupt (see ``Git.__call__``); a second signal meanwhile changes
+    nothing — the child is being ended already, and the clean-up must come after it."""
+    if not finish:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + (timeout if finish else INTERRUPT_GRACE)
+    while True:
+        try:
+            p.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            return
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            deadline = time.monotonic() + INTERRUPT_GRACE
+        except KeyboardInterrupt:
+            continue
+
+
 class GitFailed(Exception):
     def __init__(self, message: str, code: int, stderr: str):
         super().__init__(message)
@@ -164,13 +232,27 @@ class GitFailed(Exception):
         self.stderr = stderr
 
 
-def last_line(text: str) -> str:
-    """The most telling line of git's stderr: the last 'fatal:'/'error:' line, else the last."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ln.startswith(("fatal:", "error:")):
-            return ln
-    return lines[-1] if lines else "(no message)"
+def git_error_line(stderr: str) -> str | None:
+    """Why git failed, as one printable line: its last ``fatal:``/``error:`` line, else the
+    last non-empty one (as ``labkit.ssh.errors.last_error_line``). git needs the first rule
+    because it prints hints and "Aborting" AFTER the line that says why; and this file cannot
+    import labkit.ssh.errors, as it runs on nodes with the stdlib alone (tests keep the two
+    agreeing on text without such lines)."""
+    lines = ["".join(c if c.isprintable() else " " for c in ln).strip()
+             for ln in stderr[-16384:].splitlines()]
+    lines = [ln for ln in lines if ln]
+    said = [ln for ln in lines if ln.startswith(("fatal:", "error:"))] or lines
+    if not said:
+        return None
+    line = said[-1]
+    return line if len(line) <= ERROR_LINE_MAX else line[:ERROR_LINE_MAX] + "..."
+
+
+def exit_text(code: int, stderr: str) -> str:
+    """``exit code N: <why>``: a failed git command reads like every other failed command
+    (``labkit.ssh.errors.exit_text``), with git's own line as the why."""
+    line = git_error_line(stderr)
+    return f"exit code {code}: {line}" if line else f"exit code {code}"
 
 
 def status_entries(git: Git) -> list[str]:
@@ -193,7 +275,8 @@ def status_entries(git: Git) -> list[str]:
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 commit``, ``2 commits``: never "1 commit(s)" (nor "1 files") in what a person reads."""
+    """``1 commit``, ``2 commits``. A marked copy of ``labkit.text.plural``, like the node-side
+    programs keep: this file runs on nodes with the stdlib only (tests keep the two equal)."""
     return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
@@ -249,18 +332,27 @@ def _short(sha: str | None) -> str:
 def sync_repo(repo: str | os.PathLike | None = None, *, mode: str = "ff-only",
               dry_run: bool = False, fetch: bool = True, timeout: float = 600.0) -> SyncReport:
     """Sync one checkout (``repo`` or the current directory's repository); never raises for a
-    git-level problem — the report's ``status``/``exit_code``/``message`` say what happened."""
+    git-level problem — the report's ``status``/``exit_code``/``message`` say what happened.
+
+    Ctrl-C / SIGTERM / SIGHUP (a KeyboardInterrupt): the same clean-up as a failure — a
+    half-done pull is undone, the stash re-applied — then ``SyncInterrupted`` carrying the
+    report (status ``interrupted``), which says where the changes are if they could not be
+    put back. A sync killed outright (SIGKILL) is caught by the next one (``_check_pending``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     start = Path(repo) if repo else Path.cwd()
     rep = SyncReport(repo=str(start), mode=mode, dry_run=dry_run)
+    prog = _Progress()
     try:
-        _sync(rep, start, mode, dry_run, fetch, timeout)
+        _sync(rep, start, mode, dry_run, fetch, timeout, prog)
     except _Stop:
         pass
     except GitFailed as e:  # an unexpected git failure outside the handled steps
         rep.status, rep.exit_code = "error", FAILED
         rep.message = str(e) + (" — " + rep.message if rep.message else "")
+    except KeyboardInterrupt as e:
+        _after_interrupt(rep, prog)
+        raise SyncInterrupted(rep) from e
     return rep
 
 
@@ -270,19 +362,20 @@ def _refuse(rep: SyncReport, message: str) -> None:
 
 
 def _sync(rep: SyncReport, start: Path, mode: str, dry_run: bool, fetch: bool,
-          timeout: float) -> None:
+          timeout: float, prog: _Progress) -> None:
     if not start.is_dir():
         _refuse(rep, f"{start}: no such directory")
     probe = Git(start, timeout)
     top = probe("rev-parse", "--show-toplevel", check=False)
     if top.returncode != 0 or not top.stdout.strip():
-        _refuse(rep, f"{start}: not inside a git working tree ({last_line(top.stderr)})")
+        _refuse(rep, f"{start}: not inside a git working tree ({exit_text(top.returncode, top.stderr)})")
     repo = Path(top.stdout.strip())
     rep.repo = str(repo)
     git = Git(repo, timeout)
     git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
 
     # -- 1. refuse states a stash would make worse; nothing has been touched yet --
+    _check_pending(rep, git, repo, git_dir)  # first: a killed sync may also have left a rebase
     what = in_progress(git_dir)
     if what:
         _refuse(rep, f"{repo}: the repository is in the middle of {what}; finish or abort it "
@@ -313,7 +406,7 @@ def _sync(rep: SyncReport, start: Path, mode: str, dry_run: bool, fetch: bool,
         except GitFailed as e:
             rep.status, rep.exit_code = "pull-failed", FAILED
             rep.message = (f"fetch from {remote} failed, nothing was changed: "
-                           f"{last_line(e.stderr) if e.stderr else e}")
+                           f"{exit_text(e.code, e.stderr) if e.code >= 0 else e}")
             raise _Stop from None
     elif not fetch:
         rep.notes.append(f"not fetched: using {rep.upstream} as last fetched")
@@ -360,7 +453,8 @@ def _sync(rep: SyncReport, start: Path, mode: str, dry_run: bool, fetch: bool,
         rep.status, rep.exit_code, rep.message = "would-sync", OK, ", ".join(parts)
         raise _Stop
 
-    _apply_sync(rep, git, mode, entries, upstream_sha, moved)
+    prog.git = git
+    _apply_sync(rep, git, mode, entries, upstream_sha, moved, prog)
 
 
 def _some(paths: Sequence[str], n: int = 5) -> str:
@@ -425,14 +519,15 @@ def _check_collisions(rep: SyncReport, git: Git, repo: Path, entries: list[str],
 
 
 def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
-                upstream_sha: str, moved: list[str]) -> None:
+                upstream_sha: str, moved: list[str], prog: _Progress) -> None:
     before = rep.before
     assert before is not None
-    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    stamp = prog.stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
     stash: str | None = None
 
     # -- 4. stash, and pin it under our own ref at once --
     if entries:
+        prog.phase = "stash"
         ident = _committer_env(git)
         msg = f"labkit sync {stamp}: local changes before pulling {rep.upstream}"
         old_top = git("rev-parse", "-q", "--verify", "refs/stash", check=False).stdout.strip()
@@ -441,12 +536,14 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
         skip = [f":(top,literal,exclude){p}" for p in git.skip]
         r = git("stash", "push", "--include-untracked", "-m", msg, *(["--", *skip] if skip
                                                                       else []),
-                check=False, extra_env=ident)
+                check=False, extra_env=ident, finish=True)
         stash_sha = git("rev-parse", "-q", "--verify", "refs/stash", check=False).stdout.strip()
         if r.returncode != 0 or not stash_sha or stash_sha == old_top or msg not in git.out(
                 "log", "-1", "--format=%s", stash_sha):
             rep.status, rep.exit_code = "error", FAILED
-            rep.message = f"git stash failed, nothing pulled: {last_line(r.stderr + r.stdout)}"
+            why = (exit_text(r.returncode, r.stderr + r.stdout) if r.returncode
+                   else "no stash was made")
+            rep.message = f"git stash failed, nothing pulled: {why}"
             left = status_entries(git)
             if left != entries:
                 rep.message += " (the tree changed; see git status and git stash list)"
@@ -454,7 +551,7 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
         stash = rep.stash = stash_sha
         rep.stashed = entries
         rep.backup_ref = BACKUP_PREFIX + stamp
-        git("update-ref", "-m", "labkit sync backup", rep.backup_ref, stash)
+        git("update-ref", "-m", "labkit sync backup", rep.backup_ref, stash, finish=True)
         left = status_entries(git)
         if left:
             # stash push left something behind (e.g. a path it could not remove): we will
@@ -465,9 +562,11 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
             rep.message = (f"git stash left {plural(len(left), 'change')} in the tree; nothing pulled; "
                            f"the rest is in {rep.stash_kept} — restore with "
                            f"git stash pop --index {rep.stash_kept}")
+            _mark_kept(git, rep)
             raise _Stop
 
     # -- 5. integrate the fetched upstream, exactly what git pull does after its fetch --
+    prog.phase = "integrate"
     if mode == "ff-only":
         cmd = ["merge", "--ff-only", "--quiet", upstream_sha]
     elif mode == "rebase":
@@ -479,10 +578,11 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
         conflicts = git.out("diff", "--name-only", "--diff-filter=U").splitlines()
         _abort_integration(git, before)
         why = (f"conflicts in {', '.join(conflicts)}" if conflicts
-               else last_line(r.stderr + r.stdout))
+               else exit_text(r.returncode, r.stderr + r.stdout))
         failed = (f"git {cmd[0]} of {rep.upstream} failed ({why}); aborted, {rep.branch} is "
                   f"back at {_short(before)}")
         if stash:
+            prog.phase = "apply"
             _reapply(rep, git, stash, after_pull=False)
             if not rep.restored:  # kept in the stash; _reapply said where and how
                 rep.message = failed + "; " + rep.message
@@ -496,9 +596,11 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
 
     # -- 6. re-apply; drop only after a clean apply --
     if stash:
+        prog.phase = "apply"
         _reapply(rep, git, stash, after_pull=True)
         if rep.status == "apply-conflict":
             raise _Stop
+    prog.phase = "done"
     _update_submodules(rep, git, moved)
     rep.status, rep.exit_code = "synced", OK
     pulled = f"pulled {plural(rep.behind, 'commit')} from {rep.upstream}"
@@ -524,7 +626,8 @@ def _update_submodules(rep: SyncReport, git: Git, moved: list[str]) -> None:
                          f"recorded commit: {', '.join(moved)}")
     else:
         rep.notes.append(f"{plural(len(moved), 'submodule')} could not be checked out at "
-                         f"the upstream's recorded commit ({last_line(r.stderr)}); run git submodule update -- "
+                         f"the upstream's recorded commit ({exit_text(r.returncode, r.stderr)}); run "
+                         "git submodule update -- "
                          + " ".join(moved))
 
 
@@ -552,10 +655,10 @@ def _stash_name(git: Git, stash: str) -> str | None:
 def _reapply(rep: SyncReport, git: Git, stash: str, *, after_pull: bool) -> None:
     """``git stash apply --index``; without ``--index`` if only the index split cannot be
     rebuilt (and nothing was written); drop the stash after a clean apply, keep it otherwise."""
-    r = git("stash", "apply", "--index", "--quiet", stash, check=False)
+    r = git("stash", "apply", "--index", "--quiet", stash, check=False, finish=True)
     if r.returncode != 0 and not status_entries(git) and not git.out("ls-files", "--unmerged"):
         # Nothing written: typically "conflicts in index. Try without --index."
-        r2 = git("stash", "apply", "--quiet", stash, check=False)
+        r2 = git("stash", "apply", "--quiet", stash, check=False, finish=True)
         if r2.returncode == 0 or status_entries(git):
             rep.index_restored = False
             rep.notes.append("staged changes could not be re-staged on the new commits; they "
@@ -567,10 +670,16 @@ def _reapply(rep: SyncReport, git: Git, stash: str, *, after_pull: bool) -> None
     if r.returncode == 0 and not unmerged:
         name = _stash_name(git, stash)
         if name:
-            git("stash", "drop", "--quiet", name, check=False)
+            git("stash", "drop", "--quiet", name, check=False, finish=True)
         rep.restored = True
         return
-    # Conflict: never drop. Say where everything is and how to get back.
+    _report_kept(rep, git, stash, unmerged, collisions, after_pull)
+
+
+def _report_kept(rep: SyncReport, git: Git, stash: str, unmerged: list[str],
+                 collisions: list[str], after_pull: bool) -> None:
+    """The re-apply conflicted: never drop. Say where everything is and how to get back,
+    and mark the stash as handed over (``_mark_kept``): the next sync lets it be."""
     beside = _keep_beside(git, stash, collisions)
     rep.conflicts = sorted(set(unmerged) | set(collisions)) or [
         e[3:] for e in status_entries(git)]
@@ -586,6 +695,7 @@ def _reapply(rep: SyncReport, git: Git, stash: str, *, after_pull: bool) -> None
         rep.notes.append("your own copies of files the upstream added are beside them: "
                          + ", ".join(f"{p} -> {b}" for p, b in beside))
     rep.recovery = _recovery(git, rep, stash, name, unmerged, after_pull)
+    _mark_kept(git, rep)
 
 
 def _keep_beside(git: Git, stash: str, collisions: list[str]) -> list[tuple[str, str]]:
@@ -635,11 +745,159 @@ def _recovery(git: Git, rep: SyncReport, stash: str, name: str, unmerged: list[s
 
 
 def _prune_backups(git: Git) -> None:
-    """Keep the newest KEEP_BACKUPS backup refs; they are cheap but should not pile up."""
-    refs = git.out("for-each-ref", "--sort=-refname", "--format=%(refname)",
-                   BACKUP_PREFIX).splitlines()
-    for ref in refs[KEEP_BACKUPS:]:
-        git("update-ref", "-d", ref, check=False)
+    """Keep the newest KEEP_BACKUPS backup refs; they are cheap but should not pile up. Never
+    the backup of a stash still in the stash list, however old: it may be the only copy left
+    once that stash is dropped. Kept-markers go with their stash."""
+    listed = set(git.out("stash", "list", "--format=%H").split())
+    rows = [ln.split(" ", 1) for ln in git.out(
+        "for-each-ref", "--sort=-refname", "--format=%(objectname) %(refname)",
+        BACKUP_PREFIX).splitlines()]
+    for sha, ref in rows[KEEP_BACKUPS:]:
+        if sha not in listed:
+            git("update-ref", "-d", ref, check=False)
+    for ln in git.out("for-each-ref", "--format=%(objectname) %(refname)",
+                      KEPT_PREFIX).splitlines():
+        sha, ref = ln.split(" ", 1)
+        if sha not in listed:
+            git("update-ref", "-d", ref, check=False)
+
+
+def _mark_kept(git: Git, rep: SyncReport) -> None:
+    """Record that the report handed this sync's stash to the user (see KEPT_PREFIX)."""
+    if rep.backup_ref and rep.stash:
+        git("update-ref", KEPT_PREFIX + rep.backup_ref.removeprefix(BACKUP_PREFIX), rep.stash,
+            check=False, finish=True)
+
+
+def _pending(git: Git) -> list[tuple[str, str, str]]:
+    """(stash@{N}, sha, stamp) of each labkit sync stash in the stash list that no report
+    handed over (no kept-marker): what a sync killed before re-applying left. Newest first."""
+    kept = {ref.removeprefix(KEPT_PREFIX) for ref in git.out(
+        "for-each-ref", "--format=%(refname)", KEPT_PREFIX).splitlines()}
+    found = []
+    listing = git("stash", "list", "--format=%H %s", check=False).stdout
+    for i, ln in enumerate(listing.splitlines()):
+        sha, _, subject = ln.partition(" ")
+        m = STASH_RE.search(subject)
+        if m and m.group(1) not in kept:
+            found.append((f"stash@{{{i}}}", sha, m.group(1)))
+    return found
+
+
+def _restore_command(git: Git, git_dir: Path, name: str) -> str:
+    """The one command that puts a pending stash back, from the state the tree is in."""
+    first = {"a rebase": "git rebase --abort && ", "a rebase or am": "git rebase --abort && ",
+             "a merge": "git merge --abort && "}.get(in_progress(git_dir) or "", "")
+    return f"{first}git stash pop --index {name}"
+
+
+def _check_pending(rep: SyncReport, git: Git, repo: Path, git_dir: Path) -> None:
+    """Refuse (exit 2, like every state a sync would make worse) while a stash of an earlier
+    sync that was killed before re-applying it is still in the stash list: that sync said
+    nothing, so this one must — and before it stashes anything on top."""
+    pending = _pending(git)
+    if not pending:
+        return
+    name, sha, stamp = pending[0]
+    backup = BACKUP_PREFIX + stamp
+    also = f", also {backup}" if git.ok("rev-parse", "-q", "--verify", backup) else ""
+    restore = _restore_command(git, git_dir, name)
+    rep.stash, rep.stash_kept = sha, name
+    rep.recovery = [f"restore: `{restore}`"]
+    if status_entries(git):
+        rep.recovery.append(f"or, if those changes are in your tree already (it was stopped "
+                            f"after re-applying them): `git stash drop {name}`")
+    more = f" ({len(pending) - 1} more after it)" if len(pending) > 1 else ""
+    _refuse(rep, f"{repo}: a labkit sync was stopped before it put your local changes back; "
+                 f"they are in {name} ({_short(sha)}{also}){more} — restore them with "
+                 f"`{restore}`" + (f" (or `git stash drop {name}` if your tree has them "
+                                   "already)" if len(rep.recovery) > 1 else "")
+                 + ", then sync again — nothing was changed")
+
+
+def _find_stash(git: Git, stamp: str) -> str | None:
+    """This sync's stash in the stash list (by the stamp in its message), if it is there."""
+    for ln in git.out("stash", "list", "--format=%H %s").splitlines():
+        sha, _, subject = ln.partition(" ")
+        m = STASH_RE.search(subject)
+        if m and m.group(1) == stamp:
+            return sha
+    return None
+
+
+def _after_interrupt(rep: SyncReport, prog: _Progress) -> None:
+    """The clean-up after Ctrl-C / SIGTERM / SIGHUP: what a failed step gets. Nothing touched
+    yet -> nothing to do. Else a half-done pull is undone (a finished one kept), the stash
+    re-applied and dropped; a conflict keeps it and says how to finish, as a failed sync
+    does. If the clean-up itself fails, the report says where the changes are and the exact
+    command that puts them back (and the next sync will refuse until that is done)."""
+    rep.status, rep.exit_code = "interrupted", FAILED
+    git = prog.git
+    if git is None or prog.phase == "check":
+        rep.message = "interrupted before anything was changed"
+        rep.recovery = rep.notes = []
+        return
+    try:
+        _restore_after_interrupt(rep, git, prog)
+        rep.status, rep.exit_code = "interrupted", FAILED  # also when a conflict kept it
+    except (GitFailed, KeyboardInterrupt, OSError) as e:
+        stash = rep.stash or ""
+        rep.message = f"interrupted, and the clean-up failed ({e or type(e).__name__})"
+        try:
+            stash = _find_stash(git, prog.stamp) or ""
+            if stash:
+                name = _stash_name(git, stash) or stash
+                git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+                rep.recovery = [f"restore: `{_restore_command(git, git_dir, name)}`"]
+        except (GitFailed, KeyboardInterrupt, OSError):
+            rep.recovery = [f"restore: `git stash apply --index {stash}`"] if stash else []
+        if stash:
+            rep.message += (f"; your local changes are in the stash {_short(stash)} "
+                            f"({rep.backup_ref or 'see git stash list'}) — "
+                            + rep.recovery[0].removeprefix("restore: "))
+
+
+def _restore_after_interrupt(rep: SyncReport, git: Git, prog: _Progress) -> None:
+    before = rep.before
+    assert before is not None
+    git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+    stash = _find_stash(git, prog.stamp)
+    half_done = prog.phase == "integrate" and (in_progress(git_dir) is not None
+                                              or bool(status_entries(git)))
+    if half_done and (stash or not rep.stashed):
+        # every local change is in the stash (or there were none): safe to reset
+        _abort_integration(git, before)
+    rep.after = git.out("rev-parse", "HEAD")
+    pulled = rep.after != before
+    where = (f"after pulling {_short(before)} -> {_short(rep.after)}" if pulled
+             else f"before pulling; {rep.branch} is still at {_short(before)}")
+    if stash is None:
+        # nothing stashed, or already re-applied and dropped
+        rep.message = (f"interrupted {where}"
+                       + ("; local changes restored" if rep.stashed else "")
+                       + " — nothing was lost")
+        rep.restored = bool(rep.stashed)
+        return
+    rep.stash = stash
+    if not rep.backup_ref:
+        rep.backup_ref = BACKUP_PREFIX + prog.stamp
+        git("update-ref", "-m", "labkit sync backup", rep.backup_ref, stash, finish=True)
+    unmerged = git.out("diff", "--name-only", "--diff-filter=U").splitlines()
+    if not status_entries(git):
+        _reapply(rep, git, stash, after_pull=pulled)   # drops it when clean
+    elif prog.phase == "apply" and not unmerged:
+        # applied in full before the interrupt: only the drop was left
+        name = _stash_name(git, stash)
+        if name:
+            git("stash", "drop", "--quiet", name, check=False, finish=True)
+        rep.restored = True
+    else:
+        # re-applied with conflicts (or stash left changes behind): keep it, say how to go on
+        _report_kept(rep, git, stash, unmerged, [], after_pull=pulled)
+    if rep.restored:
+        rep.message = f"interrupted {where}; local changes restored — nothing was lost"
+    else:
+        rep.message = "interrupted; " + rep.message
 
 
 # --- presentation ------------------------------------------------------------------------
@@ -691,8 +949,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     repo = os.path.expanduser(a.repo) if a.repo else None
-    rep = sync_repo(repo, mode=a.mode, dry_run=a.dry_run, fetch=not a.no_fetch,
-                    timeout=a.timeout)
+    # On a node nothing installs labkit.signals: SIGTERM/SIGHUP would kill this process on
+    # the spot, between stash and re-apply. Make them Ctrl-C (the first one only), so the
+    # clean-up runs here too.
+    got: list[int] = []
+
+    def on_signal(signo: int, frame: object) -> None:
+        if not got:
+            got.append(signo)
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, on_signal)
+    try:
+        rep = sync_repo(repo, mode=a.mode, dry_run=a.dry_run, fetch=not a.no_fetch,
+                        timeout=a.timeout)
+    except SyncInterrupted as e:
+        rep = e.report
+        print(json.dumps(rep.to_json()) if a.json else format_report(rep), flush=True)
+        return 128 + (got[0] if got else signal.SIGINT)
     print(json.dumps(rep.to_json()) if a.json else format_report(rep))
     return rep.exit_code
 
@@ -723,6 +999,7 @@ def sync_nodes(settings: Settings, nodes: Sequence[Node], repo: str | None, *,
     from labkit.errors import NodeError
     from labkit.fanout import fan_out
     from labkit.ssh import ConnectionPool
+    from labkit.ssh.errors import exit_text as ssh_exit_text
 
     source = Path(__file__).read_bytes()
     cmd = remote_command(repo, mode=mode, dry_run=dry_run, fetch=fetch,
@@ -736,9 +1013,13 @@ def sync_nodes(settings: Settings, nodes: Sequence[Node], repo: str | None, *,
         try:
             data = json.loads(r.stdout.decode(errors="replace").strip().splitlines()[-1])
         except (ValueError, IndexError):
-            err = last_line(r.stderr.decode(errors="replace"))
-            why = "timed out" if r.timed_out else f"exit code {r.exit_code}"
-            raise NodeError(f"sync script failed on the node ({why}): {err}") from None
+            if r.timed_out:
+                why = f"timed out after {r.seconds:.1f}s"
+            elif r.exit_code is None:
+                why = "no exit status (killed or connection lost)"
+            else:
+                why = ssh_exit_text(r.exit_code, r.stderr)
+            raise NodeError(f"sync script failed on the node: {why}") from None
         value = {"status": data.get("status"), "before": _short(data.get("before")),
                  "after": _short(data.get("after")), "pulled": data.get("commits_total", 0),
                  "stashed": len(data.get("stashed") or []),

@@ -13,6 +13,9 @@ Memory: one reservation (PROT_NONE, nothing else is ever placed in it) whose fir
 are the main region, written K new distinct pages per tick per thread (--threads threads, each
 its own pages). With --newmap-every N, thread 0 maps a new read-write piece of --newmap-pages
 pages inside the reservation every N ticks and writes every other page of it, one per tick.
+With --newmap-populate those pieces are mapped with MAP_POPULATE (every page in place at once,
+none written); with --newmap-huge they are 2 MiB-aligned and advised MADV_HUGEPAGE before the
+first write (which then puts a transparent huge page, 512 pages, in place where the kernel can).
 With --churn-every N it also, every N ticks, replaces the oldest new piece with a fresh one
 (mmap MAP_FIXED over it: the old pages are gone) or unmaps it (MAP_FIXED PROT_NONE), in turn.
 With --spawn-every N it also starts, every N ticks, a short-lived thread that writes
@@ -38,17 +41,21 @@ PAGE = mmap.PAGESIZE
 SYS_clock_gettime = 228  # x86_64
 CLOCK_MONOTONIC = 1
 PROT_NONE, PROT_RW = 0, 3
-MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
+MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE, MAP_POPULATE = 0x02, 0x10, 0x20, 0x4000, 0x8000
+MADV_HUGEPAGE = 14
+HUGE = 2 << 20
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                       ctypes.c_long]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-def _mmap(addr: int | None, npages: int, prot: int, fixed: bool) -> int:
-    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (MAP_FIXED if fixed else 0)
+def _mmap(addr: int | None, npages: int, prot: int, fixed: bool, populate: bool = False) -> int:
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (MAP_FIXED if fixed else 0) | \
+        (MAP_POPULATE if populate else 0)
     r = libc.mmap(addr, npages * PAGE, prot, flags, -1, 0)
     if r in (None, ctypes.c_void_p(-1).value) or (fixed and r != addr):
         raise OSError(ctypes.get_errno(), "mmap failed")
@@ -101,12 +108,16 @@ class Writer:
 
     def _new_piece(self) -> None:
         n = self.a.newmap_pages
-        if self.next_free + n * PAGE > self.base + self.size:
-            return
         addr = self.next_free
-        self.next_free += (n + 1) * PAGE  # a PROT_NONE page between pieces: no VMA merging
+        if self.a.newmap_huge:
+            addr = -(-addr // HUGE) * HUGE
+        if addr + n * PAGE > self.base + self.size:
+            return
+        self.next_free = addr + (n + 1) * PAGE  # a PROT_NONE page between pieces: no VMA merging
         t0 = time.monotonic_ns()
-        _mmap(addr, n, PROT_RW, True)
+        _mmap(addr, n, PROT_RW, True, populate=self.a.newmap_populate)
+        if self.a.newmap_huge and libc.madvise(addr, n * PAGE, MADV_HUGEPAGE) != 0:
+            raise OSError(ctypes.get_errno(), "madvise(MADV_HUGEPAGE)")
         self.events.append((t0, time.monotonic_ns(), "map", addr, n))
         self.pieces.append([addr, n, 0])
 
@@ -158,6 +169,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--newmap-every", type=int, default=0)
     ap.add_argument("--newmap-pages", type=int, default=32)
+    ap.add_argument("--newmap-populate", action="store_true", help="map new pieces MAP_POPULATE")
+    ap.add_argument("--newmap-huge", action="store_true",
+                    help="2 MiB-align new pieces and advise MADV_HUGEPAGE before writing them")
     ap.add_argument("--churn-every", type=int, default=0)
     ap.add_argument("--spawn-every", type=int, default=0)
     ap.add_argument("--spawn-pages", type=int, default=8)

@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,24 +456,120 @@ def test_rollback_restores_previous_byte_for_byte_after_an_edit_in_current(
     assert len(rels) == 2 and not inodes[0] & inodes[1]
 
 
-def test_a_kept_file_is_hash_checked_before_reuse(ssh_nodes: Any, tmp_path: Path) -> None:
-    """An edit the probe cannot see (here the release's marker was touched after the edit, so
-    nothing looks newer than the build): the stage agent hashes every file it would keep, refuses
-    the edited one, and the deployer sends it instead — one more stage round, nothing lost."""
+@dataclass
+class HookedDeployer(dp.Deployer):
+    """A Deployer that calls ``before_stage(n)`` right before its n-th stage command, after
+    the node was probed: the window in which an edit on the node is invisible to the probe.
+    Records what each stage command was planned to send."""
+
+    before_stage: Callable[[int], None] | None = None
+    sent: list[list[str]] = field(default_factory=list)
+
+    def _stage(self, client: Any, node: inv.Node, workdir: str,
+               plan: dp.Plan) -> dict[str, Any]:
+        self.sent.append([f.path for f in plan.send])
+        if self.before_stage:
+            self.before_stage(len(self.sent))
+        return super()._stage(client, node, workdir, plan)
+
+
+def test_an_edit_between_probe_and_stage_is_resent_once(ssh_nodes: Any,
+                                                         tmp_path: Path) -> None:
+    """An edit the probe cannot see because it happens after the probe: the stage agent finds
+    the kept file no longer as built (by stat, then by hash), refuses it, and the deployer
+    sends exactly that file the second time. A second mismatch in that second stage is an
+    error, not a third round."""
     src = write_bundle(tmp_path / "src", BASE)
     lab = ssh_nodes(1)
     run(lab, src)
     cur = lab.pdir("node1") / "current"
-    edit_in_place(cur / "lib/helper.py", b"X = 2\n")
-    later = time.time() + 3600
-    os.utime(cur / ".labkit-stat", (later, later))
+    edits: dict[int, tuple[str, bytes]] = {}
+
+    def edit(n: int) -> None:  # an ordinary edit on the node, through `current`
+        if n in edits:
+            rel, data = edits[n]
+            (cur / rel).write_bytes(data)
+
     (src / "tool.py").write_text("print('v2')\n")
-    out = run(lab, src)["node1"]
+    edits.update({1: ("lib/helper.py", b"X = 2\n")})
+    d = HookedDeployer(SETTINGS, dp.collect_bundle([src]), before_stage=edit)
+    out = d.run(lab.select(), "deploy")[0]
     assert out.ok, out.error
+    assert d.sent == [["tool.py"], ["lib/helper.py", "tool.py"]]
     assert out.value["uploaded_files"] == 2 and out.value["uploaded"].startswith("2 files")
+    assert out.value["linked"] == 2  # run.sh and data/blob.bin still copied on the node
+    r2 = out.value["release"]
+    assert lab.current("node1") == r2
     assert (cur / "lib/helper.py").read_text() == "X = 1\n"
     assert (cur / "tool.py").read_text() == "print('v2')\n"
     assert run(lab, src, "check")["node1"].value["state"] == "in sync"
+
+    (src / "tool.py").write_text("print('v3')\n")
+    edits.clear()
+    edits.update({1: ("lib/helper.py", b"X = 3\n"), 2: ("data/blob.bin", b"\1" * 5000)})
+    d = HookedDeployer(SETTINGS, dp.collect_bundle([src]), before_stage=edit)
+    out = d.run(lab.select(), "deploy")[0]
+    assert d.sent == [["tool.py"], ["lib/helper.py", "tool.py"]]  # two rounds, no third
+    assert not out.ok
+    assert out.error == ("1 kept file changed on the node since its release was built "
+                         "(data/blob.bin); nothing switched"), out.error
+    assert lab.current("node1") == r2
+    assert not [n for n in os.listdir(lab.pdir("node1") / "releases") if n.startswith(".")]
+
+
+def test_rollback_refuses_a_previous_release_edited_on_the_node(ssh_nodes: Any,
+                                                                 tmp_path: Path) -> None:
+    """--rollback swaps symlinks; a previous release edited since it was built (size and
+    mtime kept) is refused, named, and nothing is switched."""
+    src = write_bundle(tmp_path / "src", BASE)
+    lab = ssh_nodes(1)
+    r1 = run(lab, src)["node1"].value["release"]
+    (src / "tool.py").write_text("print('v2')\n")
+    r2 = run(lab, src)["node1"].value["release"]
+    edit_in_place(lab.pdir("node1") / "previous/lib/helper.py", b"X = 9\n")
+    back = run(lab, None, "rollback")["node1"]
+    assert not back.ok
+    assert back.error == (f"previous release {r1} has 1 file modified on the node since it was "
+                          "built (lib/helper.py); not rolled back: deploy instead"), back.error
+    assert back.value["modified"] == ["lib/helper.py"]
+    assert lab.current("node1") == r2
+
+
+def test_a_failed_agent_reads_like_every_other_failed_command(
+        ssh_nodes: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose python3 cannot run the agent: ``stage failed: exit code N: <last stderr
+    line>``, the words every other task uses (it was ``failed (exit N)``)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\necho 'some noise' >&2\n"
+                                     "echo 'sh: 1: python3: not found' >&2\nexit 127\n")
+    (bin_dir / "python3").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")  # the nodes' PATH too
+    src = write_bundle(tmp_path / "src", BASE)
+    lab = ssh_nodes(1)
+    out = run(lab, src)["node1"]  # the python check runs PATH's python3
+    assert not out.ok
+    assert out.error == ("stage failed: exit code 127: sh: 1: python3: not found "
+                         "(is python3 installed on the node?)"), out.error
+
+
+def test_a_source_changed_after_hashing_is_not_streamed(ssh_nodes: Any,
+                                                        tmp_path: Path) -> None:
+    """The node seals what it receives by stat and trusts it from then on, so bytes the
+    MANIFEST does not promise must never reach it: a payload file edited between the bundle's
+    hashing and its transfer (same size) stops that node's deploy, nothing switched."""
+    src = write_bundle(tmp_path / "src", BASE)
+    lab = ssh_nodes(1)
+    r1 = run(lab, src)["node1"].value["release"]
+    (src / "tool.py").write_text("print('v2')\n")
+    bundle = dp.collect_bundle([src])
+    (src / "tool.py").write_text("print('v3')\n")  # after hashing, before sending
+    out = dp.Deployer(SETTINGS, bundle).run(lab.select(), "deploy")[0]
+    assert not out.ok
+    assert out.error == f"{src / 'tool.py'} changed while being deployed; nothing switched, " \
+                        "deploy again", out.error
+    assert lab.current("node1") == r1
+    assert (lab.pdir("node1") / "current/tool.py").read_text() == "print('v1')\n"
 
 
 def test_uploaded_counts_read_in_the_singular(ssh_nodes: Any, tmp_path: Path) -> None:

@@ -135,15 +135,25 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path):
 
 
 def _sleeper(*extra: str) -> subprocess.Popen:
-    """An unrelated live process (its own session, as a lab would be) for lab.pid to name."""
-    return subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(60)", *extra],
-                            start_new_session=True)
+    """An unrelated live process (its own session, as a lab would be) for lab.pid to name.
+    Returned once it runs Python code: Popen returns when the child's close-on-exec fds close,
+    early in execve(), before the kernel has set up the new argv, and /proc/PID/cmdline reads
+    empty until then (as for any process still in exec, which is not a lab)."""
+    p = subprocess.Popen([sys.executable, "-c",
+                          "import sys, time; print('ready', flush=True); time.sleep(60)", *extra],
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert p.stdout is not None
+    with p.stdout:  # it writes nothing more
+        assert p.stdout.readline().strip() == "ready"
+    return p
 
 
 def _assert_untouched(p: subprocess.Popen) -> None:
     # down() signals synchronously, and its SIGTERM/SIGKILL would end the sleeper at once
     with pytest.raises(subprocess.TimeoutExpired):
         p.wait(timeout=0.5)
+    # (a failure here with returncode -15/-9 while down() sent nothing can also be another
+    # run's `pkill -f "labkit.fake.lab serve"`: the sleeper's argv matches that pattern)
 
 
 def test_down_with_a_stale_pid_file_signals_nothing(tmp_path: Path):

@@ -150,7 +150,7 @@ def test_matrix_runs_the_grid_and_summarises(lab, tmp_path):
 class _Chan:
     """A stand-in for an SSH channel: recv() hands out queued chunks (b"" = EOF), sendall()
     calls a hook (the "destination" answering what it was sent); end() is the process exiting
-    (its status, then EOF, as the fake lab's sshd sends them)."""
+    (its status, then EOF on stdout and stderr, as the fake lab's sshd sends them)."""
 
     def __init__(self, on_send=None):
         import queue
@@ -159,6 +159,7 @@ class _Chan:
         self.chunks: queue.Queue = queue.Queue()
         self.on_send = on_send
         self.status_event = threading.Event()
+        self.stderr_eof = threading.Event()
         self.status = -1
 
     def recv(self, n):
@@ -168,8 +169,9 @@ class _Chan:
         if self.on_send:
             self.on_send(data)
 
-    def recv_stderr_ready(self):
-        return False
+    def recv_stderr(self, n):
+        self.stderr_eof.wait()  # it writes nothing there: its stderr just ends with it
+        return b""
 
     def recv_exit_status(self):
         return self.status
@@ -177,6 +179,7 @@ class _Chan:
     def end(self, status):
         self.status = status
         self.status_event.set()
+        self.stderr_eof.set()
         self.chunks.put(b"")
 
 

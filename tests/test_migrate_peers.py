@@ -1,18 +1,23 @@
 """A migrate-test run whose peer dies (source agent, restore agent, workload) fails AT ONCE, not
 when the wait's budget (tens of seconds) runs out, and says why: the peer's own last stderr
-lines are in the message, in run.json's ``error`` object and in events.jsonl. Real processes on
-the fake lab, made to die for real reasons: a tracker this kernel lacks, a SIGKILL, a node whose
-address-space limit cannot hold the region."""
+lines are in the message, in run.json's ``error`` object and in events.jsonl, scrubbed of
+secrets. Real processes on the fake lab, made to die for real reasons: a node whose file
+descriptor limit leaves the source agent none to open its own script with (whatever the
+kernel), a tracker this kernel lacks (where it does), a SIGKILL, a node whose address-space
+limit cannot hold the region."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,8 @@ import pytest
 from labkit.config import Settings
 from labkit.experiment import MigrationFailed, build_config, run_migrate_test
 from labkit.pytest_plugin import FakeLabHandle, start_fake_lab
+from labkit.secrets import MASK
+from labkit.ssh.client import WINDOW
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
                                 reason="x86_64 Linux only")
@@ -124,23 +131,172 @@ def softdirty_missing() -> str:
     return "" if ok else reason
 
 
+# --- making a node's python3 processes misbehave, for real ---------------------------------------
+@contextmanager
+def python_hook(lab: FakeLabHandle, node: str, code: str) -> Iterator[None]:
+    """While inside, every python3 process on ``node`` runs ``code`` first: the node's own
+    usercustomize.py (under its HOME, in the lab's state folder), as a node's admin could
+    have set it up. Applies to processes started from then on."""
+    from labkit.ssh import SshClient
+
+    settings = Settings(power_wait=30, ssh_wait=30)
+    with SshClient.connect(lab.inventory().node(node), settings) as c:
+        site = c.check("python3 -c 'import site; print(site.getusersitepackages())'",
+                       timeout=30).stdout.decode().strip()
+    hook = Path(site) / "usercustomize.py"
+    assert str(hook).startswith(str(lab.state_dir)), hook  # the node's own HOME
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(code)
+    try:
+        yield
+    finally:
+        hook.unlink()
+
+
+def source_agent_hook(*, only_with: str = "", say: str = "", flood: int = 0,
+                      no_fds: bool = True) -> str:
+    """usercustomize.py code for the source agent only (``agent.py source``, and ``only_with``
+    among its arguments): write ``say`` and then ``flood`` bytes of numbered lines (ending
+    with 'flood done') to stderr, then, with ``no_fds``, lower its file descriptor limit
+    (``ulimit -n``) to the descriptors it holds: python3 cannot open the agent's script and
+    exits 2 with "Too many open files", on any kernel."""
+    cond = "b'agent.py' in argv and b'source' in argv"
+    if only_with:
+        cond += f" and {only_with.encode()!r} in argv"
+    lines = ["import os, resource, sys",
+             "argv = open('/proc/self/cmdline', 'rb').read().split(b'\\0')",
+             f"if {cond}:"]
+    if say:
+        lines.append(f"    sys.stderr.write({say + chr(10)!r})")
+    if flood:
+        lines += [f"    n, i = {flood}, 0",
+                  "    while n > 0:",
+                  "        line = f'flood line {i} ' + 'x' * 1000 + '\\n'",
+                  "        sys.stderr.write(line)",
+                  "        n, i = n - len(line), i + 1",
+                  "    sys.stderr.write('flood done\\n')"]
+    lines.append("    sys.stderr.flush()")
+    if no_fds:
+        lines += [
+            "    fd = os.dup(0)",  # the lowest free descriptor: from it on, none may be opened
+            "    os.close(fd)",
+            "    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]",
+            "    resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+NO_FDS = "Too many open files"
+# More stderr than the SSH channel's window (which stdout shares): unread, it stalls the peer.
+FLOOD = WINDOW * 3 // 2
+
+
 # --- the source agent dies before it streams -----------------------------------------------------
-def test_source_agent_without_its_tracker_fails_the_run_at_once(lab, settings):
-    """The issue's example: --tracker softdirty on a kernel without soft-dirty. The source agent
-    exits at start; the run used to wait out its whole budget for the restore agent's hello
-    (which never comes: nothing was streamed) and report a bare timeout."""
-    if not softdirty_missing():
-        pytest.skip("this kernel has soft-dirty: the source agent would not die")
-    with pytest.raises(MigrationFailed) as e:
-        run_migrate_test(lab.inventory(), settings, cfg(tracker="softdirty"))
-    err, evs = check_reported(e.value, node="node1", peer="source agent", needle="soft-dirty",
+def _source_agent_dies(lab, settings, why: str, **kw: Any) -> tuple[MigrationFailed, str]:
+    """A run whose source agent dies at start (``why``: "fds", the descriptor limit, on any
+    kernel; "softdirty", the tracker this kernel lacks); returns the error and its needle."""
+    if why == "softdirty":
+        if not softdirty_missing():
+            pytest.skip("this kernel has soft-dirty: the source agent would not die of it")
+        with pytest.raises(MigrationFailed) as e:
+            run_migrate_test(lab.inventory(), settings, cfg(tracker="softdirty"))
+        return e.value, "soft-dirty"
+    with python_hook(lab, "node1", source_agent_hook(**kw)), \
+            pytest.raises(MigrationFailed) as e:
+        run_migrate_test(lab.inventory(), settings, cfg())
+    return e.value, NO_FDS
+
+
+@pytest.mark.parametrize("why, status", [("fds", 2), ("softdirty", 1)])
+def test_source_agent_that_dies_at_start_fails_the_run_at_once(lab, settings, why, status):
+    """The issue's example was --tracker softdirty on a kernel without soft-dirty; a node whose
+    descriptor limit is too low does it on any kernel. The source agent exits at start; the
+    run used to wait out its whole budget for the restore agent's hello (which never comes:
+    nothing was streamed) and report a bare timeout."""
+    error, needle = _source_agent_dies(lab, settings, why)
+    err, evs = check_reported(error, node="node1", peer="source agent", needle=needle,
                               step="hello")
     assert failed_at(evs) - started_at(evs, "source agent") < FAST, evs
-    assert err["exit_status"] == 1
+    assert err["exit_status"] == status
     (gone,) = [ev for ev in evs if ev["event"] == "peer-exit"]
     assert gone["node"] == "node1" and gone["peer"] == "source agent"
-    assert any("soft-dirty" in line for line in gone["stderr"])
+    assert any(needle in line for line in gone["stderr"])
     assert "cleanup" in {ev["event"] for ev in evs}
+    assert leftovers(lab) == []
+
+
+def folder_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def test_a_secret_in_a_peers_stderr_is_scrubbed_everywhere(lab, settings):
+    """A peer's stderr is quoted in the message, run.json (``error``, ``result``) and
+    events.jsonl (``peer-exit``, ``failed``): a secret this process knows (the BMC password,
+    resolved to power the nodes) that a peer prints there is masked in all of them."""
+    password = lab.password().decode()
+    said = f"retrying the BMC login with password {password}"
+    error, _ = _source_agent_dies(lab, settings, "fds", say=said)
+    masked = said.replace(password, MASK)
+    err, evs = check_reported(error, node="node1", peer="source agent", needle=NO_FDS,
+                              step="hello")
+    assert masked in str(error) and masked in err["stderr"], err
+    (gone,) = [ev for ev in evs if ev["event"] == "peer-exit"]
+    assert masked in gone["stderr"], gone
+    folder = Path(error.value["folder"])
+    assert password.encode() not in folder_bytes(folder)
+    assert password not in str(error) and password not in json.dumps(error.value)
+    assert leftovers(lab) == []
+
+
+# --- a peer that writes megabytes to stderr ------------------------------------------------------
+def test_a_peer_flooding_stderr_neither_stalls_nor_fills_the_controller(lab, settings):
+    """Remote reads stderr as it comes and keeps its tail: a peer that writes more there than
+    the channel's window (FLOOD, 96 MiB) still gets its stdout line through, the lines
+    quoted are its last ones, and the controller holds a few KiB of it. Unread, the window
+    ran out, the peer blocked writing stderr and the wait ran out its budget (and until
+    then the controller held all of it)."""
+    from labkit.experiment.remote import STDERR_KEEP, Remote
+    from labkit.ssh import SshClient
+
+    code = ("import sys\n"
+            f"for i in range({FLOOD // 1000}):\n"
+            "    sys.stderr.write(f'line {i} ' + 'y' * 990 + '\\n')\n"
+            "sys.stderr.write('the last words\\n')\n"
+            "sys.stderr.flush()\n"
+            "print('{\"event\": \"ready\"}', flush=True)\n"
+            "sys.stdin.readline()\n")
+    with SshClient.connect(lab.inventory().node("node1"), settings) as c:
+        rem = Remote(c, "node1", f"python3 -u -c {shlex.quote(code)}", "chatty peer")
+        try:
+            assert rem.next(30, "its ready line") == {"event": "ready"}
+            rem.quit()
+            # its end (stderr read to EOF): stdout's line may overtake stderr's last bytes
+            assert rem.ended.wait(10) and rem.exit_status == 0
+            last = f"line {FLOOD // 1000 - 1} " + "y" * 990
+            assert rem.stderr_lines(2) == [last, "the last words"]
+            assert len(rem._err.value()) <= STDERR_KEEP and rem._err.total > FLOOD
+        finally:
+            rem.kill()
+
+
+def test_a_run_whose_source_agent_floods_stderr_still_migrates(lab, settings):
+    """The whole run: the source agent writes FLOOD bytes to stderr before it starts its
+    work; the migration completes and verifies (its stderr read and dropped on the way)."""
+    with python_hook(lab, "node1", source_agent_hook(flood=FLOOD, no_fds=False)):
+        r = run_migrate_test(lab.inventory(), settings, cfg())
+    assert r.ok and r.verified, r.summary()
+    assert leftovers(lab) == []
+
+
+def test_a_flooding_source_agent_that_dies_is_reported_with_its_last_lines(lab, settings):
+    """FLOOD bytes of stderr and then death: reported at once, quoting its last lines (the
+    flood's end and python's own reason), not its first."""
+    error, _ = _source_agent_dies(lab, settings, "fds", flood=FLOOD)
+    err, evs = check_reported(error, node="node1", peer="source agent", needle=NO_FDS,
+                              step="hello")
+    assert "flood done" in err["stderr"], err
+    assert not any("flood line 0 " in ln for ln in err["stderr"]), err
+    assert failed_at(evs) - started_at(evs, "source agent") < FAST + 5, evs
     assert leftovers(lab) == []
 
 
@@ -171,6 +327,19 @@ def _first(lab, node: str, needle: str, timeout: float = 60) -> int:
     raise AssertionError(f"{needle} never started on {node}")
 
 
+def _wait_event(results: Path, kind: str, timeout: float = 60, **fields: Any) -> None:
+    """Wait until the (one) run under ``results`` has logged event ``kind`` with ``fields``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for log in results.glob("*/events.jsonl"):
+            for line in log.read_text().splitlines():
+                ev = json.loads(line) if line.endswith("}") else {}
+                if ev.get("event") == kind and all(ev.get(k) == v for k, v in fields.items()):
+                    return
+        time.sleep(0.01)
+    raise AssertionError(f"no {kind} {fields} event under {results}")
+
+
 @pytest.mark.parametrize("victim, node, peer", [
     ("agent.py source", "node1", "source agent"),
     ("workload.py run", "node1", "workload"),
@@ -186,7 +355,9 @@ def test_a_killed_peer_fails_the_wait_at_once(lab, settings, victim, node, peer)
     agent = _first(lab, "node1", "agent.py source")
     os.kill(agent, signal.SIGSTOP)
     target = agent if victim == "agent.py source" else _first(lab, node, victim)
-    time.sleep(0.3)  # the run is now blocked in a wait the stopped agent cannot end
+    # the restore agent's start is the run's last step before the wait for its hello, which
+    # the stopped agent cannot end
+    _wait_event(Path(settings.results_dir), "start", what="restore agent")
     assert "done" not in out, "the run ended although its source agent is stopped"
     t_kill = time.monotonic()
     os.kill(target, signal.SIGKILL)
@@ -204,25 +375,13 @@ def test_destination_that_cannot_map_the_region_fails_at_once(lab, settings):
     """node2 allows a process less address space (RLIMIT_AS, as ``ulimit -v`` would) than the
     region needs: the restore agent's mmap fails, and the run says so at once, with the
     agent's reason, though the source keeps streaming into the dead channel."""
-    from labkit.ssh import SshClient
-
-    node2 = lab.inventory().node("node2")
-    with SshClient.connect(node2, settings) as c:
-        site = c.check("python3 -c 'import site; print(site.getusersitepackages())'",
-                       timeout=30).stdout.decode().strip()
-    hook = Path(site) / "usercustomize.py"
-    assert str(hook).startswith(str(lab.state_dir)), hook  # the node's own HOME
-    hook.parent.mkdir(parents=True, exist_ok=True)
-    hook.write_text(  # this node's python3 processes get 64 MiB above what they start with
+    limit = (  # this node's python3 processes get 64 MiB above what they start with
         "import resource\n"
         "vm = [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmSize')]\n"
         "lim = vm[0] * 1024 + (64 << 20)\n"
         "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n")
-    try:
-        with pytest.raises(MigrationFailed) as e:
-            run_migrate_test(lab.inventory(), settings, cfg(size="128M"))
-    finally:
-        hook.unlink()
+    with python_hook(lab, "node2", limit), pytest.raises(MigrationFailed) as e:
+        run_migrate_test(lab.inventory(), settings, cfg(size="128M"))
     err, evs = check_reported(e.value, node="node2", peer="restore agent",
                               needle="Cannot allocate memory", step="hello")
     assert failed_at(evs) - started_at(evs, "restore agent") < FAST, evs
@@ -252,49 +411,70 @@ def _cli(lab, tmp_path: Path, *args: str, timeout: float = 180) -> subprocess.Co
 
 
 def test_cli_json_prints_the_failure_and_exits_1(lab, tmp_path):
+    """Through the program, on any kernel: --json still prints the result (ok false, the
+    failure with the peer's stderr), the one error line goes to stderr, exit 1; and a secret
+    the peer printed is masked in both (the task prints the failure's result as it is)."""
+    password = lab.password().decode()
+    hook = source_agent_hook(say=f"retrying the BMC login with password {password}")
+    t0 = time.monotonic()
+    with python_hook(lab, "node1", hook):
+        r = _cli(lab, tmp_path, "--json")
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert password not in r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] is False and NO_FDS in out["error"] and MASK in out["error"]
+    assert out["failure"]["node"] == "node1" and out["failure"]["peer"] == "source agent"
+    assert any(NO_FDS in line for line in out["failure"]["stderr"])
+    assert Path(out["folder"], "run.json").exists()
+    assert password.encode() not in folder_bytes(Path(out["folder"]))
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: node1: source agent") and (
+        NO_FDS in err[0]), r.stderr
+    assert took < 60, f"{took:.0f}s"  # the budget of one wait is 34 s
+    assert leftovers(lab) == []
+
+
+def test_cli_json_with_a_tracker_this_kernel_lacks(lab, tmp_path):
+    """The same through --tracker softdirty, where the kernel lacks soft-dirty."""
     if not softdirty_missing():
         pytest.skip("this kernel has soft-dirty: the source agent would not die")
-    t0 = time.monotonic()
     r = _cli(lab, tmp_path, "--tracker", "softdirty", "--json")
-    took = time.monotonic() - t0
     assert r.returncode == 1, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["ok"] is False and "soft-dirty" in out["error"]
-    assert out["failure"]["node"] == "node1" and out["failure"]["peer"] == "source agent"
     assert any("soft-dirty" in line for line in out["failure"]["stderr"])
-    assert Path(out["folder"], "run.json").exists()
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: node1: source agent") and (
-        "soft-dirty" in err[0]), r.stderr
-    assert took < 60, f"{took:.0f}s"  # the budget of one wait is 34 s
+    assert len(err) == 1 and err[0].startswith("error: node1: source agent"), r.stderr
     assert leftovers(lab) == []
 
 
 @pytest.mark.slow  # a two-cell matrix, one cell a full migration
 def test_matrix_cell_with_a_dead_peer_records_why_and_the_matrix_goes_on(lab, tmp_path):
+    """Cell 1's source agent (tracker compare, the one the node's hook aims at) dies of the
+    descriptor limit; the row records why, and cell 2 (tracker auto) runs and succeeds."""
     import csv
 
-    if not softdirty_missing():
-        pytest.skip("this kernel has soft-dirty: the source agent would not die")
-    r = _cli(lab, tmp_path, "--matrix", "tracker=softdirty,auto", "--json", timeout=240)
+    with python_hook(lab, "node1", source_agent_hook(only_with="compare")):
+        r = _cli(lab, tmp_path, "--matrix", "tracker=compare,auto", "--json", timeout=240)
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert any("[1/2] tracker=softdirty: FAILED: node1: source agent" in ln and
-               "soft-dirty" in ln for ln in lines), r.stdout
+    assert any("[1/2] tracker=compare: FAILED: node1: source agent" in ln and
+               NO_FDS in ln for ln in lines), r.stdout
     assert any(ln.startswith("[2/2] tracker=auto: downtime") for ln in lines), r.stdout
     start = lines.index("[")
     end = next(i for i, ln in enumerate(lines) if ln.startswith("matrix results: "))
     rows = json.loads("\n".join(lines[start:end]))
     assert rows[0]["ok"] is False and "node1: source agent" in rows[0]["error"]
-    assert "soft-dirty" in rows[0]["error"]
+    assert NO_FDS in rows[0]["error"]
     assert rows[1]["ok"] is True
     folder = Path(lines[end].split(": ", 1)[1])
     with open(folder / "summary.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert "soft-dirty" in csv_rows[0]["error"] and csv_rows[1]["ok"] == "True"
+    assert NO_FDS in csv_rows[0]["error"] and csv_rows[1]["ok"] == "True"
     cell = json.loads((folder / csv_rows[0]["folder"] / "run.json").read_text())
     assert cell["error"]["peer"] == "source agent"
-    assert any("soft-dirty" in line for line in cell["error"]["stderr"])
+    assert any(NO_FDS in line for line in cell["error"]["stderr"])
     assert leftovers(lab) == []
 
 

@@ -18,8 +18,8 @@ import pytest
 from labkit import inventory as inv
 from labkit.config import Settings
 from labkit.fake.harness import SshNodeSet, start_fake_lab
-from labkit.ssh import CommandFailed, SshClient
-from labkit.tasks.nodes import KEEP, LINE_MAX
+from labkit.ssh import CommandFailed, RunResult, SshClient
+from labkit.ssh.output import KEEP, LINE_MAX
 
 REPO = Path(__file__).resolve().parent.parent
 LABKIT = [sys.executable, "-m", "labkit.cli"]
@@ -133,6 +133,41 @@ def test_out_dir_that_cannot_be_written_is_a_usage_error(lab: SshNodeSet, tmp_pa
         assert not marker.exists(), "the command ran although --out was refused"
 
 
+def test_client_run_keep_holds_a_bounded_tail_and_counts_the_rest(lab: SshNodeSet) -> None:
+    """``keep=`` on ``SshClient.run`` (the ``RemoteShell`` protocol): what ``labkit run`` uses
+    instead of a run loop of its own. Every byte still reaches ``on_stdout`` / ``on_stderr``;
+    the result holds the last ``keep`` and says how many of the head it left out."""
+    node = inv.load(lab.inventory_path).node("node1")
+    seen = {"out": 0, "err": 0}
+
+    def count(what: str):
+        return lambda data: seen.__setitem__(what, seen[what] + len(data))
+
+    with SshClient.connect(node, Settings(ssh_timeout=10.0, command_timeout=30.0)) as c:
+        r = c.run("head -c 700000 /dev/zero | tr '\\0' a; echo END; echo oops >&2",
+                  keep=1000, on_stdout=count("out"), on_stderr=count("err"))
+        whole = c.run("head -c 300000 /dev/zero")
+    assert r.ok and seen == {"out": 700004, "err": 5}
+    assert r.stdout == b"a" * 996 + b"END\n" and r.stdout_truncated == 700004 - 1000
+    assert r.stderr == b"oops\n" and r.stderr_truncated == 0
+    assert len(whole.stdout) == 300000 and whole.stdout_truncated == 0  # default: everything
+
+
+def test_run_result_reason_is_one_wording_for_run_and_check() -> None:
+    """``labkit run``'s node error and ``check``'s ``CommandFailed`` come from the same
+    ``RunResult.reason`` (exit codes through ``exit_text``)."""
+    def res(**kw: object) -> RunResult:
+        return RunResult(**{"exit_code": None, "stdout": b"", "stderr": b"", "seconds": 2.04,
+                            **kw})  # type: ignore[arg-type]
+
+    assert res(exit_code=3, stderr=b"x\nbad thing\n").reason() == "exit code 3: bad thing"
+    assert res(timed_out=True).reason() == "timed out after 2.0s, remote processes killed"
+    assert res(connection_lost=True).reason() == (
+        "connection lost after 2.0s (node powered off or rebooted?); no exit status")
+    assert res().reason() == "no exit status (the command was killed by a signal?)"
+    assert res(exit_code=1).failure("n1") == "n1: exit code 1"
+
+
 # --- a failed command's reason in its node's error text --------------------------------------
 
 @pytest.mark.parametrize("prog", [LABKIT, INVOKE], ids=["labkit", "invoke"])
@@ -174,22 +209,38 @@ def test_paramiko_log_records_never_reach_stderr() -> None:
 def test_power_off_mid_run_leaves_no_paramiko_line(tmp_path: Path) -> None:
     """Nodes powered off while they stream output to `run`: each node fails with "connection
     lost", and stderr holds nothing but the streamed lines (a reset connection used to add
-    paramiko's "Socket exception: Connection reset by peer (104)" now and then)."""
+    paramiko's "Socket exception: Connection reset by peer (104)" now and then). The last
+    round powers off only once every node's output is flowing (its exec was answered), and
+    reads the table: the error says the connection was lost (``RunResult.reason``)."""
     lab = start_fake_lab(tmp_path, count=3, power_on=True)
     try:
-        for _ in range(3):
-            proc = subprocess.Popen([*LABKIT, "run", "--", "yes | head -c 4000000000"],
+        for round_ in range(3):
+            watch = round_ == 2
+            # lines of 1 KB: the prefixing of what the SSH windows hold at power-off stays quick
+            proc = subprocess.Popen([*LABKIT, "run", "--",
+                                     "yes $(printf %01000d 0) | head -c 4000000000"],
                                     env=lab.env, cwd=tmp_path,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True)
+                                    stdout=subprocess.PIPE if watch else subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
             end = time.monotonic() + 30
             while sum("head -c" in p for p in lab.processes()) < 3:
                 assert proc.poll() is None and time.monotonic() < end, proc.communicate()
                 time.sleep(0.02)
+            if watch:
+                assert proc.stdout is not None
+                streaming: set[str] = set()
+                while len(streaming) < 3:
+                    line = proc.stdout.readline()
+                    assert line, proc.communicate()
+                    streaming.add(line.split("|")[0])
             lab.control.power("*", "off", now=True)
-            _, err = proc.communicate(timeout=60)
+            out, err = proc.communicate(timeout=60)
             assert proc.returncode == 1, err
             assert [line for line in err.splitlines() if "| " not in line] == [], err
+            if watch:
+                rows = [line for line in out.splitlines()
+                        if line.split(" ")[0] in ("node1", "node2", "node3")]
+                assert len(rows) == 3 and all("connection lost" in r for r in rows), rows
             lab.power_on_all()
     finally:
         lab.stop()

@@ -20,6 +20,7 @@ import pytest
 from labkit.fake.harness import FakeLabHandle, SshNodeSet, start_fake_lab
 from labkit.fake.openssh import sshd_path
 from labkit.nodeside import killmarked
+from labkit.signals import message
 
 REPO = Path(__file__).resolve().parent.parent
 LABKIT = [sys.executable, "-m", "labkit.cli"]
@@ -27,12 +28,13 @@ INVOKE = [str(Path(sys.executable).with_name("invoke"))]
 X86_LINUX = sys.platform == "linux" and os.uname().machine == "x86_64"
 SIGS = [signal.SIGTERM, signal.SIGHUP]
 
-pytestmark = pytest.mark.skipif(sshd_path() is None, reason="OpenSSH sshd not installed "
-                                "(apt-get install openssh-server)")
+NO_SSHD = "OpenSSH sshd not installed (apt-get install openssh-server)"
 
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if sshd_path() is None:
+        pytest.skip(NO_SSHD)
     with SshNodeSet(tmp_path_factory.mktemp("siglab"), ["node1", "node2"],
                     kind="openssh") as lab:
         yield lab
@@ -50,10 +52,9 @@ def wait_gone(pids_of: Any, timeout: float) -> list:
 
 
 def check_interrupted(proc: subprocess.Popen, sig: int, err: str) -> None:
-    name = signal.Signals(sig).name
     assert proc.returncode == 128 + sig, f"rc={proc.returncode}\n{err}"
     assert "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == f"interrupted ({name})", err
+    assert err.strip().splitlines()[-1] == message(sig), err  # "interrupted (SIGTERM)"
 
 
 @pytest.mark.parametrize("prog", ["labkit", "invoke"])
@@ -77,6 +78,191 @@ def test_signal_during_run_kills_remote_commands(nodes: SshNodeSet, sig: int,
         proc.kill()
     check_interrupted(proc, sig, err)
     assert wait_gone(lambda: running(nodes), 1.0) == [], "remote commands survived the signal"
+
+
+def sshd_of(node: Any) -> list[int]:
+    """The sshd processes serving ``node`` (its listener and the per-connection ones it
+    forked), found by the listener's config file in /proc."""
+    conf = str(node.conf_dir / "sshd_config").encode()
+    parent: dict[int, int] = {}
+    listeners = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # proctitle: maybe one string
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            st = killmarked.stat(pid)
+        except OSError:
+            continue
+        if st is None or not comm.startswith("sshd"):
+            continue
+        parent[pid] = st[1]
+        if conf in cmdline:
+            listeners.append(pid)
+    assert listeners, f"no sshd for {node.name}"
+    found = set(listeners)
+    while more := {p for p, pp in parent.items() if pp in found} - found:
+        found |= more
+    return sorted(found)
+
+
+class Lines:
+    """A stream of the process read into a list of lines as they come (a thread)."""
+
+    def __init__(self, stream: Any):
+        import threading
+
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, pred: Any, proc: subprocess.Popen, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not pred(self.lines):
+            assert time.monotonic() < end, f"{what}: never came ({self.lines[-5:]})"
+            if proc.poll() is not None:
+                return
+            time.sleep(0.01)
+
+    def text(self) -> str:
+        self.thread.join(15)
+        return "".join(self.lines)
+
+
+class HeldCleanup:
+    """``labkit run`` on both nodes, interrupted by ``sig`` while node1's sshd is frozen (once
+    the command runs everywhere), so that its kill by marker cannot finish: on return node2's
+    processes are gone (the cleanup is under way) and node1's 3 are held. ``thaw()`` lets the
+    cleanup go on. Deterministic by state: nothing here waits a fixed time."""
+
+    def __init__(self, nodes: SshNodeSet, sig: int):
+        self.nodes = nodes
+        env = dict(os.environ, LABKIT_INVENTORY=str(nodes.inventory_path))
+        self.proc = subprocess.Popen([*LABKIT, "run", "--", "sleep 1000 & echo up; sleep 1001"],
+                                     env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.out, self.err = Lines(self.proc.stdout), Lines(self.proc.stderr)
+        self.frozen: list[int] = []
+        try:
+            self.out.wait_for(lambda ls: {"node1| up\n", "node2| up\n"} <= set(ls), self.proc,
+                              15, "both nodes' output")
+            end = time.monotonic() + 15
+            while len(running(nodes)) < 6:  # per node: sh + two sleeps
+                assert self.proc.poll() is None, "the run ended early"
+                assert time.monotonic() < end, "the commands never started"
+                time.sleep(0.01)
+            self.frozen = sshd_of(nodes.nodes["node1"])
+            for pid in self.frozen:
+                os.kill(pid, signal.SIGSTOP)
+            self.proc.send_signal(sig)
+            assert wait_gone(lambda: killmarked.marked([nodes.nodes["node2"].marker]), 10) == [], \
+                "the first signal did not start the cleanup"
+            assert len(killmarked.marked([nodes.nodes["node1"].marker])) == 3  # held
+            assert self.proc.poll() is None
+        except BaseException:
+            self.close()
+            raise
+
+    def repeat(self, sig: int) -> None:
+        """Send ``sig`` again and wait until it was handled (its line) or the run ended."""
+        seen = sum(ln.startswith("interrupted again") for ln in self.err.lines)
+        self.proc.send_signal(sig)
+        self.err.wait_for(lambda ls: sum(ln.startswith("interrupted again") for ln in ls) > seen,
+                          self.proc, 10, "the repeated signal's line")
+
+    def thaw(self) -> None:
+        for pid in self.frozen:
+            os.kill(pid, signal.SIGCONT)
+        self.frozen = []
+
+    def close(self) -> None:
+        self.thaw()
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT],
+                         ids=lambda s: s.name)
+def test_second_signal_does_not_cut_the_cleanup_short(nodes: SshNodeSet, sig: int) -> None:
+    """A closed terminal often sends SIGHUP twice, Ctrl-C twice is a habit: the second signal
+    lands INSIDE the first one's cleanup and must leave it running to the end. Raised, it
+    unwound through the connection pool and closed node1's connection under its kill: all of
+    node1's processes stayed."""
+    held = HeldCleanup(nodes, sig)
+    try:
+        held.repeat(sig)
+        held.thaw()
+        held.proc.wait(timeout=30)
+    finally:
+        held.close()
+    text = held.err.text()
+    check_interrupted(held.proc, sig, text)
+    assert text.count("interrupted again: finishing the cleanup first") == 1, text
+    assert wait_gone(lambda: running(nodes), 1.0) == [], "the second signal cut the cleanup short"
+
+
+def test_third_ctrl_c_abandons_the_cleanup_but_machine_signals_never_do(nodes: SshNodeSet) -> None:
+    """However many SIGHUP/SIGTERM come (a terminal, then systemd), the cleanup runs to the end;
+    a person pressing Ctrl-C a third time gets out at once, told what may be left."""
+    held = HeldCleanup(nodes, signal.SIGHUP)
+    try:
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGHUP):
+            held.repeat(sig)
+            assert held.proc.poll() is None, held.err.text()
+        held.repeat(signal.SIGINT)  # the run ends: it waits for no cleanup
+        assert held.proc.wait(timeout=10) == 128 + signal.SIGHUP  # the first signal's code
+        assert len(killmarked.marked([nodes.nodes["node1"].marker])) == 3  # abandoned
+    finally:
+        held.close()
+        killmarked.kill([nodes.nodes["node1"].marker])
+    text = held.err.text()
+    assert text.strip().splitlines()[-1] == ("cleanup abandoned: commands the task started may "
+                                             "still be running on the nodes"), text
+    assert "Traceback" not in text, text
+
+
+def test_on_cancel_outside_a_task_calls_back_raises_once_and_restores() -> None:
+    """Library code (the power tasks' BMC client, the console) reacts to the signals through
+    ``on_cancel``/``handled``: outside a task they handle SIGTERM for their own body — the
+    callback runs, Interrupted is raised once, a second signal only calls back — and put the
+    handler back after."""
+    import threading
+
+    from labkit import signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    called = threading.Event()
+    calls = []
+    with pytest.raises(signals.Interrupted) as info:
+        with signals.on_cancel(lambda: (calls.append(1), called.set())):
+            os.kill(os.getpid(), signal.SIGTERM)
+            called.wait(5)  # the handler runs on the main thread, between two bytecodes
+    assert info.value.signo == signal.SIGTERM and calls == [1]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("sig", SIGS, ids=lambda s: s.name)
+def test_signal_ends_the_interactive_console_like_any_task(make_fake_lab: Any, sig: int) -> None:
+    """``labkit console NODE`` on a terminal, then SIGTERM/SIGHUP: the terminal comes back as
+    it was, the SOL session is left, and the task ends as every task does: one
+    ``interrupted (SIG...)`` line, exit 128 + signal (it used to exit silently)."""
+    from test_console_session import LABKIT as CONSOLE_CLI
+    from test_console_session import Pty, booted_lab
+    from test_console_session import env_for as console_env
+
+    lab = booted_lab(make_fake_lab)
+    term = Pty([*CONSOLE_CLI, "console", "node1"], console_env(lab))
+    try:
+        assert term.read_until(b"SOL connected", 15), term.text()
+        term.proc.send_signal(sig)
+        assert term.proc.wait(10) == 128 + sig, term.text()
+        term.drain()
+        assert term.restored()
+    finally:
+        term.close()
+    text = term.text()
+    assert "Traceback" not in text, text
+    assert "console closed" in text, text
+    assert text.strip().splitlines()[-1] == message(sig), text
 
 
 def test_ignored_sighup_stays_ignored(nodes: SshNodeSet) -> None:
@@ -108,6 +294,8 @@ BIG = 32 << 20
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if sshd_path() is None:
+        pytest.skip(NO_SSHD)
     handle = start_fake_lab(tmp_path_factory.mktemp("sigfull"), count=2, sshd="openssh",
                             power_delay=(0.05, 0.2), boot_delay=0.2, power_on=True)
     yield handle

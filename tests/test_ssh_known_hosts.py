@@ -171,3 +171,47 @@ def test_cli_run_names_a_revoked_key_in_one_line(lab: SshNodeSet, tmp_path: Path
     assert "Traceback" not in p.stderr
     [out] = json.loads(p.stdout)
     assert "REVOKED" in out["error"] and f"{lab.known_hosts}:2" in out["error"]
+
+
+def test_same_size_rewrite_within_one_tick_is_seen(tmp_path: Path) -> None:
+    """``ssh-keygen -R`` then re-adding a key of the same type: same file, same size, and (one
+    timestamp tick, or mtime set back) the same mtime. A long-lived process must see it."""
+    from labkit.ssh.hostkeys import check_host_key, known_key_types
+    from labkit.ssh.target import Target
+
+    old, new = ensure_host_key(tmp_path / "old"), ensure_host_key(tmp_path / "new")
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"node.lab ssh-ed25519 {old.get_base64()}\n")
+    target = Target(node="n", hostname="node.lab", port=22, user="u", key_files=(),
+                    known_hosts=kh, trust_on_first_use=False)
+    check_host_key(target, old)  # parsed and cached
+    assert known_key_types(target) == ["ssh-ed25519"]
+    before = kh.stat()
+    with open(kh, "r+") as f:  # in place: same inode
+        f.write(f"node.lab ssh-ed25519 {new.get_base64()}\n")
+    os.utime(kh, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = kh.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
+        (before.st_ino, before.st_size, before.st_mtime_ns)
+    check_host_key(target, new)  # the stale cache said CHANGED
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        check_host_key(target, old)
+
+
+def test_known_key_types_reads_under_the_known_hosts_lock(tmp_path: Path) -> None:
+    """The cache is shared by every connecting thread: reading it waits for a check (or a
+    trust-on-first-use append) in progress."""
+    import threading
+
+    from labkit.ssh import hostkeys
+    from labkit.ssh.target import Target
+
+    target = Target(node="n", hostname="h", port=22, user="u", key_files=(),
+                    known_hosts=tmp_path / "kh", trust_on_first_use=False)
+    done = threading.Event()
+    reader = threading.Thread(target=lambda: (hostkeys.known_key_types(target), done.set()))
+    with hostkeys._known_lock:
+        reader.start()
+        assert not done.wait(0.3), "read the cache while another thread held the lock"
+    reader.join(5)
+    assert done.is_set()

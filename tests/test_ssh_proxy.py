@@ -265,8 +265,27 @@ def test_no_proxy_process_left_after_a_failed_connect(lab: SshNodeSet, tmp_path:
     assert os.environ["HOME"].startswith(str(tmp_path))
 
 
-def test_include_is_not_silently_ignored(tmp_path: Path, monkeypatch, caplog) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = config(tmp_path, monkeypatch, "Host a\n  User x\nInclude conf.d/*\n")
-    resolve(Node("a", None, SshSpec(host="a")), SETTINGS)
-    assert f"{cfg}:3: Include is not supported" in caplog.text
+def test_inventory_only_jump_host_error_says_where_its_key_goes(lab: SshNodeSet,
+                                                               tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """A jump host is checked as ``ssh -J`` checks it (OpenSSH passes no -o to the hop), so the
+    node's known_hosts in the inventory does not vouch for it, even when it holds the key: the
+    error says so and names the file to add the key to; once there, the lab works."""
+    monkeypatch.setenv("LABKIT_SSH_CONFIG", str(tmp_path / "no_ssh_config"))
+    p1 = lab.nodes["node1"].port
+    hop = f"127.0.0.1:{p1}"
+    via = inv.load(lab.inventory_path).node("node2")
+    from dataclasses import replace
+    via = replace(via, ssh=replace(via.ssh, proxy_jump=hop))
+    assert f"[127.0.0.1]:{p1} " in lab.known_hosts.read_text()  # the inventory's file has it
+    user_known = Path(os.environ["HOME"]) / ".ssh" / "known_hosts"
+    with pytest.raises(HostKeyError) as ei:
+        SshClient.connect(via, SETTINGS)
+    msg = str(ei.value)
+    assert f"jump host {hop} is checked as `ssh {hop}`" in msg and "\n" not in msg
+    assert f"add the key to {user_known}" in msg
+    user_known.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(lab.key, user_known.parent / "id_ed25519")  # the hop's key: ~/.ssh's too
+    user_known.write_text(lab.known_hosts.read_text().splitlines(keepends=True)[0])
+    with SshClient.connect(via, SETTINGS) as c:
+        assert c.run("echo $LABKIT_NODE").stdout == b"node2\n"

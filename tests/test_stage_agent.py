@@ -255,3 +255,152 @@ def test_probe_is_posix_sh(shell: str) -> None:
     text = nodeside.script("probe")
     r = subprocess.run([shell, "-n"], input=text.encode(), capture_output=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def edit_in_place(path: Path, data: bytes) -> None:
+    """An edit that keeps size and mtime (``cp -p``, an editor that restores it): only the
+    ctime, which nobody can set back, tells."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_rollback_refuses_a_previous_release_edited_since_it_was_built(tmp_path: Path) -> None:
+    """Rollback only swaps symlinks; it restored "byte for byte" only if nobody had edited
+    the previous release. Now it checks previous by stat (hashing what the stat cannot vouch
+    for) and refuses, naming the files, instead of switching to edited code."""
+    assert agent(tmp_path, "stage", "5", stdin=stage_input("R1", V1))[0] == 0
+    v2 = {**V1, "tool.py": b"print('v2')\n"}
+    link = {p: ["R1", p] for p in V1 if p != "tool.py"}
+    assert agent(tmp_path, "stage", "5",
+                 stdin=stage_input("R2", {"tool.py": v2["tool.py"]}, link, every=v2))[0] == 0
+    r1 = payloads(tmp_path) / "releases" / "R1"
+    # touched, same bytes: not an edit (read and hashed, then trusted)
+    os.utime(r1 / "blob.bin", (1, 1))
+    edit_in_place(r1 / "lib" / "helper.py", b"X = 9\n")
+    code, res, _ = agent(tmp_path, "rollback", "5")
+    assert code == 3, res
+    assert res["modified"] == ["lib/helper.py"] and res["release"] == "R2"
+    assert res["error"] == ("previous release R1 has 1 file modified on the node since it was "
+                            "built (lib/helper.py); not rolled back: deploy instead")
+    assert (current(tmp_path), current(tmp_path, "previous")) == ("R2", "R1")
+    (r1 / "lib" / "helper.py").write_bytes(V1["lib/helper.py"])  # put right: rolls back
+    code, res, _ = agent(tmp_path, "rollback", "5")
+    assert code == 0 and res == {"release": "R1", "previous": "R2"}
+    (r1 / "blob.bin").unlink()  # and forward again is checked the same way: R2 is intact
+    code, res, _ = agent(tmp_path, "rollback", "5")
+    assert code == 0 and current(tmp_path) == "R2"
+    code, res, _ = agent(tmp_path, "rollback", "5")
+    assert code == 3 and res["modified"] == ["blob.bin"] and "1 file modified" in res["error"]
+
+
+def test_a_marker_moved_forward_vouches_for_nothing(tmp_path: Path) -> None:
+    """Kept files are trusted by stat (size, mtime, ctime not after the release's marker), not
+    re-hashed. A marker whose mtime was pushed past an edit (``touch -d``) must not make the
+    edit look older than the build: such a marker is after its own ctime, and every file of
+    that release is hashed instead."""
+    assert agent(tmp_path, "stage", "5", stdin=stage_input("R1", V1))[0] == 0
+    r1 = payloads(tmp_path) / "releases" / "R1"
+    edit_in_place(r1 / "lib" / "helper.py", b"X = 2\n")
+    later = time.time() + 3600
+    os.utime(r1 / ".labkit-stat", (later, later))
+    assert probe(tmp_path)["current"]["suspect"] == []  # the probe cannot see it ...
+    v2 = {**V1, "tool.py": b"print('v2')\n"}
+    link = {p: ["R1", p] for p in V1 if p != "tool.py"}
+    code, res, _ = agent(tmp_path, "stage", "5",
+                         stdin=stage_input("R2", {"tool.py": v2["tool.py"]}, link, every=v2))
+    assert code == 3 and res["resend"] == ["lib/helper.py"], res  # ... the stage agent does
+    assert res["error"].startswith("1 kept file changed on the node")
+    assert current(tmp_path) == "R1"
+
+
+def test_kept_files_are_copied_exactly_whatever_the_copy_path(tmp_path: Path) -> None:
+    """Kept files go through FICLONE, copy_file_range(2) or a read/write loop, whichever the
+    filesystem takes: each new release holds the bytes of the old one, in inodes of its own,
+    and files larger than one copy call or one read are whole."""
+    big = os.urandom(3 << 20) + b"tail"
+    v1 = {**V1, "big.bin": big, "empty": b""}
+    assert agent(tmp_path, "stage", "5", stdin=stage_input("R1", v1))[0] == 0
+    v2 = {**v1, "tool.py": b"print('v2')\n"}
+    link = {p: ["R1", p] for p in v1 if p != "tool.py"}
+    code, res, _ = agent(tmp_path, "stage", "5",
+                         stdin=stage_input("R2", {"tool.py": v2["tool.py"]}, link, every=v2))
+    assert code == 0, res
+    r1, r2 = payloads(tmp_path) / "releases" / "R1", payloads(tmp_path) / "releases" / "R2"
+    for p, data in v2.items():
+        assert (r2 / p).read_bytes() == data, p
+        if p != "tool.py":
+            assert os.stat(r2 / p).st_ino != os.stat(r1 / p).st_ino
+    code, hashed, _ = agent(tmp_path, "probe", "0", "hash")
+    assert code == 0 and hashed["current"]["modified"] == [] and hashed["current"]["missing"] == []
+
+
+def test_a_full_node_is_reported_as_such_not_as_a_changed_file(tmp_path: Path) -> None:
+    """A copy of a kept file that fails because the node cannot write (a full disk, a file
+    size limit) was reported as "kept file changed" and sent again, to fail the same way; now
+    it is the error it is."""
+    big = {**V1, "big.bin": os.urandom(4 << 20)}
+    assert agent(tmp_path, "stage", "5", stdin=stage_input("R1", big))[0] == 0
+    v2 = {**big, "tool.py": b"print('v2')\n"}
+    link = {p: ["R1", p] for p in big if p != "tool.py"}
+    # ulimit -f counts 512- or 1024-byte blocks depending on the shell: 1-2 MiB either way
+    code, out = sh("ulimit -f 2048; " + nodeside.command("stage", "stage", "~/labkit", "5"),
+                   tmp_path, stage_input("R2", {"tool.py": v2["tool.py"]}, link, every=v2))
+    res = json.loads(out.split(b"\n")[-1])
+    assert code == 3 and "resend" not in res, res
+    assert "File too large" in res["error"]
+    assert current(tmp_path) == "R1"
+    assert sorted(os.listdir(payloads(tmp_path) / "releases")) == ["R1"]
+
+
+@pytest.fixture
+def coarse_fs(tmp_path: Path):
+    """A home on a filesystem whose timestamps have whole-second ticks (ext2 with 128-byte
+    inodes): what an old node's disk can be, and the same race a jiffy tick makes, made wide
+    enough to hit every time."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("mke2fs") or not shutil.which("mount"):
+        pytest.skip("needs root, mke2fs and mount for a loop-mounted ext2")
+    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    r = subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-I", "128", str(img)],
+                       capture_output=True, timeout=60)
+    if r.returncode != 0:
+        pytest.skip(f"mke2fs failed: {r.stderr.decode().strip()}")
+    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True,
+                       timeout=60)
+    if r.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {r.stderr.decode().strip()}")
+    try:
+        probe_file = mnt / "tick"
+        probe_file.write_bytes(b"")
+        if probe_file.stat().st_mtime_ns % 1_000_000_000:
+            pytest.skip("this ext2 keeps sub-second timestamps")
+        probe_file.unlink()
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
+
+
+def test_an_edit_in_the_markers_own_tick_is_seen(coarse_fs: Path) -> None:
+    """``find -cnewer`` and the stage agent's stat check are strict, and timestamps come in
+    ticks: an edit right after a deploy, in the tick its marker was written in, looked as old
+    as the build and was copied into the next release. The agent now publishes a release only
+    once the file clock has passed its marker."""
+    home = coarse_fs
+    assert agent(home, "stage", "5", stdin=stage_input("R1", V1))[0] == 0
+    helper = payloads(home) / "current" / "lib" / "helper.py"
+    edit_in_place(helper, b"X = 2\n")  # at once, as a hotfix script would
+    marker = payloads(home) / "current" / ".labkit-stat"
+    assert helper.stat().st_ctime_ns > marker.stat().st_mtime_ns
+    assert probe(home)["current"]["suspect"] == ["lib/helper.py"]
+    v2 = {**V1, "tool.py": b"print('v2')\n"}
+    link = {p: ["R1", p] for p in V1 if p != "tool.py"}  # a plan that keeps it anyway
+    code, res, _ = agent(home, "stage", "5",
+                         stdin=stage_input("R2", {"tool.py": v2["tool.py"]}, link, every=v2))
+    assert code == 3 and res["resend"] == ["lib/helper.py"], res

@@ -36,7 +36,6 @@ import os
 import queue
 import re
 import select
-import signal
 import stat
 import struct
 import sys
@@ -697,17 +696,24 @@ def attach(node: Node, settings: Settings, *, force: bool = False,
 
     Transient drops reconnect. Raises NodeError (the caller exits non-zero) when the console
     ends on its own (:class:`SolConsole` ``fatal``: login refused, in use, taken over) or when
-    the user leaves while there is no SOL session because of an error."""
-    stdin = stdin or sys.stdin.buffer
-    stdout = stdout or sys.stdout.buffer
+    the user leaves while there is no SOL session because of an error.
+
+    SIGTERM/SIGHUP (and SIGINT, which raw mode keeps from the keyboard) are labkit.signals':
+    Interrupted is raised like Ctrl-C, so :func:`_attach`'s ``finally`` restores the terminal and
+    leaves the SOL session, and inside a task the one ``interrupted (SIG...)`` line and exit
+    128 + signal follow; a second signal does not cut that short."""
+    from labkit import signals
+
+    with signals.handled():
+        _attach(node, settings, force, stdin or sys.stdin.buffer, stdout or sys.stdout.buffer)
+
+
+def _attach(node: Node, settings: Settings, force: bool, stdin: IO[bytes],
+            stdout: IO[bytes]) -> None:
+    """:func:`attach`'s body, run while the signals are handled."""
     fd = stdin.fileno()
     saved = None
 
-    def leave(signum: int, frame: object) -> None:  # SIGTERM/SIGHUP: still restore the tty
-        raise SystemExit(128 + signum)
-
-    old_handlers = ({sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
-                    if threading.current_thread() is threading.main_thread() else {})
     if os.isatty(fd):
         import termios
         import tty
@@ -760,8 +766,6 @@ def attach(node: Node, settings: Settings, *, force: bool = False,
             import termios
 
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
         if greeted.is_set() and not con.fatal:
             note("console closed")
     if con.fatal:

@@ -25,6 +25,7 @@ from typing import Any
 import labkit
 from labkit.errors import UserError
 from labkit.nodeside.stage import MANIFEST, STAT_INDEX
+from labkit.text import plural
 
 DEFAULT_BUNDLE = Path(labkit.__file__).resolve().parent / "payloads"
 RESERVED = {MANIFEST, STAT_INDEX}
@@ -40,6 +41,9 @@ class BundleFile:
     size: int
     mode: int      # 0o644 or 0o755, normalised like git so umasks do not count as changes
     sha256: str
+    # (size, mtime_ns, ctime_ns) when it was read: a file changed since is not streamed (the
+    # node seals what it receives by stat and would keep bytes the MANIFEST does not promise)
+    stamp: tuple[int, int, int] | None = None
 
     def entry(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "size": self.size, "mode": f"{self.mode:o}"}
@@ -256,7 +260,8 @@ def collect_bundle(paths: Sequence[str | os.PathLike],
                 digest = cache.sha256(src.resolve(), st) if cache else _sha256(src)
             except OSError as e:
                 raise _unreadable(src, e) from None
-            files[rel] = BundleFile(rel, src, st.st_size, _norm_mode(st.st_mode), digest)
+            files[rel] = BundleFile(rel, src, st.st_size, _norm_mode(st.st_mode), digest,
+                                    (st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     if not files:
         raise UserError(f"payloads {', '.join(map(str, roots))}: no files to deploy")
     if cache:
@@ -314,11 +319,6 @@ def short_rev(rev: str | None, dirty: bool | None) -> str | None:
     if not rev:
         return None
     return "+".join(r[:10] for r in rev.split("+")) + ("-dirty" if dirty else "")
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 file``, ``2 files``: never "1 files" in what a person reads."""
-    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def human_bytes(n: int) -> str:

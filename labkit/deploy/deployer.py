@@ -10,6 +10,7 @@ connection, one probe and (when something changed) one stage command.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,11 @@ from labkit.config import Settings
 from labkit.deploy.bundle import (
     CHUNK,
     Bundle,
+    BundleFile,
     bundle_paths,
     collect_bundle,
     human_bytes,
     new_release_id,
-    plural,
 )
 from labkit.deploy.plan import (
     Plan,
@@ -38,8 +39,10 @@ from labkit.errors import LabkitError, NodeError, UserError
 from labkit.fanout import Outcome, fan_out
 from labkit.inventory import Node
 from labkit.nodeside.stage import PYTHON_CHECK
+from labkit.ssh.errors import exit_text, last_error_line
 from labkit.ssh.shell import RunResult
 from labkit.ssh.stream import ACK_EVERY, exec_streaming
+from labkit.text import plural
 
 if TYPE_CHECKING:
     from labkit.ssh.shell import RemoteShell
@@ -91,19 +94,39 @@ def _decode(node: Node, res: RunResult, what: str) -> dict[str, Any]:
         raise NodeError(f"{data['error']}",
                         value={k: v for k, v in data.items() if k != "error"})
     if res.exit_code != 0 or not isinstance(data, dict):
-        tail = res.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [text[-200:]]
-        if res.exit_code is None:
-            raise NodeError(f"{what} interrupted: connection lost after {res.seconds:.1f}s "
-                            "(node powered off or rebooted?); the node keeps its previous release")
-        hint = " (is python3 installed on the node?)" if res.exit_code == 127 else ""
-        raise NodeError(f"{what} failed (exit {res.exit_code}){hint}: {tail[0] if tail else ''}")
+        raise _failed(what, res)
     return data
+
+
+def _failed(what: str, res: RunResult) -> NodeError:
+    """A remote command that did not answer: ``<what> failed: exit code N: <last stderr
+    line>``, worded like every other task's (``exit_text``); the last line of stdout stands in
+    when stderr is empty."""
+    if res.timed_out:
+        return NodeError(f"{what} timed out after {res.seconds:.0f}s")
+    if res.exit_code is None:
+        return NodeError(f"{what} interrupted: connection lost after {res.seconds:.1f}s "
+                         "(node powered off or rebooted?); the node keeps its previous release")
+    said = res.stderr if last_error_line(res.stderr) else res.stdout
+    hint = " (is python3 installed on the node?)" if res.exit_code == 127 else ""
+    return NodeError(f"{what} failed: {exit_text(res.exit_code, said)}{hint}")
+
+
+def _unchanged(f: BundleFile, fd: int) -> None:
+    """Raise unless the open source of ``f`` is as it was when the bundle hashed it: the node
+    trusts what it receives by stat from then on, so bytes the MANIFEST does not promise must
+    never reach it."""
+    st = os.fstat(fd)
+    if f.stamp is not None and (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != f.stamp:
+        raise LabkitError(f"{f.source} changed while being deployed; nothing switched, "
+                          "deploy again")
 
 
 def _stream(plan: Plan, header: bytes, counter: Transfer | None) -> Iterator[bytes]:
     yield header
     for f in plan.send:
         with open(f.source, "rb") as fh:
+            _unchanged(f, fh.fileno())
             left = f.size
             while left:
                 b = fh.read(min(CHUNK, left))
@@ -112,6 +135,8 @@ def _stream(plan: Plan, header: bytes, counter: Transfer | None) -> Iterator[byt
                 left -= len(b)
                 if counter:
                     counter.add(len(b))
+                if not left:  # before the last bytes go: a write during the read shows here
+                    _unchanged(f, fh.fileno())
                 yield b
 
 
@@ -167,8 +192,7 @@ class Deployer:
         def act(client: RemoteShell) -> dict[str, Any]:
             r = client.run(sh_probe_command(workdir), timeout=self.settings.command_timeout)
             if not r.ok:
-                raise NodeError(f"probe failed (exit {r.exit_code}): "
-                                f"{r.stderr.decode(errors='replace').strip()[-300:]}")
+                raise _failed("probe", r)
             probe = parse_sh_probe(r.stdout.decode("utf-8", "replace"))
             cur = probe.get("current") or {}
             if in_sync(bundle, probe):

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit import nodeside
-from labkit.deploy.bundle import Bundle, BundleFile, files_digest, plural, short_rev
+from labkit.deploy.bundle import Bundle, BundleFile, files_digest, short_rev
 from labkit.errors import NodeError
+from labkit.text import plural
 
 
 @dataclass
@@ -100,8 +101,8 @@ def check_state(bundle: Bundle, probe: dict[str, Any]) -> dict[str, Any]:
     if modified:
         value.update(state="modified on node", detail=_some(modified))
     elif stale:
-        value.update(state="stale", detail=f"{plural(len(stale), 'file')} differ"
-                     f"{'s' if len(stale) == 1 else ''}: {_some(stale)}")
+        value.update(state="stale", detail=f"{plural(len(stale), 'file differs', 'files differ')}"
+                     f": {_some(stale)}")
     else:
         value.update(state="in sync", detail="")
     if value["leftovers"]:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from labkit.experiment.results import Events
     from labkit.ssh import RemoteProcess, RemoteShell
+    from labkit.ssh.run import Tail
 
 # After a peer's stdout ends, how long its exit status may take to arrive (OpenSSH sends it
 # after the EOF; the fake lab before it). A channel that closes without one sets it at once.
@@ -38,6 +39,9 @@ EXIT_STATUS_GRACE = 2.0
 # A peer that reported an error may still be writing its stderr: wait this long for its end.
 ERROR_EXIT_GRACE = 1.0
 STDERR_LINES = 3  # of a peer's stderr, the lines a failure quotes (a traceback's last is the one)
+# Of a peer's stderr, the bytes kept (its tail): plenty for STDERR_LINES, and a peer that
+# writes megabytes there costs the controller no more than this.
+STDERR_KEEP = 16 << 10
 
 # Put into a waiting queue when a peer ends: "look at the peers again".
 WAKE: dict[str, Any] = {"event": "peer-ended"}
@@ -79,7 +83,8 @@ def how_ended(status: int | None) -> str:
 class Remote:
     """A payload process on a node, over one SSH exec channel: stdout read by a thread into
     a queue (JSON lines) unless ``raw`` (then the caller reads the channel, e.g. a relay, and
-    calls ``stdout_closed`` at its end), stdin written by us, stderr kept for error messages.
+    calls ``stdout_closed`` at its end), stdin written by us, stderr read by a thread of its
+    own as it comes (the last STDERR_KEEP bytes kept, for error messages).
 
     Its end is known once its stdout has ended and its exit status is in (``ended``,
     ``exit_status``); ``on_end`` callbacks run then, with everything it wrote to stderr
@@ -88,6 +93,8 @@ class Remote:
     def __init__(self, client: RemoteShell, node: str, cmd: str, label: str, *,
                  raw: bool = False, env: dict[str, str] | None = None,
                  peers: Peers | None = None):
+        from labkit.ssh.run import Tail  # here: importing this module loads no paramiko
+
         self.client = client
         self.node = node
         self.label = label
@@ -99,8 +106,8 @@ class Remote:
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self._lock = threading.Lock()  # one writer on stdin at a time
         self._end_lock = threading.Lock()
-        self._err_lock = threading.Lock()  # stderr is read by the reader and by waiters
-        self._err = b""
+        self._err_lock = threading.Lock()  # the tail: written by its reader, read by waiters
+        self._err: Tail = Tail(STDERR_KEEP)
         self.ended = threading.Event()
         self.exit_status: int | None = None
         self.told_to_quit = False  # its end is expected: not a failure
@@ -108,6 +115,9 @@ class Remote:
         self._on_end: list[Callable[[Remote], None]] = []
         if peers is not None:
             peers.add(self)
+        self._err_reader = threading.Thread(target=self._read_stderr, daemon=True,
+                                            name=f"{label}-err")
+        self._err_reader.start()
         if not raw:
             threading.Thread(target=self._read_lines, daemon=True,
                              name=f"{label}-out").start()
@@ -136,16 +146,35 @@ class Remote:
         self.stdout_closed()
         self.lines.put({"event": "eof", **({"error": error} if error else {})})
 
+    def _read_stderr(self) -> None:
+        """Read its stderr for its whole life, keeping the tail. Continuously, not when a
+        failure wants its lines: paramiko grants the peer window only for what is read, and
+        stdout and stderr share that window, so stderr left unread would stall the channel
+        (and the peer, blocked writing it) after a couple of MiB."""
+        while True:
+            try:
+                data = self.ch.recv_stderr(65536)
+            except TimeoutError:  # a raw channel's consumer set a timeout: not our end
+                continue
+            except OSError:
+                return
+            if not data:  # EOF (it comes with stdout's) or the channel closed
+                return
+            with self._err_lock:
+                self._err.add(data)
+
     def stdout_closed(self) -> None:
         """Its stdout ended (the reader thread's or a raw channel's consumer's call): wait a
-        moment for the exit status, take the rest of stderr, and tell the ``on_end``
+        moment for the exit status and the end of stderr, and tell the ``on_end``
         callbacks. Idempotent."""
         if self.ended.is_set():
             return
+        end = time.monotonic() + EXIT_STATUS_GRACE
         if self.ch.status_event.wait(EXIT_STATUS_GRACE):
             code = self.ch.recv_exit_status()
             self.exit_status = None if code == -1 else code
-        self._drain_stderr()
+        # stderr's EOF arrives with stdout's; after a raw consumer's error it may not
+        self._err_reader.join(max(0.0, end - time.monotonic()))
         with self._end_lock:
             self.ended.set()
             callbacks = list(self._on_end)
@@ -173,21 +202,15 @@ class Remote:
         self.told_to_quit = True
         self.send(line)
 
-    def _drain_stderr(self) -> None:
-        with self._err_lock:
-            try:
-                while self.ch.recv_stderr_ready():
-                    self._err += self.ch.recv_stderr(65536)
-            except OSError:
-                pass
-
     def stderr_lines(self, n: int = STDERR_LINES) -> list[str]:
-        """The last ``n`` non-blank lines the process wrote to stderr (all of it is kept)."""
-        self._drain_stderr()
+        """The last ``n`` non-blank lines the process wrote to stderr (of its kept tail: a
+        line cut by the tail's start is not quoted)."""
         with self._err_lock:
-            text = self._err.decode(errors="replace")
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        return lines[-n:]
+            data, cut = self._err.value(), self._err.dropped > 0
+        lines = data.decode(errors="replace").splitlines()
+        if cut and len(lines) > 1:
+            lines = lines[1:]
+        return [ln for ln in lines if ln.strip()][-n:]
 
     def stderr_tail(self) -> str:
         """The last stderr lines as one line of text (for a message)."""

@@ -1,6 +1,7 @@
 """What a migrate-test run found, and its results folder: the ``Result`` every backend fills,
 run.json, rounds.csv, events.jsonl, and the printed summary (plots: ``plots.py``). Nothing
-here holds a secret: configs and node facts only."""
+here holds a secret: configs and node facts, and what peers said (a failure quotes their
+stderr), which every writer here passes through ``scrubbed`` on the way out."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.experiment.config import MigrateConfig, human_size
+from labkit.secrets import scrub
 
 # One row per round, whatever the backend: rounds.csv's columns (a row may hold more, such as
 # freeze_ms, t_start and t_end, which the timeline plot uses).
@@ -97,6 +99,20 @@ def _ms(s: float | None) -> float | None:
     return None if s is None else round(s * 1000, 3)
 
 
+def scrubbed(data: Any) -> Any:
+    """``data`` (JSON-like) with every registered secret masked in every string in it. The
+    one place text a run did not write itself (a peer's stderr and error lines, quoted in
+    messages, ``failure`` objects and events) is cleaned before it leaves the process:
+    every results writer below and the ``RunFailed`` that carries --json's result."""
+    if isinstance(data, str):
+        return scrub(data)
+    if isinstance(data, dict):
+        return {k: scrubbed(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [scrubbed(v) for v in data]
+    return data
+
+
 def new_folder(results_dir: str | Path, task: str, now: float | None = None) -> Path:
     """results/<YYYYmmdd-HHMMSS>-<task>/, made unique if two runs start in the same second."""
     base = Path(results_dir)
@@ -126,8 +142,8 @@ class Events:
 
     def emit(self, kind: str, **data: Any) -> float:
         t = self.now()
-        line = json.dumps({"t": round(t, 6), "wall": round(time.time(), 3), "event": kind,
-                           **data}, sort_keys=True, default=str)
+        line = json.dumps(scrubbed({"t": round(t, 6), "wall": round(time.time(), 3),
+                                    "event": kind, **data}), sort_keys=True, default=str)
         with self._lock:
             if not self._f.closed:
                 self._f.write(line + "\n")
@@ -139,7 +155,7 @@ class Events:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    path.write_text(json.dumps(scrubbed(data), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_rounds(path: Path, rounds: list[dict[str, Any]]) -> None:
@@ -147,7 +163,7 @@ def write_rounds(path: Path, rounds: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=ROUND_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rounds:
-            w.writerow({k: _fmt(r.get(k)) for k in ROUND_COLUMNS})
+            w.writerow(scrubbed({k: _fmt(r.get(k)) for k in ROUND_COLUMNS}))
 
 
 def write_summary_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -155,7 +171,7 @@ def write_summary_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in columns})
+            w.writerow(scrubbed({k: _fmt(r.get(k)) for k in columns}))
 
 
 def _fmt(v: Any) -> Any:

@@ -41,14 +41,15 @@ class RunFailed(MigrationFailed):
     """A run failed: the cause's one-line message and exit code, its report data, and
     ``value["folder"]``, the results folder (written either way); ``value["result"]``, when
     given, is the run's result as JSON (what run.json and ``--json`` hold: ok false, the
-    error and its ``failure`` object)."""
+    error and its ``failure`` object). Message and value are scrubbed of secrets
+    (``results.scrubbed``): they quote peers' stderr, and tasks print them as they are."""
 
     def __init__(self, cause: LabkitError, folder: Path,
                  result: dict[str, Any] | None = None):
         value = {**cause.value, "folder": str(folder)}
         if result is not None:
             value["result"] = result
-        super().__init__(str(cause), value=value)
+        super().__init__(res.scrubbed(str(cause)), value=res.scrubbed(value))
         self.exit_code = cause.exit_code
 
 

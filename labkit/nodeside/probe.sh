@@ -12,7 +12,10 @@
 #   @new KEY  ./path...         files written or changed after the release's .labkit-stat
 #                               marker, i.e. edited on the node after it was built (@nostat
 #                               KEY: no marker). By ctime too where find has -cnewer: an edit
-#                               that puts size and mtime back cannot put the ctime back.
+#                               that puts size and mtime back cannot put the ctime back. Both
+#                               tests are strict and timestamps come in ticks, so stage.py
+#                               switches to a release only once the file clock has passed its
+#                               marker: an edit in the marker's own tick is newer all the same.
 #   @files KEY ./path...        every file of the release
 #   @done                       the output is complete
 W=$1

@@ -2,7 +2,7 @@
 node's lock, with answers the controller can parse exactly.
 
     python3 stage.py stage    WORKDIR STALL_SECONDS     the plan line, then file bytes, on stdin
-    python3 stage.py rollback WORKDIR LOCK_WAIT
+    python3 stage.py rollback WORKDIR LOCK_WAIT   refused when previous was edited since built
     python3 stage.py clean    WORKDIR LOCK_WAIT
     python3 stage.py probe    WORKDIR 0 [hash|stat]     read-only; hashes every file of current
 
@@ -122,38 +122,157 @@ def sha256(path):
 
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+# copy_file_range(2) cannot serve this pair (another filesystem on an old kernel, a filesystem
+# without it, a kernel or libc without the call): copy through user space instead
+# (EPERM: a container's seccomp profile that predates the call)
+NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
+# the new release cannot be written at all: sending the file instead would fail the same way
+NODE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
-def copy_verified(src, dst):
-    """Copy ``src`` to the new file ``dst`` (an inode of its own) and return the sha256 of
-    what ``dst`` now holds. A reflink (FICLONE: btrfs, XFS, ...) shares blocks copy-on-write,
-    not the inode, so it is as safe as a copy at almost no cost; elsewhere the bytes are
-    copied and hashed in the same pass."""
-    h = hashlib.sha256()
+def plural(n, word, many=None):
+    """``1 file``, ``2 files``. A copy of ``labkit.text.plural``: this program runs on nodes
+    with the stdlib only and imports nothing from labkit."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def clone(fdr, fdw):
+    """Reflink ``fdr`` into ``fdw`` (btrfs, XFS, ...): blocks shared copy-on-write, the inode
+    not. False where the filesystem cannot."""
+    try:
+        fcntl.ioctl(fdw, FICLONE, fdr)
+        return True
+    except OSError:
+        return False
+
+
+def copy_data(fdr, fdw, h=None):
+    """Copy the rest of ``fdr`` to ``fdw``. Without a hash to feed, in the kernel with
+    copy_file_range(2) (no trip through user space; on NFS 4.2 a server-side copy, and a
+    reflink by itself where the filesystem can), falling back to a read/write loop where the
+    call is missing or refuses the pair; with ``h``, read/write, hashing the same pass."""
+    if h is None and hasattr(os, "copy_file_range"):  # python >= 3.8
+        try:
+            while os.copy_file_range(fdr, fdw, 1 << 30):
+                pass
+            return
+        except OSError as e:
+            if e.errno not in NO_KERNEL_COPY:
+                raise
+            # the file positions say how far it got; the loop below goes on from there
+    while True:
+        b = os.read(fdr, 1 << 20)
+        if not b:
+            return
+        if h is not None:
+            h.update(b)
+        writeall(fdw, b)
+
+
+class Seal:
+    """What a release looked like when it was built, from its ``.labkit-stat`` index (size,
+    mtime_ns, mode per file) and the index file's own mtime (the marker, written last): a file
+    whose size and mtime still match and whose ctime is not after the marker has not been
+    touched since (an edit can put size and mtime back, never ctime). The stage agent waits for
+    the file clock to pass the marker before it publishes a release, so an edit made in the
+    same clock tick as the marker is after it too. A marker whose mtime is after its own ctime
+    was moved forward by hand (touch -d): nothing in that release is trusted by stat."""
+
+    def __init__(self, folder):
+        self.index, self.mark = {}, None
+        try:
+            st = os.stat(os.path.join(folder, STAT_INDEX))
+            with open(os.path.join(folder, STAT_INDEX)) as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            return
+        if isinstance(index, dict) and st.st_mtime_ns <= st.st_ctime_ns:
+            self.index, self.mark = index, st.st_mtime_ns
+
+    def untouched(self, path, st):
+        """True when ``st`` (a stat of ``path``) shows the file as it was built."""
+        e = self.index.get(path)
+        return (self.mark is not None and isinstance(e, list) and len(e) >= 2
+                and stat.S_ISREG(st.st_mode) and st.st_size == e[0]
+                and st.st_mtime_ns == e[1] and st.st_ctime_ns <= self.mark)
+
+
+def copy_kept(src, dst, seal, path, want):
+    """Copy ``src`` (file ``path`` of a release on this node, sealed by ``seal``) to the new
+    file ``dst`` (an inode of its own, so an edit in one release never reaches another);
+    True when ``dst`` holds what the MANIFEST entry ``want`` promises.
+
+    The source is judged by the stat of the open file: untouched since its release was built
+    (see ``Seal``), it is copied in the kernel and not read again; a second stat after the
+    copy proves no write landed during it. Otherwise its bytes are hashed as they are copied
+    (a touch or a chmod leaves them intact, an edit does not); after a reflink, what the clone
+    holds is hashed, not what the source holds by then."""
     fdr = os.open(src, os.O_RDONLY)
     try:
         fdw = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            try:
-                fcntl.ioctl(fdw, FICLONE, fdr)
-                cloned = True
-            except OSError:
-                cloned = False
-            if cloned:  # hash what the clone holds, not what src holds by now
+            cloned = clone(fdr, fdw)
+            if not cloned:
+                if not seal.untouched(path, os.fstat(fdr)):
+                    h = hashlib.sha256()
+                    copy_data(fdr, fdw, h)
+                    return h.hexdigest() == want["sha256"]
+                copy_data(fdr, fdw)
+            st = os.fstat(fdr)
+            if seal.untouched(path, st) and st.st_size == want["size"]:
+                return True
+            h = hashlib.sha256()
+            if cloned:
                 with open(dst, "rb") as f:
                     for b in iter(lambda: f.read(1 << 20), b""):
                         h.update(b)
-                return h.hexdigest()
-            while True:
-                b = os.read(fdr, 1 << 20)
-                if not b:
-                    return h.hexdigest()
-                h.update(b)
-                writeall(fdw, b)
+            else:  # written to during the copy: copy again, hashing what is written
+                os.lseek(fdr, 0, os.SEEK_SET)
+                os.lseek(fdw, 0, os.SEEK_SET)
+                os.ftruncate(fdw, 0)
+                copy_data(fdr, fdw, h)
+            return h.hexdigest() == want["sha256"]
         finally:
             os.close(fdw)
     finally:
         os.close(fdr)
+
+
+def modified_files(folder, files):
+    """Files of the release in ``folder`` that differ from its MANIFEST ``files``: missing,
+    not regular, another mode, or touched since it was built (by stat, see ``Seal``) and no
+    longer holding the promised bytes. Reads only the files whose stat does not vouch for
+    them."""
+    seal, bad = Seal(folder), []
+    for p, fe in files.items():
+        fp = os.path.join(folder, p)
+        try:
+            st = os.lstat(fp)
+        except OSError:
+            bad.append(p)
+            continue
+        if (not stat.S_ISREG(st.st_mode) or f"{stat.S_IMODE(st.st_mode):o}" != fe["mode"]
+                or st.st_size != fe["size"]):
+            bad.append(p)
+        elif not seal.untouched(p, st) and sha256(fp) != fe["sha256"]:
+            bad.append(p)
+    return sorted(bad)
+
+
+def wait_for_clock(path, limit=5.0):
+    """Return once the file clock of ``path``'s filesystem reads later than ``path``'s mtime,
+    so that any change made from now on gets a ctime strictly after it (``find -cnewer`` and
+    ``Seal`` compare strictly; timestamps come in ticks, from a jiffy to the 1-2 s of old
+    filesystems). Seen by setting the mode again, which stamps the ctime. Usually at once:
+    syncfs took longer than a tick. Gives up after ``limit`` seconds (a clock set back)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    end = time.time() + limit
+    while True:
+        os.chmod(path, mode)
+        st = os.stat(path)
+        if st.st_ctime_ns > st.st_mtime_ns or time.time() > end:
+            return
+        time.sleep(0.002)
 
 
 def build(cmd, where, timeout, rid):
@@ -312,6 +431,21 @@ class Releases:
         if not prev or not os.path.isdir(os.path.join(self.rels, prev)):
             raise Answer({"error": "no previous release to roll back to", "release": cur},
                          FAILED)
+        # switching symlinks restores the previous release byte for byte only if nobody
+        # edited it in the meantime: checked by stat, hashing only what the stat cannot vouch
+        # for; a modified release is refused, not switched to
+        info = self.describe(prev, None)
+        if info.get("error"):
+            raise Answer({"error": "previous release: " + info["error"], "release": cur},
+                         FAILED)
+        bad = modified_files(os.path.join(self.rels, prev), info["files"])
+        if bad:
+            more = f" (+{len(bad) - 3})" if len(bad) > 3 else ""
+            raise Answer({"error": f"previous release {prev} has {plural(len(bad), 'file')} "
+                                   f"modified on the node since it was built "
+                                   f"({', '.join(bad[:3])}{more}); not rolled back: deploy "
+                                   f"instead",
+                          "release": cur, "modified": bad}, FAILED)
         self.point("current", prev)
         if cur:
             self.point("previous", cur)
@@ -355,22 +489,27 @@ class Releases:
 
         # Files kept from a release already here are COPIED (reflinked where the filesystem
         # can), never hard-linked: a release shares no inode with another, so an edit made in
-        # place in one (root ignores file modes) cannot reach the others, and --rollback
-        # restores the previous release byte for byte. Each copy is verified against the sha256
-        # the new MANIFEST promises; a source edited on the node (even keeping size and mtime)
-        # is refused here and the controller sends that file instead.
-        changed = []
+        # place in one (root ignores file modes) cannot reach the others. A source is trusted
+        # by its stat when untouched since its release was built, else hashed; one that no
+        # longer holds what the new MANIFEST promises is refused here, and the controller
+        # sends that file instead.
+        changed, seals = [], {}
         for p, (src_rel, src_path) in plan["link"].items():
             src, dst = os.path.join(self.rels, src_rel, src_path), place(p)
+            if src_rel not in seals:
+                seals[src_rel] = Seal(os.path.join(self.rels, src_rel))
             try:
-                digest = copy_verified(src, dst)
-            except OSError:
-                digest = None
-            if digest != plan["manifest"]["files"][p]["sha256"]:
+                same = copy_kept(src, dst, seals[src_rel], src_path,
+                                 plan["manifest"]["files"][p])
+            except OSError as e:
+                if e.errno in NODE_FULL:  # this node's trouble, not the source's: say so
+                    raise
+                same = False  # the source is gone or unreadable: send it
+            if not same:
                 changed.append(p)
         if changed:
-            raise fail({"error": f"{len(changed)} kept file{'s' if len(changed) > 1 else ''} "
-                                 f"changed on the node since its release was built "
+            raise fail({"error": f"{plural(len(changed), 'kept file')} changed on the node "
+                                 f"since its release was built "
                                  f"({', '.join(sorted(changed)[:3])}); nothing switched",
                         "resend": sorted(changed)})
         written = []
@@ -399,9 +538,9 @@ class Releases:
             raise fail({"error": "more data than planned; nothing switched"})
         manifest = plan["manifest"]
         manifest["release"] = rid
-        err = build(plan.get("build"), inc, plan.get("build_timeout"), rid)
-        if err:
-            raise fail({"error": err, "build_failed": True})
+        # The stat index is taken before the build: a build that rewrites a payload file
+        # leaves it unsealed, so it is hashed (and refused) before it is reused or rolled
+        # back to. Modes are set first, so the build runs the files as they will run.
         index = {}
         for p, fe in manifest["files"].items():
             st = os.lstat(os.path.join(inc, p))
@@ -410,6 +549,9 @@ class Releases:
                 os.chmod(os.path.join(inc, p), mode)
                 st = os.lstat(os.path.join(inc, p))
             index[p] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)]
+        err = build(plan.get("build"), inc, plan.get("build_timeout"), rid)
+        if err:
+            raise fail({"error": err, "build_failed": True})
         durable = plan.get("fsync", True)
         for name, obj in ((MANIFEST, manifest), (STAT_INDEX, index)):  # the marker last
             with open(os.path.join(inc, name), "w") as f:
@@ -432,6 +574,9 @@ class Releases:
                         os.close(fdr)
                 for d in sorted({os.path.dirname(p) for p in written} | {inc}):
                     fsync_dir(d)
+        # published only once the file clock is past the marker: an edit made right after the
+        # switch, in the marker's own tick, would otherwise look as old as the build
+        wait_for_clock(os.path.join(inc, STAT_INDEX))
         os.rename(inc, final)
         old = self.target("current")
         if old and old != rid:

@@ -440,9 +440,9 @@ class PagemapScanner:
     def populated(self, start: int, end: int, swapped: bool = True) -> list:
         """Pages of [start, end) that hold private data of their own: present (or, with
         `swapped`, swapped out), not a page-cache page (FILE) and not the shared zero page (a
-        read fault maps that). In a private mapping only a write puts such a page there, so for
-        a mapping created after some instant these are exactly the pages written to it since
-        (minus any it has since discarded with MADV_DONTNEED). Changes no protection.
+        read fault maps that). Not the same as written: besides a write, MAP_POPULATE puts such
+        pages in place, and a write to a region that may take a transparent huge page puts 512
+        (see split_by_content). Changes no protection.
         Once a range is write-protected with WP_UNPOPULATED its empty entries hold uffd-wp
         markers, which PAGEMAP_SCAN reports as SWAPPED: ask with swapped=False then."""
         a = self.arg
@@ -460,6 +460,95 @@ class PagemapScanner:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def union(a, b) -> array:
+    """Sorted, unique array('Q') of the pages in `a` or `b`."""
+    if not len(a):
+        return to_array_q(b)
+    if not len(b):
+        return to_array_q(a)
+    return to_array_q(concat([a, b]))
+
+
+def difference(a, b) -> array:
+    """Sorted, unique array('Q') of the pages of `a` not in `b`."""
+    if not len(a) or not len(b):
+        return to_array_q(a)
+    if np is not None:
+        d = np.setdiff1d(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+        return to_array_q(d)
+    return array("Q", sorted(set(a) - set(b)))
+
+
+def _runs(pages) -> list[tuple[int, int]]:
+    """(first page address, page count) of each run of consecutive pages in sorted `pages`."""
+    if not len(pages):
+        return []
+    if np is not None:
+        p = np.asarray(pages, dtype=np.uint64)
+        cut = (np.flatnonzero(np.diff(p) != PAGE) + 1).tolist()
+        bounds = [0, *cut, len(p)]
+        return [(int(p[i]), j - i) for i, j in zip(bounds, bounds[1:])]
+    out: list[list[int]] = []
+    for a in pages:
+        if out and a == out[-1][0] + out[-1][1] * PAGE:
+            out[-1][1] += 1
+        else:
+            out.append([a, 1])
+    return [(a, n) for a, n in out]
+
+
+def split_by_content(reader: VmReader, pages, chunk: int = 4 << 20) -> tuple[array, array]:
+    """Split sorted, unique page addresses of the reader's process into (pages holding a nonzero
+    byte, pages all zero or no longer readable), reading them with process_vm_readv.
+
+    Why: a page of a private anonymous mapping starts zero-filled, so one that holds a nonzero
+    byte has surely been written since the mapping was created; a zero-filled one may have been
+    put there without any write (MAP_POPULATE, the other 511 pages of a transparent huge page)
+    or written with zeros: nothing in /proc tells these apart. Reading a swapped-out page swaps
+    it in; a page unmapped since it was listed counts with the zero ones."""
+    nz_a, z_a = array("Q"), array("Q")  # without numpy, and unreadable pages
+    nonzero, zero = [nz_a], [z_a]
+    runs = _runs(pages)
+    if not runs:
+        return array("Q"), array("Q")
+    cap = max(1, min(chunk, max(n for _, n in runs) * PAGE) // PAGE)
+    buf = anon_buffer(cap * PAGE)
+    addr = buffer_address(buf)
+    zpage = ctypes.create_string_buffer(PAGE)
+    rows = np.frombuffer(buf, dtype=np.uint64).reshape(-1, PAGE // 8) if np is not None else None
+    try:
+        for first, n in runs:
+            off = 0
+            while off < n:
+                m = min(cap, n - off)
+                src = first + off * PAGE
+                try:
+                    got = reader.read_into(addr, src, m * PAGE) // PAGE
+                except OSError as e:
+                    if e.errno not in (errno.EFAULT, errno.ENOMEM, errno.EIO):
+                        raise
+                    got = 0
+                if rows is not None:
+                    nz = rows[:got].any(axis=1)
+                    idx = np.arange(got, dtype=np.uint64) * np.uint64(PAGE) + np.uint64(src)
+                    nonzero.append(idx[nz])
+                    zero.append(idx[~nz])
+                else:
+                    for k in range(got):
+                        (nz_a if memcmp(addr + k * PAGE, zpage, PAGE) else z_a).append(src + k * PAGE)
+                if got < m:  # unreadable page: no longer there
+                    z_a.append(src + got * PAGE)
+                    got += 1
+                off += got
+    finally:
+        del rows
+        try:
+            buf.close()
+        except BufferError:  # pragma: no cover - a view is still alive somewhere
+            pass
+    return to_array_q(concat(nonzero)), to_array_q(concat(zero))
 
 
 def concat(chunks):

@@ -18,7 +18,8 @@ Library API:
     t = open_tracker(pid, backend="auto", ranges=None); t.start(); r = t.scan(); t.close()
     r.pages (sorted array('Q') of page addresses: what a copy must take, a new mapping whole),
     r.written_pages (the pages known written: a new mapping's populated pages only),
-    r.lower / r.upper (why written_pages may miss or over-count), r.per_mapping,
+    r.lower / r.upper (why written_pages may miss or over-count), r.maybe (pages of
+    written_pages that may have been filled without a write: MAP_POPULATE, THP), r.per_mapping,
     r.new_mappings, r.dropped_mappings, r.seconds
     with t.hold(): ...   (every thread of the target stopped for the body)
     DirtyRate(t): arm(), round(final=...), report() -- the dirty-rate measurement
@@ -77,6 +78,16 @@ class NoProcess(TargetGone):
 
 
 EXIT_GONE = 3  # CLI exit code: the target exited (or never existed); see the module docstring
+
+
+def populated_note(n: int) -> str:
+    """Why `n` counted pages may not have been written (see ScanResult.maybe)."""
+    return (f"{n} {'page' if n == 1 else 'pages'} counted as written held data (zero-filled, "
+            "or in a file-backed mapping) when a mapping that appeared in the window was first "
+            "seen, and may have been put there without a write (MAP_POPULATE, the rest of a "
+            "transparent huge page)")
+
+
 WHOLE_NEW = ("mappings that appeared in the window are counted whole (%s cannot tell which of "
              "their pages were written)")
 
@@ -99,6 +110,14 @@ class ScanResult:
     written: array | None = None
     lower: list[str] = field(default_factory=list)  # why writes may be missing from `written`
     upper: list[str] = field(default_factory=list)  # why `written` may hold unwritten pages
+    # pages of `written` that held data when their (new) mapping was first seen and may have
+    # been put there without a write (MAP_POPULATE, a transparent huge page): sorted, unique
+    maybe: array = field(default_factory=lambda: array("Q"))
+
+    @property
+    def maybe_note(self) -> str:
+        """The `upper` reason the `maybe` pages give ("" when there are none)."""
+        return populated_note(len(self.maybe)) if len(self.maybe) else ""
 
     @property
     def written_pages(self) -> array:
@@ -114,6 +133,7 @@ class ScanResult:
             "backend": self.backend,
             "new_pages": self.new_pages,
             "tracked_pages": self.tracked_pages,
+            "populated_pages": len(self.maybe),
         }
         if self.notes:
             d["notes"] = self.notes
@@ -292,7 +312,7 @@ class Tracker:
         return out
 
     def _result(self, chunks, t0, new, dropped, new_ranges, unique, notes=None,
-                written=None, upper=None) -> ScanResult:
+                written=None, upper=None, maybe=None) -> ScanResult:
         pages = pm.concat(chunks)
         if unique or (np is None and len(chunks) > 1):
             pages = pm.to_array_q(pages)
@@ -303,12 +323,18 @@ class Tracker:
         self.pieces.sort()
         lower = []
         if dropped:
-            lower.append(f"{dropped} tracked range(s) were unmapped, replaced or made read-only "
+            ranges = "tracked range was" if dropped == 1 else "tracked ranges were"
+            lower.append(f"{dropped} {ranges} unmapped, replaced or made read-only "
                          "between two scans: writes to them after the earlier scan are not seen")
+        maybe_a = pm.to_array_q(pm.concat(maybe)) if maybe else array("Q")
+        upper = list(upper or [])
+        if len(maybe_a):
+            upper.append(populated_note(len(maybe_a)))
         return ScanResult(
+            maybe=maybe_a,
             written=None if written is None else pm.to_array_q(pm.concat(written)),
             lower=lower,
-            upper=upper or [],
+            upper=upper,
             pages=pages,
             per_mapping=self._per_mapping(pages),
             new_mappings=new,
@@ -361,6 +387,15 @@ class Tracker:
 
 
 # ----------------------------------------------------------------------------------------------
+def _anonymous(vmas: list[pm.Vma] | None, addr: int) -> bool:
+    """Is `addr` in an anonymous VMA (no file behind it: inode 0)? Unknown counts as not, the
+    cautious answer for _register."""
+    if not vmas:
+        return False
+    i = bisect.bisect_right([v.start for v in vmas], addr) - 1
+    return i >= 0 and vmas[i].start <= addr < vmas[i].end and vmas[i].inode == 0
+
+
 def create_target_uffd(pid: int) -> int:
     """A userfaultfd created in `pid`'s mm, as a file descriptor of this process."""
     if pid == os.getpid():
@@ -408,29 +443,60 @@ class UffdTracker(Tracker):
             raise TrackerError(errno.ENOTSUP, "kernel lacks UFFD_FEATURE_WP_ASYNC/WP_UNPOPULATED")
         self.scanner = pm.PagemapScanner(pid)
 
-    def _register(self, s: int, e: int, written: list | None = None) -> bool:
+    def _register(self, s: int, e: int, written: list | None = None, maybe: list | None = None,
+                  anon: bool = True) -> bool:
         """Register and write-protect [s, e). With `written` (a range that appeared since the
-        previous scan: everything in it was written since), append the pages that already
-        hold data: those populated before the protection (present or swapped) and those
-        written between that look and the protection (present after it; markers of empty
-        entries read as swapped by then, hence present only)."""
+        previous scan), append the pages that already hold data: those populated before the
+        protection (present or swapped: the first look) and those populated between that look
+        and the protection (present after it; markers of empty entries read as swapped by
+        then, hence present only); those of them that may hold data without having been
+        written go to `maybe` as well.
+
+        Holding data is not having been written: MAP_POPULATE fills a whole mapping, and the
+        first write to a 2 MiB region that may take a transparent huge page (MADV_HUGEPAGE,
+        THP "always") puts 512 pages in place. No kernel state tells these apart from written
+        pages: PAGE_IS_WRITTEN is "not write-protected", true of every page of a range not yet
+        protected; a new VMA is soft-dirty as a whole; PAGE_IS_HUGE is lost when the huge page
+        is split (an async write-protect fault splits it). Content does tell, for anonymous
+        memory (`anon`): its pages start zero-filled, so one holding a nonzero byte was written.
+        So: in an anonymous mapping a page holding data is written if nonzero, else maybe; in
+        a file-backed one (a copied page holds the file's bytes) a page of the first look is
+        maybe, one that appeared only after it was put there by a write fault (the protection
+        allocates page tables for the markers, so no huge page forms after it)."""
         try:
             self.uffd.register_wp(s, e)
             if written is not None:
-                written.extend(self.scanner.populated(s, e))
+                first = self.scanner.populated(s, e)
             self.uffd.writeprotect(s, e)
             if written is not None:
-                written.extend(self.scanner.populated(s, e, swapped=False))
-            return True
+                then = self.scanner.populated(s, e, swapped=False)
         except OSError:
             return False
+        if written is None:
+            return True
+        first_a = pm.to_array_q(pm.concat(first))
+        then_a = pm.to_array_q(pm.concat(then))
+        if anon:
+            if self._reader is None:
+                self._reader = pm.VmReader(self.pid)
+            sure, unsure = pm.split_by_content(self._reader, pm.union(first_a, then_a))
+        else:
+            sure, unsure = pm.difference(then_a, first_a), first_a
+        written.extend((sure, unsure))
+        if maybe is not None and len(unsure):
+            maybe.append(unsure)
+        return True
 
-    def _add(self, pieces, written: list | None = None) -> list:
+    _reader: pm.VmReader | None = None
+
+    def _add(self, pieces, written: list | None = None, maybe: list | None = None,
+             vmas: list[pm.Vma] | None = None) -> list:
         """Register + protect new pieces; returns their ranges (to copy whole). With
-        `written`, appends their pages that hold data (see _register)."""
+        `written`, appends their pages that hold data, and to `maybe` those that may not have
+        been written (see _register; `vmas` tells anonymous pieces from file-backed)."""
         out = []
         for s, e, label in pieces:
-            if not self._register(s, e, written):
+            if not self._register(s, e, written, maybe, _anonymous(vmas, s)):
                 self.unregistered.append((s, e))
             self.pieces.append((s, e, label))
             out.append((s, e))
@@ -485,7 +551,7 @@ class UffdTracker(Tracker):
             want = [(max(a, lo), min(b, hi), lab) for a, b, lab in want if max(a, lo) < min(b, hi)]
             for a, b, lab in want:
                 was = pm.subtract([(a, b)], pm.subtract([(a, b)], tracked))
-                if self._register(a, b, counters["written"]):
+                if self._register(a, b, counters["written"], counters["maybe"], v.inode == 0):
                     if was:
                         counters["dropped"] += 1
                     else:
@@ -517,12 +583,15 @@ class UffdTracker(Tracker):
         t0 = time.perf_counter()
         vmas, added, dropped = self._diff()
         new_written: list = []
-        fresh = self._add(added, new_written)
+        maybe: list = []
+        fresh = self._add(added, new_written, maybe, vmas)
         counters = {"new": len(added), "dropped": dropped, "dirty": list(fresh), "unique": False,
-                    "written": new_written}
+                    "written": new_written, "maybe": maybe}
         chunks: list = []
         for s, e in self._runs(vmas):
             self._scan_range(s, e, chunks, counters)
+        if maybe:  # written after the protection (found by this scan): written, surely
+            maybe = [pm.difference(pm.concat(maybe), pm.concat(chunks))]
         unreg = pm.merge(self.unregistered)
         always = pm.subtract(unreg, pm.merge(counters["dirty"]))
         notes, upper = [], []
@@ -538,7 +607,7 @@ class UffdTracker(Tracker):
             chunks.append(pm.pages_of(extra))
         unique = counters["unique"] or bool(extra)
         return self._result(chunks, t0, counters["new"], counters["dropped"],
-                            pm.merge(counters["dirty"]), unique, notes, written, upper)
+                            pm.merge(counters["dirty"]), unique, notes, written, upper, maybe)
 
     def close(self) -> None:
         if self.scanner is not None:
@@ -1076,15 +1145,22 @@ class DirtyRate:
     is counted, and none written outside [`outer_start_ns`, `outer_end_ns`]. What else keeps
     the count from being exact (a tracked mapping unmapped between two scans, a backend that
     cannot see every write) is named in `method_notes`, and `method` is not "exact".
+    A mapping created in the window may hold pages nobody wrote when it is first seen:
+    MAP_POPULATE fills it whole, and a write to a region that may take a transparent huge page
+    (MADV_HUGEPAGE, or THP "always") puts 512 pages in place. Such pages (zero-filled, or any
+    in a file-backed mapping, not written in a later round) are counted, their number is
+    `populated_pages`, and `method` is "upper-bound": the pages written are between
+    `pages - populated_pages` and `pages`.
     Instants are CLOCK_MONOTONIC nanoseconds, the clock a program on the node reads too.
     Not seen, and not flagged (nothing in /proc tells): a mapping created and unmapped between
     two scans, and pages discarded (MADV_DONTNEED) from a mapping created in the window; a
     mapping that turns writable (mprotect) or moves (mremap) in the window counts as new, with
-    the pages it already held. A shorter `interval` narrows the first."""
+    the pages it already held (those holding nonzero bytes unflagged). A shorter `interval` narrows the first."""
 
     def __init__(self, t: Tracker):
         self.t = t
         self.seen = array("Q")  # sorted, unique: every page written so far in the window
+        self.maybe = array("Q")  # of `seen`: pages that may have been filled without a write
         self.new: list[tuple[int, int]] = []  # ranges of mappings that appeared in the window
         self.rounds = 0
         self.lower: dict[str, None] = {}  # ordered sets of reasons
@@ -1125,6 +1201,10 @@ class DirtyRate:
         self.rounds += 1
         self.last = r
         w = r.written_pages
+        if len(r.maybe) or len(self.maybe):  # a page written in any round is not a maybe
+            sure_before = pm.difference(self.seen, self.maybe)
+            self.maybe = pm.union(pm.difference(self.maybe, pm.difference(w, r.maybe)),
+                                  pm.difference(r.maybe, sure_before))
         self.seen = pm.to_array_q(pm.concat([self.seen, w])) if self.rounds > 1 else \
             pm.to_array_q(w)
         self.new = pm.merge(self.new + r.new_ranges)
@@ -1133,13 +1213,14 @@ class DirtyRate:
         for why in r.lower:
             self.lower[why] = None
         for why in r.upper:
-            self.upper[why] = None
+            if why != r.maybe_note:  # counted over the whole window, in method()
+                self.upper[why] = None
         self.window.update(end_ns=begin, outer_end_ns=end,
                            held=self.start_held and bool(held))
 
     def method(self) -> tuple[str, list[str]]:
         lower = ([self.t.unseen] if self.t.unseen else []) + list(self.lower)
-        upper = list(self.upper)
+        upper = list(self.upper) + ([populated_note(len(self.maybe))] if len(self.maybe) else [])
         notes = lower + upper + (self.held if not self.window["held"] else [])
         if not self.window["held"] and not self.held:
             notes.append("the window ends at the start of the last scan before the target "
@@ -1154,7 +1235,8 @@ class DirtyRate:
 
     def report(self) -> dict:
         out: dict = {"pid": self.t.pid, "backend": self.t.backend, "window_s": None,
-                     "pages": None, "new_mapping_pages": None, "mib_per_s": None,
+                     "pages": None, "new_mapping_pages": None, "populated_pages": None,
+                     "mib_per_s": None,
                      "pages_per_s": None, "per_mapping": {}, "tracked_pages": None,
                      "rounds": self.rounds, "window": dict(self.window)}
         method, notes = self.method()
@@ -1167,6 +1249,7 @@ class DirtyRate:
         n = len(self.seen)
         out.update(window_s=round(window, 6), pages=n,
                    new_mapping_pages=_count_in(self.seen, self.new),
+                   populated_pages=len(self.maybe),
                    mib_per_s=round(n * PAGE / (1 << 20) / window, 3),
                    pages_per_s=round(n / window, 1), per_mapping=self.per_mapping,
                    tracked_pages=self.last.tracked_pages if self.last else None)
@@ -1202,6 +1285,7 @@ def _dirty_rate(t: Tracker, a: argparse.Namespace) -> int:
     out = m.report()
     if a.addresses:
         out["addresses"] = [f"{x:#x}" for x in m.seen]
+        out["populated_addresses"] = [f"{x:#x}" for x in m.maybe]
     _emit(out)
     return 0
 
@@ -1232,7 +1316,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="scan (and unite the rounds) this often within the window, so "
                                 "a target that exits mid-window leaves a partial rate")
             p.add_argument("--addresses", action="store_true",
-                           help="include the addresses of the pages counted")
+                           help="include the addresses of the pages counted (and, apart, of "
+                                "those that may have been filled without a write)")
     a = ap.parse_args(argv)
     if a.cmd != "probe" and a.interval <= 0:
         ap.error("--interval must be > 0")

@@ -10,6 +10,7 @@ streams, and ends what it started.
     client.py    ``SshClient``: connect, auth, ProxyJump; run, check, open_exec (a RemoteShell)
     proxy.py     a ProxyCommand from ssh_config, run as OpenSSH runs it
     run.py       the run loop: output, stdin, timeout and cancel of one command
+    output.py    ``labkit run``'s output: prefixed streaming, bounded tails, --out files
     process.py   ``RemoteProcess`` and the markers: LABKIT_RUN / LABKIT_CTL, controller_tag
     stream.py    a flow-controlled stream into a command's stdin (deploy's stage step)
     transfer.py  SFTP: atomic put, pipelined get

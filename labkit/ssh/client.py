@@ -158,6 +158,14 @@ class SshClient:
     def active(self) -> bool:
         return self.transport.is_active()
 
+    @property
+    def broken(self) -> bool:
+        """The connection died under us (as opposed to a command ending without an exit
+        status). paramiko's transport thread records the socket error or EOF before it closes
+        the channels and marks itself inactive only after, so a run loop that saw its channel
+        closed by a dying transport reads True here, where ``active`` may still say True."""
+        return not self.active or isinstance(self.transport.saved_exception, (EOFError, OSError))
+
     def close(self) -> None:
         self._files.close()
         self.transport.close()
@@ -197,18 +205,20 @@ class SshClient:
             env: dict[str, str] | None = None,
             on_stdout: Callable[[bytes], None] | None = None,
             on_stderr: Callable[[bytes], None] | None = None,
-            cancel: threading.Event | None = None) -> RunResult:
+            cancel: threading.Event | None = None, keep: int | None = None) -> RunResult:
         """Run ``cmd`` to completion, collecting (and optionally streaming) its output.
 
         ``timeout`` (default settings.command_timeout; 0 = none) kills the remote processes
         and returns ``timed_out=True, exit_code=None``. Setting ``cancel`` (e.g. from a SIGINT
-        handler) kills them too and raises KeyboardInterrupt."""
+        handler) kills them too and raises KeyboardInterrupt. ``keep=N`` holds only the last N
+        bytes of each stream (``RunResult.stdout_truncated``: how many it left out), for a
+        caller that consumes the output through ``on_stdout`` / ``on_stderr``."""
         timeout = self.settings.command_timeout if timeout is None else timeout
         t0 = time.monotonic()
         deadline = t0 + timeout if timeout and timeout > 0 else None
         proc = self.open_exec(cmd, env=env)
         return run_to_end(proc, started=t0, deadline=deadline, input=input,
-                          on_stdout=on_stdout, on_stderr=on_stderr, cancel=cancel)
+                          on_stdout=on_stdout, on_stderr=on_stderr, cancel=cancel, keep=keep)
 
     def check(self, cmd: str, **kw: Any) -> RunResult:
         """``run`` that raises CommandFailed (with the output in ``.value``) unless exit 0."""

@@ -150,37 +150,40 @@ _known_lock = threading.Lock()
 
 
 def read_known(paths: tuple[Path, ...] | list[Path]) -> tuple[list[KnownLine], list[BadLine]]:
-    """Every line of every file (missing files are empty, as for OpenSSH)."""
+    """Every line of every file (missing files are empty, as for OpenSSH). Call with
+    ``_known_lock`` held: it guards the cache."""
     lines: list[KnownLine] = []
     bad: list[BadLine] = []
     for path in paths:
         try:
-            st = path.stat()
+            data = path.read_bytes()
         except FileNotFoundError:
             continue
         except OSError as e:
             raise SshError(f"{path}: cannot read known_hosts: {e.strerror or e}") from None
-        sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        digest = hashlib.blake2b(data, digest_size=16).digest()
         hit = _parsed.get(path)
-        if hit is None or hit[0] != sig:
-            try:
-                text = path.read_text(errors="replace")
-            except OSError as e:
-                raise SshError(f"{path}: cannot read known_hosts: {e.strerror or e}") from None
-            hit = _parsed[path] = (sig, *parse_known_hosts(text, path))
+        if hit is None or hit[0] != digest:
+            text = data.decode(errors="replace")
+            hit = _parsed[path] = (digest, *parse_known_hosts(text, path))
         lines += hit[1]
         bad += hit[2]
     return lines, bad
 
 
-# Parsed files by path, reused while (device, inode, size, mtime) stay the same: a fan-out
-# reads the same known_hosts twice per node, and hashed names cost an HMAC per line.
-_parsed: dict[Path, tuple[tuple[int, int, int, int], list[KnownLine], list[BadLine]]] = {}
+# Parsed files by path, reused while the content is the same: a fan-out reads the same
+# known_hosts twice per node, and hashed names cost an HMAC per line. Keyed by a hash of the
+# bytes, not by stat: ``ssh-keygen -R`` then re-adding a key of the same type rewrites the file
+# at the same size within one timestamp tick (mtime and ctime are as coarse as a jiffy, and
+# mtime can be set back), which a stat key would serve stale for the life of the process.
+# Reading a file is cheap next to parsing it.
+_parsed: dict[Path, tuple[bytes, list[KnownLine], list[BadLine]]] = {}
 
 
 def known_key_types(target: Target) -> list[str]:
     """The key types known_hosts holds for this host, so the client can ask for one of them."""
-    lines, _ = read_known(target.known_hosts_files)
+    with _known_lock:
+        lines, _ = read_known(target.known_hosts_files)
     return [ln.key_type for ln in lines if not ln.marker and ln.matches(target.known_hosts_name)]
 
 
@@ -207,10 +210,18 @@ def check_host_key(target: Target, key: paramiko.PKey) -> None:
                 f"ssh-keygen -R '{name}' -f {old.path})")
         if not target.trust_on_first_use:
             why = _why_unknown(lines, bad, name)
+            files = ", ".join(map(str, target.known_hosts_files))
+            if target.jump_host is None:
+                todo = "add it or set trust_on_first_use"
+            else:  # a hop is checked as `ssh HOP` checks it, not by the node's inventory entry
+                todo = (f"jump host {target.jump_host} is checked as `ssh {target.jump_host}` "
+                        f"checks it, by its own Host block in the ssh config, not by the node's "
+                        f"known_hosts/trust_on_first_use in the inventory: add the key to "
+                        f"{target.known_hosts}, or name a file that has it in that Host block's "
+                        f"UserKnownHostsFile")
             raise HostKeyError(
                 f"{target.node}: unknown host key for {name} ({key.get_name()} "
-                f"{fingerprint(key)}), not in {', '.join(map(str, target.known_hosts_files))}; "
-                f"add it or set trust_on_first_use{why}")
+                f"{fingerprint(key)}), not in {files}; {todo}{why}")
         _record(target, key)
         log.info("%s: trusted on first use: %s %s recorded in %s", target.node,
                  key.get_name(), fingerprint(key), target.known_hosts)

@@ -119,4 +119,7 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
     code = None if timed_out else (ch.recv_exit_status() if ch.exit_status_ready() else None)
     if code == -1:
         code = None  # exit-signal or no status at all
-    return RunResult(code, out.value(), err.value(), time.monotonic() - started, timed_out)
+    lost = code is None and not timed_out and proc.client.broken
+    return RunResult(code, out.value(), err.value(), time.monotonic() - started, timed_out,
+                     stdout_truncated=out.dropped, stderr_truncated=err.dropped,
+                     connection_lost=lost)

@@ -30,6 +30,11 @@ class RunResult:
     stderr: bytes
     seconds: float
     timed_out: bool = False
+    # bytes of the head of each stream not in stdout / stderr: a run with ``keep=N`` holds only
+    # the last N of each (the rest went to on_stdout / on_stderr as it came)
+    stdout_truncated: int = 0
+    stderr_truncated: int = 0
+    connection_lost: bool = False  # no exit status because the connection died under it
 
     @property
     def ok(self) -> bool:
@@ -41,15 +46,23 @@ class RunResult:
                 "stderr": self.stderr.decode(errors="replace"),
                 "timed_out": self.timed_out}
 
+    def reason(self) -> str:
+        """Why this result is not ok, in the words every task uses for a node's error (exit
+        codes through ``exit_text``): one line, without the node's name."""
+        if self.timed_out:
+            return f"timed out after {self.seconds:.1f}s, remote processes killed"
+        if self.exit_code is not None:
+            from labkit.ssh.errors import exit_text
+
+            return exit_text(self.exit_code, self.stderr)
+        if self.connection_lost:
+            return (f"connection lost after {self.seconds:.1f}s (node powered off or "
+                    f"rebooted?); no exit status")
+        return "no exit status (the command was killed by a signal?)"
+
     def failure(self, node: str) -> str:
         """One line saying why this result is not ok, for an error message."""
-        if self.timed_out:
-            return f"{node}: timed out after {self.seconds:.1f}s (remote processes killed)"
-        if self.exit_code is None:
-            return f"{node}: no exit status (killed or connection lost)"
-        from labkit.ssh.errors import exit_text
-
-        return f"{node}: {exit_text(self.exit_code, self.stderr)}"
+        return f"{node}: {self.reason()}"
 
 
 class RemoteShell(Protocol):
@@ -63,9 +76,11 @@ class RemoteShell(Protocol):
             env: dict[str, str] | None = None,
             on_stdout: Callable[[bytes], None] | None = None,
             on_stderr: Callable[[bytes], None] | None = None,
-            cancel: threading.Event | None = None) -> RunResult:
+            cancel: threading.Event | None = None, keep: int | None = None) -> RunResult:
         """Run ``cmd`` (``/bin/sh -c``) to completion; a timeout kills it and returns
-        ``timed_out=True``."""
+        ``timed_out=True``. ``keep=N`` holds only the last N bytes of each stream in the
+        result (``stdout_truncated`` / ``stderr_truncated``: how many of the head it lacks), so
+        a caller that takes the output as it arrives keeps its memory bounded."""
         ...
 
     def check(self, cmd: str, **kw: Any) -> RunResult:

@@ -3,8 +3,11 @@
 ``~/.ssh/config`` is honoured as OpenSSH reads it, so that a lab already set up for ``ssh``
 works as is: Host aliases, HostName, User, Port, IdentityFile, IdentitiesOnly, IdentityAgent,
 ProxyJump, ProxyCommand (+ ProxyUseFdpass), UserKnownHostsFile, HostKeyAlias and
-StrictHostKeyChecking. The inventory's ``ssh:`` block wins where it says something. A jump host
-is resolved from its OWN Host block (``resolve(hop)``), never from the target's settings.
+StrictHostKeyChecking, and Include (see ``SshConfig``). The inventory's ``ssh:`` block wins
+where it says something. A jump host is resolved from its OWN Host block (``resolve(hop)``),
+never from the target's settings, as ``ssh -J`` does (OpenSSH passes no ``-o`` to the hop): the
+node's known_hosts and trust_on_first_use in the inventory do not vouch for its jump host, and
+the unknown-key error says where the hop's key goes.
 
 Of ProxyJump and ProxyCommand the first one the config gives wins, as in OpenSSH
 (``ProxyCommand none`` counts as given; ``ProxyJump none`` does not hide a later ProxyCommand).
@@ -13,9 +16,11 @@ Of ProxyJump and ProxyCommand the first one the config gives wins, as in OpenSSH
 from __future__ import annotations
 
 import getpass
+import glob
 import logging
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,7 @@ class Target:
     host_key_alias: str | None = None
     identities_only: bool = False
     identity_agent: str | None = None  # socket path; None: $SSH_AUTH_SOCK; "": no agent
+    jump_host: str | None = None  # as named in a ProxyJump, when this is a jump host
 
     @property
     def known_hosts_name(self) -> str:
@@ -78,36 +84,39 @@ class _Parsed(paramiko.SSHConfig):
     TOKENS_BY_CONFIG_KEY = {**paramiko.SSHConfig.TOKENS_BY_CONFIG_KEY, "proxycommand": []}
 
 
-_warned: set[tuple[Path, int]] = set()
 _KEYWORD = re.compile(r"\s*(\w+)(?:\s*=\s*|\s+)(.*?)\s*$")
+MAX_INCLUDE_DEPTH = 16  # OpenSSH's READCONF_MAX_DEPTH: "Too many recursive configuration includes"
+
+# A block's condition: ("host", patterns) or ("match", paramiko's parsed criteria). A block
+# inside an included file holds under the conditions of every block that included it.
+_Cond = tuple[str, list[Any]]
 
 
 @dataclass
 class SshConfig:
-    """One ssh_config file: paramiko's Host/Match logic, plus the raw lines so that a value can
-    be traced back to file:line and taken verbatim (paramiko strips a pair of quotes that
-    the shell, for a ProxyCommand, must see)."""
+    """One ssh_config file and what it includes: paramiko's Host/Match logic over the blocks of
+    all of them in OpenSSH's reading order, plus the raw lines so that a value can be traced
+    back to file:line and taken verbatim (paramiko strips a pair of quotes that the shell, for
+    a ProxyCommand, must see).
+
+    ``Include`` is followed as OpenSSH 9 follows it (paramiko ignores it): each argument is a
+    glob (sorted; ``~`` expanded; relative paths are under ``~/.ssh``, this being a user
+    config; no match is no error); an included file is read where the Include line stands, so
+    an Include inside a Host/Match block applies only when that block matches, and a
+    Host/Match inside the included file ends at its end, the including block's state
+    resuming after the Include line. A loop or more than 16 levels is refused (OpenSSH stops
+    too), and so is a world-writable included file or one owned by someone else (OpenSSH's
+    "Bad owner or permissions")."""
 
     path: Path
     parsed: paramiko.SSHConfig
-    lines: list[tuple[int, str, str]]  # (lineno, keyword lowercased, raw value)
+    lines: list[tuple[Path, int, str, str]]  # (file, lineno, keyword lowercased, raw value)
 
     @classmethod
     def load(cls, path: Path) -> SshConfig:
-        try:
-            text = path.read_text()
-            parsed = _Parsed.from_text(text)
-        except Exception as e:  # a broken ~/.ssh/config is the user's to fix, say where
-            raise LabkitError(f"{path}: cannot parse ssh config: {e}") from None
-        lines = []
-        for n, line in enumerate(text.splitlines(), 1):
-            m = _KEYWORD.match(line)
-            if m and not line.lstrip().startswith("#"):
-                lines.append((n, m.group(1).lower(), m.group(2)))
-                if lines[-1][1] == "include" and (path, n) not in _warned:
-                    _warned.add((path, n))  # said once per process, not per node
-                    log.warning("%s:%d: Include is not supported: what the included files "
-                                "say is not used", path, n)
+        parsed = _Parsed()
+        lines: list[tuple[Path, int, str, str]] = []
+        _read_config(path, [], parsed, lines, (), None)
         return cls(path, parsed, lines)
 
     def lookup(self, host: str) -> dict[str, Any]:
@@ -115,13 +124,120 @@ class SshConfig:
 
     def line_of(self, key: str, value: str | None) -> tuple[str, str | None]:
         """(file:line, raw value) of the first ``key`` line that gave ``value``."""
-        for n, k, raw in self.lines:
+        for path, n, k, raw in self.lines:
             if k != key:
                 continue
             unquoted = raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] == '"' else raw
             if value is None and raw.lower() == "none" or value in (raw, unquoted):
-                return f"{self.path}:{n}", raw
+                return f"{path}:{n}", raw
         return str(self.path), value
+
+
+def _block(conds: list[_Cond]) -> dict[str, Any]:
+    """A paramiko block that applies when all ``conds`` hold: a plain Host or Match block when
+    there is one (exactly what paramiko builds), else one Match of all their criteria, a Host
+    becoming ``originalhost`` (the same patterns against the same name in paramiko)."""
+    if not conds:
+        return {"host": ["*"], "config": {}}
+    if len(conds) == 1:
+        kind, value = conds[0]
+        return {"host": value, "config": {}} if kind == "host" else \
+            {"matches": value, "config": {}}
+    crits: list[dict[str, Any]] = []
+    for kind, value in conds:
+        if kind == "host":
+            crits.append({"type": "originalhost", "param": value, "negate": False})
+        else:  # "all" ends paramiko's check at once (true): drop it, the others decide
+            crits += [c for c in value if c["type"] != "all"]
+    return {"matches": crits or conds[-1][1], "config": {}}
+
+
+def _read_config(path: Path, outer: list[_Cond], parsed: paramiko.SSHConfig,
+                 lines: list[tuple[Path, int, str, str]], stack: tuple[Path, ...],
+                 where: str | None) -> None:
+    """Append ``path``'s blocks (and those of what it includes) to ``parsed``, each under
+    ``outer`` (the blocks around the Include line that brought it in)."""
+    at = where or str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if where is None:
+            raise LabkitError(f"{path}: cannot read ssh config: no such file") from None
+        return  # a dangling link matched by a glob: OpenSSH skips it too
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        raise LabkitError(f"{at}: cannot read ssh config {path}: {why}") from None
+    mine = outer
+    block = _block(mine)
+    for n, raw_line in enumerate(text.splitlines(), 1):
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = paramiko.SSHConfig.SETTINGS_REGEX.match(line)
+        raw = _KEYWORD.match(line)
+        if not m or not raw:
+            raise LabkitError(f"{path}:{n}: cannot parse ssh config: {line!r}")
+        key, value = m.group(1).lower(), m.group(2)
+        lines.append((path, n, key, raw.group(2)))
+        try:
+            if key in ("host", "match"):
+                parsed._config.append(block)
+                own: _Cond = (("host", parsed._get_hosts(value)) if key == "host" else
+                              ("match", parsed._get_matches(value)))
+                mine = [*outer, own]
+                block = _block(mine)
+            elif key == "include":
+                parsed._config.append(block)
+                for included in _include_paths(value, f"{path}:{n}"):
+                    _include(included, mine, parsed, lines, (*stack, path), f"{path}:{n}")
+                block = _block(mine)  # the including block goes on after the Include
+            elif key == "proxycommand" and value.lower() == "none":
+                block["config"][key] = None
+            else:
+                if value.startswith('"') and value.endswith('"'):
+                    value = value[1:-1]
+                if key in ("identityfile", "localforward", "remoteforward"):
+                    block["config"].setdefault(key, []).append(value)
+                elif key not in block["config"]:
+                    block["config"][key] = value
+        except paramiko.ssh_exception.ConfigParseError as e:
+            raise LabkitError(f"{path}:{n}: cannot parse ssh config: {e}") from None
+    parsed._config.append(block)
+
+
+def _include_paths(value: str, where: str) -> list[Path]:
+    try:
+        args = shlex.split(value)
+    except ValueError as e:
+        raise LabkitError(f"{where}: cannot parse Include: {e}") from None
+    found: list[Path] = []
+    for arg in args:
+        if not arg.startswith(("/", "~")):
+            arg = "~/.ssh/" + arg
+        found += [Path(p) for p in sorted(glob.glob(os.path.expanduser(arg)))]
+    return found
+
+
+def _include(path: Path, outer: list[_Cond], parsed: paramiko.SSHConfig,
+             lines: list[tuple[Path, int, str, str]], stack: tuple[Path, ...],
+             where: str) -> None:
+    if path.is_dir():
+        return  # OpenSSH reads a directory as an empty file
+    real = path.resolve()
+    if real in {p.resolve() for p in stack}:
+        raise LabkitError(f"{where}: Include loop: {path} includes itself "
+                          f"(through {' -> '.join(map(str, stack))})")
+    if len(stack) > MAX_INCLUDE_DEPTH:
+        raise LabkitError(f"{where}: Include nested more than {MAX_INCLUDE_DEPTH} deep "
+                          f"(OpenSSH's limit)")
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is not None and (st.st_uid not in (0, os.getuid()) or st.st_mode & 0o002):
+        raise LabkitError(f"{where}: {path} is writable by others or owned by another user; "
+                          f"OpenSSH refuses it too (Bad owner or permissions)")
+    _read_config(path, outer, parsed, lines, stack, where)
 
 
 def _ssh_config(path: Path | None) -> SshConfig | None:
@@ -198,7 +314,7 @@ def resolve(node: Node | str, settings: Settings, *, ssh_config: Path | None = N
                   proxy_fdpass=str(c.get("proxyusefdpass", "no")).lower() == "yes",
                   known_hosts_more=more, host_key_alias=c.get("hostkeyalias"),
                   identities_only=str(c.get("identitiesonly", "no")).lower() == "yes",
-                  identity_agent=agent)
+                  identity_agent=agent, jump_host=node if isinstance(node, str) else None)
 
 
 def _proxy(spec: SshSpec, c: dict[str, Any], cfg: SshConfig | None,

@@ -163,15 +163,13 @@ def labtask(*args: Any, changes: bool | None = None, **kwargs: Any):
         def body(*a: Any, **kw: Any) -> Any:
             token = _DECLARED.set(changes)
             try:
-                return signals.call(fn, *a, **kw)  # SIGTERM/SIGHUP act as Ctrl-C
+                # Ctrl-C, SIGTERM, SIGHUP: one line and exit 128 + signal, all in signals.call
+                return signals.call(fn, *a, **kw)
             except LabkitError as e:
                 from labkit.secrets import scrub
 
                 print(f"error: {scrub(str(e))}", file=sys.stderr)
                 raise Exit(code=e.exit_code) from None
-            except KeyboardInterrupt:
-                print("interrupted", file=sys.stderr)
-                raise Exit(code=130) from None
             except BrokenPipeError:
                 # output piped into `head` and friends: stop quietly, like any Unix tool
                 from labkit.cli import silence_stdout

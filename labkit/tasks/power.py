@@ -9,11 +9,7 @@ namespace (every ``labkit`` command) must not pay for pyghmi."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from invoke import Context
@@ -43,49 +39,19 @@ def _action(lab_: Lab, nodes: str | None, action: str, wait: bool, as_json: bool
            as_json=as_json, columns=POWER_COLUMNS)
 
 
-@contextlib.contextmanager
-def _cancel_on_signal(cancel: Callable[[], None]) -> Iterator[None]:
-    """While the body runs, SIGINT/SIGTERM/SIGHUP first call ``cancel()``, then whatever the
-    signal did before (KeyboardInterrupt for SIGINT, and for the others once the task layer
-    treats them alike). Why: the thread fan-out waits for its workers after an interrupt, and a
-    worker blocked on a dead BMC would hold the exit for the whole retry window (~60 s)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous: dict[int, Any] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        cancel()
-        before = previous.get(signum)
-        if callable(before):
-            before(signum, frame)
-        elif before == signal.SIG_DFL:  # what the signal would have done: do it
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        before = signal.getsignal(sig)
-        if before is signal.SIG_IGN or before is None:
-            continue
-        previous[sig] = before
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, before in previous.items():
-            signal.signal(sig, before)
-
-
 def _bringup(lab_: Lab, nodes: str | None, label: str,
              action: Callable[[Any, Any], dict[str, Any]], as_json: bool, force: bool) -> None:
     """``--wait=ssh``: ``action(client, node)`` (labkit.bringup) per node on the thread
-    fan-out, the BMC part through one shared ``PowerClient``, cancelled on Ctrl-C/SIGTERM so
-    the workers return at once."""
+    fan-out, the BMC part through one shared ``PowerClient``, cancelled on Ctrl-C/SIGTERM/SIGHUP
+    (``labkit.signals.on_cancel``) so the workers return within a poll: the fan-out waits for
+    them after an interrupt, and one blocked on a dead BMC would otherwise hold the exit for the
+    whole retry window (~60 s)."""
     selected = lab_.select(nodes, change=True, force=force)
     lab_.need_ssh(selected, f"{label} --wait ssh")
+    from labkit import signals
     from labkit.bmc.power import PowerClient
 
-    with PowerClient(lab_.settings) as client, _cancel_on_signal(client.cancel):
+    with PowerClient(lab_.settings) as client, signals.on_cancel(client.cancel):
         outcomes = lab_.fan_out(selected, lambda n: action(client, n), label=label)
     finish(outcomes, as_json=as_json, columns=POWER_COLUMNS)
 

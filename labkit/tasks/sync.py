@@ -51,8 +51,14 @@ def sync(ctx: Context, repo: str | None = None, dry_run: bool = False, json: boo
         return
     if tree:
         tree = os.path.expanduser(tree)
-    rep = syncmod.sync_repo(tree, mode=mode, dry_run=dry_run, fetch=not no_fetch,
-                            timeout=lab_.settings.command_timeout)
+    try:
+        rep = syncmod.sync_repo(tree, mode=mode, dry_run=dry_run, fetch=not no_fetch,
+                                timeout=lab_.settings.command_timeout)
+    except syncmod.SyncInterrupted as e:
+        # the clean-up ran: say where the local changes are, then end as interrupted
+        print(jsonlib.dumps(e.report.to_json(), indent=2) if json
+              else syncmod.format_report(e.report), flush=True)
+        raise
     if rep.exit_code == 2 and not json:
         # a refusal is a usage error: one line on stderr, like every other task
         print(f"error: {('dry run: ' if rep.dry_run else '') + rep.message}", file=sys.stderr)
