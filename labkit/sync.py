@@ -76,7 +76,7 @@ BACKUP_PREFIX = "refs/labkit/sync-backup/"
 # backup ref. A labkit stash in the stash list WITHOUT one was never applied nor reported —
 # the sync was killed — and the next sync refuses until it is restored (``_check_pending``).
 KEPT_PREFIX = "refs/labkit/sync-kept/"
-STASH_RE = re.compile(r"labkit sync (\d{8}T\d{6}-\d+): local changes before pulling ")
+STASH_RE = re.compile(r"labkit sync (\d{8}T\d{6}(?:\.\d{6})?-\d+): local changes before pulling ")
 INTERRUPT_GRACE = 10.0   # seconds a git command has to end after SIGTERM, then SIGKILL
 ERROR_LINE_MAX = 300     # as labkit.ssh.errors.ERROR_LINE_MAX (this file cannot import it)
 KEEP_BACKUPS = 20        # older backup refs are pruned after a sync that needed none of them
@@ -522,7 +522,11 @@ def _apply_sync(rep: SyncReport, git: Git, mode: str, entries: list[str],
                 upstream_sha: str, moved: list[str], prog: _Progress) -> None:
     before = rep.before
     assert before is not None
-    stamp = prog.stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    # microseconds too: two syncs of one process within a second (a library caller, a test)
+    # must not share a backup ref, or the second one's cleanup deletes the first's
+    now = time.time()
+    stamp = prog.stamp = (time.strftime("%Y%m%dT%H%M%S", time.localtime(now))
+                          + f".{int(now * 1e6) % 1000000:06d}-{os.getpid()}")
     stash: str | None = None
 
     # -- 4. stash, and pin it under our own ref at once --
