@@ -50,7 +50,13 @@ def normalize_wait(wait: bool | str | None) -> str | None:
 def tail_text(text: str, lines: int = 5, max_chars: int = 400) -> str:
     """The last non-empty lines of console output as one ``|``-joined line (error messages and
     outcomes are one line)."""
-    kept = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-lines:]
+    every = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    kept = every[-lines:]
+    # A panic's cause is followed by its stack and register dump: keep the cause line first
+    panic = next((ln for ln in reversed(every) if "Kernel panic" in ln), None)
+    if panic is not None and panic not in kept:
+        head = panic[:max_chars // 2] + " | ... | "
+        return head + " | ".join(kept)[-(max_chars - len(head)):]
     return " | ".join(kept)[-max_chars:]
 
 
@@ -88,16 +94,24 @@ class BootWatch:
 
 
 def wait_ssh(node: Node, settings: Settings, watch: BootWatch | None = None,
-             cancelled: Callable[[], bool] | None = None) -> None:
+             cancelled: Callable[[], bool] | None = None,
+             powered: Callable[[], bool] | None = None) -> None:
     """Wait (``settings.ssh_wait``) until SSH accepts us; on giving up, the error carries the
     console tail ``watch`` recorded. ``cancelled()`` true (Ctrl-C) ends the wait at the next
-    attempt instead of the end of ssh_wait."""
+    attempt instead of the end of ssh_wait; so does ``powered()`` false (asked of the BMC
+    between attempts: a node that panicked, shut down or lost power will never answer)."""
     from labkit.ssh import SshUnreachable
     from labkit.ssh import wait_ssh as ssh_wait
 
     def on_retry(n: int, e: BaseException, sleep: float) -> None:
         if cancelled is not None and cancelled():
             raise NodeError(f"{node.name}: interrupted while waiting for SSH")
+        if powered is not None and not powered():
+            tail = watch.tail() if watch is not None else ""
+            raise NodeError(
+                f"{node.name}: the node went off while we waited for SSH (it crashed or shut "
+                f"down)" + (f"; console: {tail}" if tail else ""),
+                value={"console_tail": tail}) from None
 
     try:
         ssh_wait(node, settings, time.monotonic() + settings.ssh_wait, on_retry=on_retry)
@@ -121,7 +135,14 @@ def _act_and_wait(client: PowerClient, act: Callable[[bool], dict[str, object]],
     watch = BootWatch(node, settings)
     try:
         result = act(True)
-        wait_ssh(node, settings, watch, cancelled=lambda: client.cancelled)
+
+        def powered() -> bool:
+            try:
+                return client.status(node) != "off"
+            except LabkitError:  # the BMC did not answer: no news, keep waiting
+                return True
+
+        wait_ssh(node, settings, watch, cancelled=lambda: client.cancelled, powered=powered)
         result["ssh"] = True
         return result
     finally:

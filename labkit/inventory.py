@@ -33,7 +33,8 @@ SSH_KEYS = {"host", "port", "user", "key_file", "known_hosts", "trust_on_first_u
             "proxy_jump", "workdir"}
 TOP_KEYS = {"defaults", "groups", "nodes", "fake_lab", "payloads"}
 NODE_KEYS = {"bmc", "ssh", "fake"}
-FAKE_LAB_KEYS = {"state_dir", "power_delay", "boot_delay", "sshd", "seed"}
+FAKE_LAB_KEYS = {"state_dir", "power_delay", "boot_delay", "sshd", "seed", "kind", "memory",
+                 "cpus", "kernel", "boot_timeout", "lan_port", "kernel_args"}
 
 # The most a file the inventory names may hold: a password file, a private key or a
 # known_hosts larger than this is the wrong file (a disk image, /dev/zero's copy), and reading
@@ -104,6 +105,13 @@ class FakeLabSpec:
     boot_delay: float = 1.0
     sshd: str = "python"  # python | openssh
     seed: int = 0
+    kind: str = "process"  # process | vm (QEMU guests, labkit/fake/vm.py)
+    memory: int = 1024     # vm: MiB per guest
+    cpus: int = 1          # vm: vCPUs per guest
+    kernel: str | None = None  # vm: vmlinuz path or version (default: newest with modules)
+    boot_timeout: float = 120.0  # vm: from power-on to the guest's sshd
+    lan_port: int = 0      # vm: UDP port of the lab LAN (0: no LAN)
+    kernel_args: str = ""  # vm: added to every guest's kernel command line
 
 
 @dataclass
@@ -521,6 +529,25 @@ def load(path: str | os.PathLike | None = None, *, check_secrets: bool = True) -
             kw["sshd"] = v
         if "seed" in f:
             kw["seed"] = int(ld.number(f["seed"][1], "fake_lab.seed", integer=True))
+        if "kind" in f:
+            v = ld.string(f["kind"][1], "fake_lab.kind")
+            if v not in ("process", "vm"):
+                raise ld.err(f["kind"][1], "fake_lab.kind must be process or vm")
+            kw["kind"] = v
+        for key, lo, hi in (("memory", 128, 1 << 20), ("cpus", 1, 64), ("lan_port", 1, 65535)):
+            if key in f:
+                v = int(ld.number(f[key][1], f"fake_lab.{key}", integer=True))
+                if not lo <= v <= hi:
+                    raise ld.err(f[key][1], f"fake_lab.{key} must be {lo}..{hi}")
+                kw[key] = v
+        if "boot_timeout" in f:
+            v = ld.number(f["boot_timeout"][1], "fake_lab.boot_timeout")
+            if v <= 0:
+                raise ld.err(f["boot_timeout"][1], "fake_lab.boot_timeout must be > 0")
+            kw["boot_timeout"] = v
+        for key in ("kernel", "kernel_args"):
+            if key in f:
+                kw[key] = ld.string(f[key][1], f"fake_lab.{key}")
         fake_lab = FakeLabSpec(**kw)
     payloads: list[Path] = []
     if "payloads" in top:

@@ -141,6 +141,15 @@ class FakeBmc(pyghmi_bmc.Bmc):
         # name -> privilege limit; every user has the BMC's password (the lab keeps one secret)
         self.users: dict[bytes, int] = {self.user: ADMIN}
         self.node = node
+        # A node that is a real machine (fake/vm.py: a QEMU guest) boots, prints and powers
+        # itself off on its own: the BMC relays its serial port and follows its state instead
+        # of playing a canned boot log.
+        self.machine = node if getattr(node, "machine", False) else None
+        if self.machine is not None:
+            self.machine.console = lambda data: loop.call_soon_threadsafe(
+                self._machine_output, data)
+            self.machine.on_ready = lambda: loop.call_soon_threadsafe(self._machine_ready)
+            self.machine.on_exit = lambda: loop.call_soon_threadsafe(self._machine_exited)
         self.power_delay = (float(power_delay[0]), float(power_delay[1]))
         self.boot_delay = float(boot_delay)
         self.log = log or logging.getLogger(f"labkit.fake.bmc.{name}")
@@ -156,7 +165,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
         self.power = "off"
         self.pending: str | None = None
         self._power_timer: Timer | None = None
-        self.phase = "off"         # off | booting | up
+        self.phase = "off"         # off | booting | up (| hung: a guest past its boot_timeout)
         self.epoch = 0             # bumps on every power landing; stale boot steps check it
         self.bootdev = "default"
         self.bootdev_persistent = False
@@ -623,6 +632,9 @@ class FakeBmc(pyghmi_bmc.Bmc):
         if action == "on":
             self.power = "on"
             self._boot()
+        elif action == "soft" and self.machine is not None:
+            # the ACPI power button: the guest decides; the BMC reads "off" once it is gone
+            self._node_call(self.epoch, "acpi_shutdown", None)
         elif action in ("off", "soft"):
             if action == "soft" and self.phase == "up":
                 for line in bootlog.shutdown_lines(self.name):
@@ -646,6 +658,9 @@ class FakeBmc(pyghmi_bmc.Bmc):
         dev = self.bootdev
         if not self.bootdev_persistent:
             self.bootdev = "default"
+        if self.machine is not None:
+            self._node_call(epoch, "start", self._machine_started)
+            return
         lines = bootlog.boot_lines(self.name, dev, self.rng)
         step = self.boot_delay / max(1, len(lines))
         for i, line in enumerate(lines):
@@ -663,6 +678,46 @@ class FakeBmc(pyghmi_bmc.Bmc):
         self.phase = "up"
         self._getty = {"state": "login", "line": bytearray()}
         self.console_write(bootlog.login_prompt(self.name))
+
+    def _machine_started(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            return
+        if not self.machine.running:
+            self.log.warning("the guest did not start; power reads off")
+            self.console_write("labkit: the guest did not start (see the lab log)\n")
+            self.power = "off"
+            self.phase = "off"
+            return
+        self.loop.call_later(self.machine.spec.boot_timeout, self._machine_late, epoch)
+
+    def _machine_late(self, epoch: int) -> None:
+        """Still booting after fake_lab.boot_timeout: say so in lab.status ("hung") and the
+        log; the guest keeps running, as a machine stuck at boot does."""
+        if epoch == self.epoch and self.phase == "booting":
+            self.log.warning("the guest has not finished booting after %.0f s",
+                             self.machine.spec.boot_timeout)
+            self.phase = "hung"
+
+    def _machine_ready(self) -> None:
+        if self.phase in ("booting", "hung"):
+            self.phase = "up"
+
+    def _machine_exited(self) -> None:
+        """The guest is gone by itself (powered off, panicked, QEMU died): the power is off,
+        as a machine that shut down reads on a real BMC."""
+        if self.power == "on":
+            self.log.info("the guest powered itself off")
+            self.power = "off"
+            self._halt()  # reaps QEMU and its supervisor
+
+    def _machine_output(self, data: bytes) -> None:
+        if self._console_file is not None:
+            try:
+                self._console_file.write(data)
+            except OSError:
+                pass
+        if self.sol is not None:
+            self.sol.write(data)
 
     def _halt(self) -> None:
         self.epoch += 1
@@ -758,7 +813,11 @@ class FakeBmc(pyghmi_bmc.Bmc):
             self.sol.write(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
 
     def _console_input(self, data: bytes) -> None:
-        """Keys typed on SOL: echo them, and behave like a getty at the login prompt."""
+        """Keys typed on SOL: echo them, and behave like a getty at the login prompt (a guest
+        gets them on its serial port: its own getty answers)."""
+        if self.machine is not None:
+            self.machine.console_input(data)
+            return
         getty = self._getty
         for byte in data:
             ch = bytes([byte])
@@ -817,6 +876,7 @@ class FakeBmc(pyghmi_bmc.Bmc):
             "power": self.power, "pending": self.pending, "phase": self.phase,
             "ssh": node_up, "bootdev": self.bootdev, "persistent": self.bootdev_persistent,
             "sol": self.sol is not None, "sessions": len(self.sessions),
+            "pid": getattr(self.machine, "pid", None),
             "bmc": f"{self.host}:{self.port}", "faults": self.faults.to_json(),
             "reachable": not self.faults.down and time.monotonic() >= self.unreachable_until,
             "stats": {**self.stats, "suites": dict(self.stats["suites"])},

@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "sshd": "python",
     "power_on": False,
     "seed": 0,
+    "kind": "process",  # "vm": QEMU guests (labkit/fake/vm.py)
+    "vm": None,  # vm knobs: {"memory": MiB, "cpus": N, "kernel": ..., "boot_timeout": s}
 }
 
 
@@ -128,7 +130,8 @@ def start_fake_lab(folder: Path, **options: Any) -> FakeLabHandle:
     opts["power_delay"] = pd
     path = fake_lab_mod.generate(opts["count"], folder, ssh=opts["ssh"], power_delay=pd,
                                  boot_delay=opts["boot_delay"], sshd=opts["sshd"],
-                                 power_on=opts["power_on"], seed=opts["seed"])
+                                 power_on=opts["power_on"], seed=opts["seed"],
+                                 kind=opts["kind"], vm=opts["vm"])
     info = fake_lab_mod.up(path)
     names = [f"node{i + 1}" for i in range(opts["count"])]
     handle = FakeLabHandle(inventory_path=path, state_dir=Path(info["state_dir"]),

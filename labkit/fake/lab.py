@@ -154,7 +154,7 @@ class LabServer:
 
         cls = OpenSshNode if spec.sshd == "openssh" else PythonSshNode
         known: list[str] = []
-        for name, node in ssh_nodes.items():
+        for index, (name, node) in enumerate(ssh_nodes.items()):
             assert node.ssh is not None
             root = self.state_dir / "nodes" / name
             root.mkdir(parents=True, exist_ok=True)
@@ -162,9 +162,22 @@ class LabServer:
             key = ensure_host_key(host_key)
             host = node.ssh.host if node.ssh.port == 22 else f"[{node.ssh.host}]:{node.ssh.port}"
             known.append(f"{host} {key.get_name()} {key.get_base64()}\n")
+            log = logging.getLogger(f"labkit.fake.node.{name}")
+            if spec.kind == "vm":
+                from labkit.fake.vm import VmNode, VmSpec
+
+                vspec = VmSpec(memory=spec.memory, cpus=spec.cpus, kernel=spec.kernel,
+                               boot_timeout=spec.boot_timeout, lan_port=spec.lan_port,
+                               cmdline=f"{spec.kernel_args} {node.fake.get('kernel_args', '')}",
+                               acpi=bool(node.fake.get("acpi", True)))
+                self.nodes[name] = VmNode(name, root, node.ssh.host, node.ssh.port, host_key,
+                                          self.state_dir / "authorized_keys", log,
+                                          index=index + 1, spec=vspec,
+                                          cache=self.state_dir / "vm-cache",
+                                          user=node.ssh.user)
+                continue
             self.nodes[name] = cls(name, root, node.ssh.host, node.ssh.port, host_key,
-                                   self.state_dir / "authorized_keys",
-                                   logging.getLogger(f"labkit.fake.node.{name}"))
+                                   self.state_dir / "authorized_keys", log)
         (self.state_dir / "known_hosts").write_text("".join(known))
 
     # --- control ops (run on the loop thread) ---------------------------------------------
@@ -466,13 +479,18 @@ def generate(count: int, state_dir: str | os.PathLike, *, bmc_base: int | None =
              ssh_base: int | None = None, ssh: bool = True,
              power_delay: tuple[float, float] = (1.0, 3.0), boot_delay: float = 1.5,
              sshd: str = "python", power_on: bool = False, seed: int = 0,
-             prefix: str = "node", rack_size: int = 8) -> Path:
+             prefix: str = "node", rack_size: int = 8, kind: str = "process",
+             vm: dict[str, Any] | None = None) -> Path:
     """Write STATE_DIR/inventory.yaml for ``count`` nodes (BMC on UDP, SSH on TCP, all on
-    127.0.0.1; free ports unless bases are given) whose state folder is STATE_DIR itself."""
+    127.0.0.1; free ports unless bases are given) whose state folder is STATE_DIR itself.
+    ``kind="vm"``: the nodes are QEMU guests (``vm``: memory, cpus, kernel, boot_timeout) on a
+    lab LAN of their own (a free UDP port for its multicast group)."""
     if count < 1:
         raise UserError("count must be >= 1")
     if sshd not in ("python", "openssh"):
         raise UserError("sshd must be python or openssh")
+    if kind not in ("process", "vm"):
+        raise UserError("kind must be process or vm")
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     names = [f"{prefix}{i + 1}" for i in range(count)]
@@ -485,8 +503,14 @@ def generate(count: int, state_dir: str | os.PathLike, *, bmc_base: int | None =
            f"  power_delay: [{power_delay[0]}, {power_delay[1]}]\n",
            f"  boot_delay: {boot_delay}\n",
            f"  sshd: {sshd}\n",
-           f"  seed: {seed}\n",
-           "groups:\n"]
+           f"  seed: {seed}\n"]
+    if kind == "vm":
+        out.append("  kind: vm\n")
+        out.append(f"  lan_port: {free_port(socket.SOCK_DGRAM)}\n")
+        for key, value in (vm or {}).items():
+            if value is not None:
+                out.append(f"  {key}: {json.dumps(value)}\n")
+    out.append("groups:\n")
     for r in range(0, count, rack_size):
         out.append(f"  rack{r // rack_size + 1}: [{', '.join(names[r:r + rack_size])}]\n")
     out.append("nodes:\n")

@@ -133,11 +133,15 @@ class SshClient:
                                                       if k not in types)
             try:
                 t.start_client(timeout=timeout)
+                # A peer that accepts and then drops the connection (QEMU's port forward to a
+                # guest whose sshd is not up yet) can end start_client without an error: the
+                # transport is then gone, which is the same "not up yet" as a refusal.
+                server_key = t.get_remote_server_key()
             except (paramiko.SSHException, EOFError, OSError) as e:
                 why = proxy.reason() if proxy else ""
                 raise SshUnreachable(f"{where}: handshake failed: {exc_text(e)}{why}") \
                     from None
-            check_host_key(target, t.get_remote_server_key())
+            check_host_key(target, server_key)
             _authenticate(t, target, where, timeout)
         except BaseException:
             t.close()

@@ -14,7 +14,7 @@ from labkit.errors import LabkitError, UserError
 from labkit.tasks import args
 from labkit.tasks.common import finish, labtask
 
-STATUS_COLUMNS = ("power", "pending", "phase", "ssh", "bootdev", "bmc", "faults")
+STATUS_COLUMNS = ("power", "pending", "phase", "ssh", "pid", "bootdev", "bmc", "faults")
 FAULT_COLUMNS = ("drop", "busy", "hang", "refuse_password", "down", "power_delay")
 DEFAULT_STATE = Path(".lab")
 
@@ -45,20 +45,43 @@ def _faults_text(f: dict[str, Any]) -> str:
 
 @labtask(help={"count": "generate a lab of N nodes on free ports in ./.lab (writes "
                         ".lab/inventory.yaml) instead of serving the inventory",
-               "power_on": "with --count: nodes start powered on"})
+               "power_on": "with --count: nodes start powered on",
+               "vm": "with --count: the nodes are QEMU guests with their own Linux kernel "
+                     "(needs qemu-system-x86, a kernel with modules, busybox-static)",
+               "memory": "with --vm: MiB per guest (default 1024)",
+               "cpus": "with --vm: vCPUs per guest (default 1)",
+               "kernel": "with --vm: vmlinuz path or version (default: newest in /boot with "
+                         "its modules)"})
 def up(c: Context, inventory: str | None = None, count: str | None = None,
-       power_on: bool = False) -> None:
+       power_on: bool = False, vm: bool = False, memory: str | None = None,
+       cpus: str | None = None, kernel: str | None = None) -> None:
     """Start the fake lab in the background (idempotent); print its inventory path."""
     from labkit import inventory as inv
     from labkit.fake import lab as fake
 
     nodes = args.count(count, "--count") if count is not None else 0
+    if (vm or memory or cpus or kernel) and not nodes:
+        raise UserError("--vm, --memory, --cpus and --kernel go with --count N (or set them "
+                        "under fake_lab: in the inventory)")
+    if (memory or cpus or kernel) and not vm:
+        raise UserError("--memory, --cpus and --kernel are for guest nodes: add --vm")
+    knobs = None
+    if vm:
+        from labkit.fake import vmimage
+
+        knobs = {"memory": args.integer(memory, "--memory", minimum=128) if memory else None,
+                 "cpus": args.count(cpus, "--cpus") if cpus else None,
+                 "kernel": kernel}
+        why = vmimage.have_qemu(kernel)
+        if why is not None:
+            raise UserError(f"--vm: {why}")
     if nodes:
         state = DEFAULT_STATE.resolve()
         args.writable_folder(state, "fake lab state folder")
         if fake._pid(state) is not None:
             raise UserError(f"a fake lab already runs in {state}; run lab.down first")
-        path = fake.generate(nodes, state, power_on=power_on)
+        path = fake.generate(nodes, state, power_on=power_on, kind="vm" if vm else "process",
+                             vm=knobs)
     else:
         path = inv.find_inventory(inventory).resolve()
         args.writable_folder(fake.state_dir_of(inv.load(path, check_secrets=False)),
@@ -89,6 +112,8 @@ def status(c: Context, inventory: str | None = None, json: bool = False) -> None
     for name, st in nodes.items():
         value = {k: st.get(k) for k in STATUS_COLUMNS if k != "faults"}
         value["faults"] = st.get("faults") if json else _faults_text(st.get("faults") or {})
+        if st.get("pid") is not None:  # a guest node: its QEMU's pid
+            value["pid"] = st["pid"]
         if json:
             value.update({k: st[k] for k in ("sol", "sessions", "reachable") if k in st})
         outcomes.append(Outcome(name, True, value))
