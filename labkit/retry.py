@@ -35,9 +35,12 @@ class RetryPolicy:
 
     def call(self, fn: Callable[[], T], *, retryable: Callable[[BaseException], bool],
              on_retry: Callable[[int, BaseException, float], None] | None = None,
-             deadline: float | None = None) -> T:
+             deadline: float | None = None,
+             sleep: Callable[[float], object] = time.sleep) -> T:
         """Run fn until it returns, raises a non-retryable error, or the window is spent (then the
-        last error is raised). ``deadline`` (a time.monotonic() value) can shorten the window."""
+        last error is raised). ``deadline`` (a time.monotonic() value) can shorten the window.
+        ``sleep`` waits between attempts: a caller that can be cancelled passes a wait that
+        raises when it is (the power client does)."""
         clock = self.clock(deadline)
         attempt = 0
         while True:
@@ -47,12 +50,12 @@ class RetryPolicy:
             except BaseException as e:  # noqa: B036 - filtered right below
                 if isinstance(e, (KeyboardInterrupt, SystemExit)) or not retryable(e):
                     raise
-                sleep = clock.next_delay()
-                if sleep is None:
+                delay = clock.next_delay()
+                if delay is None:
                     raise
                 if on_retry:
-                    on_retry(attempt, e, sleep)
-                time.sleep(sleep)
+                    on_retry(attempt, e, delay)
+                sleep(delay)
 
 
 class RetryClock:

@@ -211,22 +211,15 @@ class PowerClient:
                         raise
                     raise err from None
 
-        clock = policy.clock(deadline)
-        n = 0
-        while True:
-            n += 1
-            try:
-                return attempt()
-            except BaseException as e:  # noqa: B036 - filtered right below
-                if isinstance(e, (KeyboardInterrupt, SystemExit)) or not is_retryable(e):
-                    raise
-                sleep = clock.next_delay()
-                if sleep is None:
-                    raise
-                log.debug("%s: attempt %d failed (%s); retrying in %.2f s", node.name, n, e,
-                          sleep)
-                if self._cancel.wait(sleep):
-                    self.check_cancelled(node)
+        def on_retry(n: int, e: BaseException, delay: float) -> None:
+            log.debug("%s: attempt %d failed (%s); retrying in %.2f s", node.name, n, e, delay)
+
+        def pause(delay: float) -> None:  # Ctrl-C (cancel) ends the pause at once
+            if self._cancel.wait(delay):
+                self.check_cancelled(node)
+
+        return policy.call(attempt, retryable=is_retryable, on_retry=on_retry,
+                           deadline=deadline, sleep=pause)
 
     def _session(self, node: Node, key: tuple[str, int, str], deadline: float) -> LabSession:
         session = self._sessions.get(key)

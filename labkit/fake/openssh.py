@@ -7,7 +7,6 @@ its sessions would otherwise outlive a SIGKILLed lab."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -32,19 +31,6 @@ STOP_TIMEOUT = 10.0  # seconds the watchdog gets to power the node off before we
 def sshd_path() -> str | None:
     """The system sshd, or None (tests skip with a reason)."""
     return SSHD if os.access(SSHD, os.X_OK) else shutil.which("sshd")
-
-
-def _report(out: bytes | None) -> list[int] | None:
-    """The pids a watchdog's report says it killed, or None when the report is not the one JSON
-    object it writes (cut off mid-line, or garbage)."""
-    try:
-        report = json.loads(out or b"{}")
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        return None
-    killed = report.get("killed", []) if isinstance(report, dict) else None
-    if not isinstance(killed, list) or not all(isinstance(p, int) for p in killed):
-        return None
-    return killed
 
 
 class OpenSshNode(FakeNode):
@@ -158,31 +144,11 @@ class OpenSshNode(FakeNode):
     def stop(self) -> None:
         with self._lock:
             proc, self._proc = self._proc, None
-        killed: list[int] = []
-        clean = False
-        if proc is not None:
-            try:
-                out, _ = proc.communicate(timeout=STOP_TIMEOUT)  # closes the lifeline
-            except subprocess.TimeoutExpired:
-                # still our unreaped child, so its pid is still its own: power off from here
-                self.log.warning("node %s: sshd watchdog did not report; powering off here",
-                                 self.name)
-                killed, _ = sshd_watchdog.power_off(proc.pid, self.marker,
-                                                    interval=SWEEP_INTERVAL)
-                proc.communicate()
-            else:
-                # reaped: its pid may already name a stranger, so nothing is signalled by it;
-                # a report we cannot read leaves clean False, and the marker sweep below runs
-                report = _report(out)
-                if report is None:
-                    self.log.warning("node %s: sshd watchdog's report is unreadable: %r",
-                                     self.name, out[-200:])
-                else:
-                    killed, clean = report, proc.returncode == 0
-        survivors: list[int] = []
-        if not clean:  # no watchdog, or one that left something: sweep from here
-            more, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
-            killed += more
+        if proc is None:
+            killed, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
+        else:
+            killed, survivors = sshd_watchdog.shut(proc, self.marker, self.log, self.name,
+                                                   STOP_TIMEOUT, SWEEP_INTERVAL)
         self._stopped("sshd", killed, survivors, say=proc is not None)
 
     def close(self) -> None:

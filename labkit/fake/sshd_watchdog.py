@@ -26,6 +26,7 @@ import select
 import signal
 import sys
 from types import ModuleType
+from typing import Any
 
 _km: ModuleType | None = None
 
@@ -85,6 +86,43 @@ def power_off(root: int, marker: bytes, budget: float = 2.0,
     tree = [root, *descendants(root)]  # what forked before its parent froze
     # unchecked: sshd and its connections carry no marker, and this tree was just seen, frozen
     return _killmarked().kill([marker], unchecked=tree, budget=budget, interval=interval)
+
+
+def shut(proc: Any, marker: bytes, log: Any, name: str, timeout: float = 10.0,
+         interval: float = 0.02) -> tuple[list[int], list[int]]:
+    """The lab's side of a power-off: close the lifeline of the watchdog ``proc`` (a Popen of
+    this program) and read its report; if it does not answer within ``timeout``, power off from
+    here (it is still our unreaped child, so its pid is its own); if its report is unreadable or
+    names survivors, sweep by ``marker``. Returns (killed, survivors). One copy for every node
+    kind that runs under this supply (OpenSSH nodes, QEMU guests)."""
+    import json
+    import subprocess
+
+    killed: list[int] = []
+    clean = False
+    try:
+        out, _ = proc.communicate(timeout=timeout)  # closes the lifeline
+    except subprocess.TimeoutExpired:
+        log.warning("node %s: power supply did not report; powering off here", name)
+        killed, _ = power_off(proc.pid, marker, interval=interval)
+        proc.communicate()
+    else:
+        # reaped: its pid may already name a stranger, so nothing is signalled by it; a report
+        # we cannot read leaves clean False, and the marker sweep below runs
+        try:
+            report = json.loads(out or b"{}")
+            got = report.get("killed", []) if isinstance(report, dict) else None
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            got = None
+        if not isinstance(got, list) or not all(isinstance(p, int) for p in got):
+            log.warning("node %s: power supply's report is unreadable: %r", name, out[-200:])
+        else:
+            killed, clean = got, proc.returncode == 0
+    survivors: list[int] = []
+    if not clean:  # no report, or one that left something: sweep from here
+        more, survivors = _killmarked().kill([marker], interval=interval)
+        killed += more
+    return killed, survivors
 
 
 def spawn(command: list[str]) -> int:

@@ -257,28 +257,14 @@ class VmNode(FakeNode):
             serial, self._serial = self._serial, None
             qmp, self._qmp = self._qmp, None
             self.pid = None
-        killed: list[int] = []
-        clean = False
-        if proc is not None:
-            try:
-                out, _ = proc.communicate(timeout=STOP_TIMEOUT)  # closes the lifeline
-            except subprocess.TimeoutExpired:
-                killed, _ = sshd_watchdog.power_off(proc.pid, self.marker,
-                                                    interval=SWEEP_INTERVAL)
-                proc.communicate()
-            else:
-                try:
-                    killed = json.loads(out or b"{}").get("killed", [])
-                    clean = proc.returncode == 0
-                except (ValueError, AttributeError):
-                    pass
         for s in (serial, qmp):
             if s is not None:
                 s.close()
-        survivors: list[int] = []
-        if not clean:
-            more, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
-            killed += more
+        if proc is None:
+            killed, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
+        else:
+            killed, survivors = sshd_watchdog.shut(proc, self.marker, self.log, self.name,
+                                                   STOP_TIMEOUT, SWEEP_INTERVAL)
         self._stopped("guest", killed, survivors, say=proc is not None)
 
     def close(self) -> None:
