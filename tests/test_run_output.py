@@ -82,7 +82,7 @@ def test_400mb_without_newlines_streams_in_bounded_time_and_memory(lab: SshNodeS
     assert newlines >= pieces and longest <= LINE_MAX + len("node1| ")
     peak = usage.ru_maxrss * 1024
     print(f"400 MB without newlines: {seconds:.1f}s, controller peak RSS {peak / MB:.0f} MB")
-    assert peak < 250 * MB, f"controller peak RSS {peak / MB:.0f} MB"
+    assert peak < 160 * MB, f"controller peak RSS {peak / MB:.0f} MB"
 
 
 def test_json_keeps_the_last_mib_and_says_how_much_is_left_out(lab: SshNodeSet) -> None:

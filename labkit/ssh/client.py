@@ -42,6 +42,11 @@ from labkit.ssh.transfer import SftpFiles
 log = logging.getLogger("labkit.ssh")
 
 WINDOW = 64 * 1024 * 1024
+# A command whose output is consumed as it arrives (``run(keep=N)``) gets a smaller window: the
+# window is what paramiko buffers when the consumer is slower than the node (a terminal, a
+# pipe), and 64 MiB of it (plus its copies) was most of `labkit run`'s memory. 4 MiB still
+# streams at GB/s on a LAN.
+STREAM_WINDOW = 4 * 1024 * 1024
 MAX_PACKET = 256 * 1024
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 MAX_HOPS = 8
@@ -182,18 +187,19 @@ class SshClient:
 
     # -- commands --
 
-    def _open_channel(self) -> paramiko.Channel:
+    def _open_channel(self, window: int = WINDOW) -> paramiko.Channel:
         try:
-            return self.transport.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
+            return self.transport.open_session(window_size=window, max_packet_size=MAX_PACKET,
                                                timeout=self.settings.ssh_timeout)
         except (paramiko.SSHException, EOFError, OSError) as e:
             raise SshError(f"{self.node}: cannot open a session: {exc_text(e)}") from None
 
-    def open_exec(self, cmd: str, *, env: dict[str, str] | None = None) -> RemoteProcess:
+    def open_exec(self, cmd: str, *, env: dict[str, str] | None = None,
+                  window: int = WINDOW) -> RemoteProcess:
         """Start ``cmd`` and hand back its channel for streaming (big windows, no buffering of
         our own). The caller reads/writes ``.channel`` and must ``.close()`` (or ``.kill()``)."""
         run_id = uuid.uuid4().hex
-        ch = self._open_channel()
+        ch = self._open_channel(window)
         try:
             ch.exec_command(wrap(cmd, run_id, env))
         except (paramiko.SSHException, EOFError, OSError) as e:
@@ -216,7 +222,7 @@ class SshClient:
         timeout = self.settings.command_timeout if timeout is None else timeout
         t0 = time.monotonic()
         deadline = t0 + timeout if timeout and timeout > 0 else None
-        proc = self.open_exec(cmd, env=env)
+        proc = self.open_exec(cmd, env=env, window=WINDOW if keep is None else STREAM_WINDOW)
         return run_to_end(proc, started=t0, deadline=deadline, input=input,
                           on_stdout=on_stdout, on_stderr=on_stderr, cancel=cancel, keep=keep)
 

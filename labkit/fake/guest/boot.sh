@@ -7,7 +7,8 @@
 set -u
 arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^labkit\.$1=//p" | tail -n 1; }
 NODE=$(arg node); USER_=$(arg user); LAN=$(arg lan); LANMAC=$(arg lanmac); ACPI=$(arg acpi)
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp is the host's, under the overlay (writes stay in the guest's RAM): a checkout or a
+# venv the controller keeps under /tmp is then at the same path in the guest
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /dev/pts /dev/shm /run/sshd
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
