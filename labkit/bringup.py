@@ -136,11 +136,15 @@ def _act_and_wait(client: PowerClient, act: Callable[[bool], dict[str, object]],
     try:
         result = act(True)
 
+        offs = [0]
+
         def powered() -> bool:
+            """Off twice in a row (a real BMC may read off for a moment during POST)."""
             try:
-                return client.status(node) != "off"
+                offs[0] = offs[0] + 1 if client.status(node) == "off" else 0
             except LabkitError:  # the BMC did not answer: no news, keep waiting
                 return True
+            return offs[0] < 2
 
         wait_ssh(node, settings, watch, cancelled=lambda: client.cancelled, powered=powered)
         result["ssh"] = True

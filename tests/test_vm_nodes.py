@@ -101,21 +101,44 @@ def test_power_off_loses_processes_keeps_disk(vmlab) -> None:
     assert "sleep 1000" not in stdout_of(vmlab, "node2", "ps -eo args")
 
 
-def test_deployed_release_survives_power_cycle(vmlab, tmp_path) -> None:
+def test_deployed_release_survives_power_cycle_and_the_boot_log_is_on_sol(vmlab) -> None:
+    """A power-cycle really reboots (a new boot_id, RAM gone) and keeps the disk; the console
+    capture of that cycle holds the kernel's own boot messages."""
     ok(vmlab, "deploy", "-n", "node1")
+    boot_id = stdout_of(vmlab, "node1", "echo x > /dev/shm/in-ram; "
+                        "cat /proc/sys/kernel/random/boot_id").strip()
+    log = vmlab.state_dir / "console" / "node1.log"
+    offset = log.stat().st_size
     ok(vmlab, "power-cycle", "-n", "node1", "--wait", "ssh", timeout=BOOT * 2)
+    after = stdout_of(vmlab, "node1", "cat /proc/sys/kernel/random/boot_id; "
+                      "cat /dev/shm/in-ram 2>/dev/null || echo gone").split()
+    assert after[0] != boot_id and after[1] == "gone"
     ok(vmlab, "deploy", "-n", "node1", "--check")
-
-
-def test_console_log_holds_the_kernels_own_boot(vmlab) -> None:
-    text = (vmlab.state_dir / "console" / "node1.log").read_text(errors="replace")
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
     assert f"Linux version {vmimage.find_kernel().version}" in text
     assert "labkit-boot: node1 up" in text
 
 
+def test_guest_cannot_read_the_labs_secrets_or_get_out(vmlab) -> None:
+    out = stdout_of(vmlab, "node1", f"ls -A {vmlab.state_dir} | wc -l; "
+                    f"cat {vmlab.password_file} 2>&1 | head -c 80; echo; "
+                    "busybox wget -q -T 3 -O- http://10.0.2.2:1/ 2>&1 | head -c 80; echo")
+    count, *rest = out.split("\n")
+    assert count.strip() == "0", out  # an empty tmpfs over the lab's state folder
+    assert vmlab.password().decode() not in out
+
+
 def test_soft_off_is_honoured(vmlab) -> None:
+    """The guest shuts itself down (its own "reboot: Power down"), not a hard off."""
+    log = vmlab.state_dir / "console" / "node2.log"
+    offset = log.stat().st_size
     ok(vmlab, "power-soft", "-n", "node2", "--wait")
     assert vmlab.status("node2")["power"] == "off"
+    with open(log, "rb") as f:
+        f.seek(offset)
+        assert b"reboot: Power down" in f.read()
     power_on(vmlab, "node2")
 
 

@@ -149,7 +149,8 @@ class FakeBmc(pyghmi_bmc.Bmc):
             self.machine.console = lambda data: loop.call_soon_threadsafe(
                 self._machine_output, data)
             self.machine.on_ready = lambda: loop.call_soon_threadsafe(self._machine_ready)
-            self.machine.on_exit = lambda: loop.call_soon_threadsafe(self._machine_exited)
+            self.machine.on_exit = lambda gen: loop.call_soon_threadsafe(
+                self._machine_exited, gen)
         self.power_delay = (float(power_delay[0]), float(power_delay[1]))
         self.boot_delay = float(boot_delay)
         self.log = log or logging.getLogger(f"labkit.fake.bmc.{name}")
@@ -684,7 +685,8 @@ class FakeBmc(pyghmi_bmc.Bmc):
             return
         if not self.machine.running:
             self.log.warning("the guest did not start; power reads off")
-            self.console_write("labkit: the guest did not start (see the lab log)\n")
+            self.console_write("labkit: the guest did not start (its reason is above; the "
+                               "lab log has the rest)\n")
             self.power = "off"
             self.phase = "off"
             return
@@ -702,10 +704,11 @@ class FakeBmc(pyghmi_bmc.Bmc):
         if self.phase in ("booting", "hung"):
             self.phase = "up"
 
-    def _machine_exited(self) -> None:
+    def _machine_exited(self, generation: int) -> None:
         """The guest is gone by itself (powered off, panicked, QEMU died): the power is off,
-        as a machine that shut down reads on a real BMC."""
-        if self.power == "on":
+        as a machine that shut down reads on a real BMC. An exit reported after a newer boot
+        started (a reset landed first) is old news."""
+        if generation == self.machine.generation and self.power == "on":
             self.log.info("the guest powered itself off")
             self.power = "off"
             self._halt()  # reaps QEMU and its supervisor
@@ -743,8 +746,11 @@ class FakeBmc(pyghmi_bmc.Bmc):
         def work() -> None:
             try:
                 getattr(node, method)()
-            except Exception:
+            except Exception as e:
                 self.log.exception("node %s.%s() failed", self.name, method)
+                if self.machine is not None:  # say why where the user looks: the console
+                    self.loop.call_soon_threadsafe(
+                        self.console_write, f"labkit: power {method} failed: {e}\n")
             if then is not None:
                 self.loop.call_soon_threadsafe(then, epoch)
 

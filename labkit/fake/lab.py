@@ -153,6 +153,12 @@ class LabServer:
         from labkit.fake.sshd import PythonSshNode
 
         cls = OpenSshNode if spec.sshd == "openssh" else PythonSshNode
+        if spec.kind == "vm":
+            from labkit.fake import vmimage
+
+            why = vmimage.have_qemu(spec.kernel)
+            if why is not None:  # refuse to start, rather than fail every power-on later
+                raise LabkitError(f"fake_lab kind vm: {why}")
         known: list[str] = []
         for index, (name, node) in enumerate(ssh_nodes.items()):
             assert node.ssh is not None

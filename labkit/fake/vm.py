@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ class VmNode(FakeNode):
         self.run_dir = self.root / "vm"
         self.console: Callable[[bytes], None] | None = None
         self.on_ready: Callable[[], None] | None = None
-        self.on_exit: Callable[[], None] | None = None
+        self.on_exit: Callable[[int], None] | None = None
         self._proc: subprocess.Popen | None = None
         self._serial: socket.socket | None = None
         self._qmp: socket.socket | None = None
@@ -83,6 +84,7 @@ class VmNode(FakeNode):
         self._qmp_lock = threading.Lock()
         self._closed = False
         self.pid: int | None = None  # QEMU's, for lab.status
+        self.generation = 0  # bumps on every start: a late on_exit names the boot it ended
 
     @property
     def lan_address(self) -> str:
@@ -99,9 +101,11 @@ class VmNode(FakeNode):
         initrd = vmimage.initrd(kernel, self.cache)
         qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
         mac = f"52:54:00:77:{self.index >> 8 & 0xff:02x}:{self.index & 0xff:02x}"
-        append = (f"console=ttyS0 panic=-1 loglevel=6 edd=off transparent_hugepage=madvise labkit.node={self.name} "
-                  f"labkit.user={self.user} labkit.lan={self.lan_address}/24 "
-                  f"labkit.lanmac={mac} labkit.acpi={int(self.spec.acpi)} {self.spec.cmdline}")
+        append = (f"console=ttyS0 panic=-1 loglevel=6 edd=off transparent_hugepage=madvise "
+                  f"labkit.node={self.name} labkit.user={self.user} "
+                  f"labkit.lan={self.lan_address}/24 labkit.lanmac={mac} "
+                  f"labkit.acpi={int(self.spec.acpi)} labkit.hide={','.join(self._hidden())} "
+                  f"{self.spec.cmdline}")
         cmd = [qemu, "-name", f"labkit-{self.name}", "-nodefaults", "-nographic",
                "-no-reboot", "-cpu", "max", "-m", str(self.spec.memory),
                "-smp", str(self.spec.cpus),
@@ -110,7 +114,9 @@ class VmNode(FakeNode):
                "-device", "virtio-9p-pci,fsdev=r,mount_tag=hostroot",
                "-fsdev", f"local,id=d,path={self.disk},security_model=none,multidevs=remap",
                "-device", "virtio-9p-pci,fsdev=d,mount_tag=labdisk",
-               "-netdev", f"user,id=n0,hostfwd=tcp:{self.host}:{self.port}-:22",
+               # restrict=on: the guest reaches nothing through this NIC (not the host's
+               # loopback, not the internet); the controller still comes in by the forward
+               "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:{self.host}:{self.port}-:22",
                "-device", "virtio-net-pci,netdev=n0,romfile=",
                "-chardev", f"socket,id=s,path={serial},server=off",
                "-serial", "chardev:s",
@@ -121,6 +127,17 @@ class VmNode(FakeNode):
                                "localaddr=127.0.0.1",
                     "-device", f"virtio-net-pci,netdev=n1,mac={mac},romfile="]
         return cmd
+
+    def _hidden(self) -> list[str]:
+        """Host paths the guest must not read through its view of the host's root: the lab's
+        state folder (its SSH key, the BMC password) and the users' ~/.ssh. The guest mounts
+        an empty tmpfs over each (guest/init.sh)."""
+        paths = {str(self.root.parent.parent), os.path.expanduser("~/.ssh"), "/root/.ssh"}
+        for p in paths:
+            if not p.startswith("/") or any(c.isspace() or c == "," for c in p):
+                raise RuntimeError(f"guest nodes need a state folder path without spaces or "
+                                   f"commas: {p!r}")
+        return sorted(paths)
 
     def _prepare_disk(self) -> None:
         """The node's disk: its host key (the same on every boot, so known_hosts holds) and the
@@ -147,41 +164,58 @@ class VmNode(FakeNode):
             self._prepare_disk()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             serial_path, qmp_path = self.run_dir / "serial.sock", self.run_dir / "qmp.sock"
-            listeners = []
-            for path in (serial_path, qmp_path):
-                path.unlink(missing_ok=True)
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.bind(str(path))
-                s.listen(1)
-                s.settimeout(CONNECT_TIMEOUT)
-                listeners.append(s)
-            cmd = self._command(serial_path, qmp_path)
+            cmd = self._command(serial_path, qmp_path)  # a missing kernel fails here, cleanly
             env = {**os.environ, self.marker.split(b"=", 1)[0].decode(): str(self.root)}
             log_path = self.run_dir / "qemu.log"
-            with open(log_path, "ab") as logf:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", str(WATCHDOG), "--marker",
-                     self.marker.decode(), "--interval", str(SWEEP_INTERVAL), "--", *cmd],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf, env=env,
-                    start_new_session=True, close_fds=True)
+            listeners: list[socket.socket] = []
             try:
-                self._serial = listeners[0].accept()[0]
-                self._qmp = listeners[1].accept()[0]
-            except OSError:
+                for path in (serial_path, qmp_path):
+                    path.unlink(missing_ok=True)
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    listeners.append(s)
+                    s.bind(str(path))
+                    s.listen(1)
+                with open(log_path, "ab") as logf:
+                    self._proc = subprocess.Popen(
+                        [sys.executable, "-I", "-S", str(WATCHDOG), "--marker",
+                         self.marker.decode(), "--interval", str(SWEEP_INTERVAL), "--", *cmd],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf, env=env,
+                        start_new_session=True, close_fds=True)
+                self._serial = self._accept(listeners[0])
+                self._qmp = self._accept(listeners[1])
+                self.pid = _child_of(self._proc.pid)
+                self._qmp_command("qmp_capabilities")
+            except BaseException as e:
                 self.stop()
-                tail = log_path.read_text(errors="replace")[-500:].strip()
-                raise RuntimeError(f"QEMU for node {self.name} did not start: {tail}") from None
+                tail = log_path.read_text(errors="replace")[-500:].strip() \
+                    if log_path.exists() else ""
+                raise RuntimeError(f"QEMU for node {self.name} did not start: "
+                                   f"{tail or e}") from None
             finally:
                 for s in listeners:
                     s.close()
-            self.pid = _child_of(self._proc.pid)
-            self._qmp_command("qmp_capabilities")
-            self._reader = threading.Thread(target=self._read_serial, args=(self._serial,),
+            self.generation += 1
+            self._reader = threading.Thread(target=self._read_serial,
+                                            args=(self._serial, self.generation),
                                             name=f"serial-{self.name}", daemon=True)
             self._reader.start()
             self.log.info("node %s: guest powered on (qemu pid %s)", self.name, self.pid)
 
-    def _read_serial(self, conn: socket.socket) -> None:
+    def _accept(self, listener: socket.socket) -> socket.socket:
+        """QEMU connecting to us; a QEMU that exited (or never started) fails at once."""
+        end = time.monotonic() + CONNECT_TIMEOUT
+        listener.settimeout(0.1)
+        while True:
+            try:
+                return listener.accept()[0]
+            except TimeoutError:
+                if self._proc is None or self._proc.poll() is not None:
+                    raise RuntimeError("QEMU exited") from None
+                if time.monotonic() > end:
+                    raise RuntimeError(f"QEMU did not connect in {CONNECT_TIMEOUT:.0f} s") \
+                        from None
+
+    def _read_serial(self, conn: socket.socket, generation: int) -> None:
         """Serial port → console, until QEMU closes it (the guest is gone: powered itself off,
         panicked with panic=-1 -no-reboot, or was killed)."""
         ready = f"labkit-boot: {self.name} up".encode()
@@ -204,7 +238,7 @@ class VmNode(FakeNode):
         with self._lock:
             mine = self._serial is conn
         if mine and self.on_exit is not None:
-            self.on_exit()
+            self.on_exit(generation)  # the BMC drops it if a newer boot has started meanwhile
 
     def console_input(self, data: bytes) -> None:
         conn = self._serial
@@ -245,12 +279,6 @@ class VmNode(FakeNode):
         except (OSError, RuntimeError, ValueError) as e:
             self.log.info("node %s: ACPI power button not delivered: %s", self.name, e)
 
-    def reset(self) -> None:
-        """A reset loses RAM and restarts the kernel; QEMU is started afresh (``-no-reboot``
-        turns any in-guest reset into an exit, so a crash reads "off")."""
-        self.stop()
-        self.start()
-
     def stop(self) -> None:
         with self._lock:
             proc, self._proc = self._proc, None
@@ -268,8 +296,9 @@ class VmNode(FakeNode):
         self._stopped("guest", killed, survivors, say=proc is not None)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True  # first: a start queued on the BMC's worker must not begin
         self.stop()
-        self._closed = True
 
 
 def _child_of(pid: int) -> int | None:

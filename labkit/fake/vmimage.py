@@ -38,8 +38,10 @@ class Kernel:
     modules: Path
 
 
-def _vkey(version: str) -> list[int | str]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", version)]
+def _vkey(version: str) -> list[tuple[int, int | str]]:
+    """Version order: numbers by value, a word (rc1) before any number ("6.1.0-rc1" is older
+    than "6.1.0-57"); never a str/int comparison."""
+    return [(1, int(p)) if p.isdigit() else (0, p) for p in re.split(r"[.-]", version)]
 
 
 def find_kernel(kernel: str | None = None, boot: Path = Path("/boot"),
@@ -174,7 +176,7 @@ def _build(out: Path, busybox: Path, mods: list[Path]) -> None:
     c.file("boot.sh", (GUEST / "boot.sh").read_bytes(), 0o755)
     c.file("modules.order", "".join(f"{m.name.split('.ko')[0]}\n" for m in mods).encode())
     for m in mods:
-        c.file(f"modules/{m.name}", m.read_bytes())
+        c.file(f"modules/{m.name.split('.ko')[0]}.ko", _module_bytes(m))
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=out.name + ".")
     with os.fdopen(fd, "wb") as f:
@@ -187,10 +189,29 @@ def _build(out: Path, busybox: Path, mods: list[Path]) -> None:
             old.unlink(missing_ok=True)
 
 
+def _module_bytes(path: Path) -> bytes:
+    """A module as insmod takes it: Debian 13+ ships them xz- or zstd-compressed, which the
+    initramfs's busybox insmod cannot read."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        import lzma
+
+        return lzma.decompress(data)
+    if path.name.endswith((".ko.zst", ".ko.gz")):
+        if path.name.endswith(".ko.gz"):
+            return gzip.decompress(data)
+        raise UserError(f"vm kernel module {path} is zstd-compressed, which labkit cannot "
+                        "unpack without a zstd module; use a kernel with .ko or .ko.xz modules")
+    return data
+
+
 def have_qemu(kernel: str | None = None) -> str | None:
     """Why guest nodes cannot run here, or None."""
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+    if not os.access("/usr/sbin/sshd", os.X_OK):
+        return "the guest runs the host's sshd: /usr/sbin/sshd missing (apt-get install " \
+               "openssh-server)"
     try:
         find_kernel(kernel)
         find_busybox()

@@ -191,7 +191,9 @@ class SshClient:
         try:
             return self.transport.open_session(window_size=window, max_packet_size=MAX_PACKET,
                                                timeout=self.settings.ssh_timeout)
-        except (paramiko.SSHException, EOFError, OSError) as e:
+        except (EOFError, OSError) as e:  # the connection itself is gone
+            raise SshUnreachable(f"{self.node}: connection lost: {exc_text(e)}") from None
+        except paramiko.SSHException as e:
             raise SshError(f"{self.node}: cannot open a session: {exc_text(e)}") from None
 
     def open_exec(self, cmd: str, *, env: dict[str, str] | None = None,
@@ -238,6 +240,11 @@ class SshClient:
         a fresh channel on the same connection. A kill that fails is logged (a warning naming
         node, run and survivors, or why the program could not run: it needs the node's python3
         >= 3.6), never silent: what it leaves behind holds the node's memory and CPU."""
+        if self.broken:
+            # no connection to kill over: the node's error already says the connection was
+            # lost (powered off, rebooted); what runs there is the janitor's to sweep
+            log.debug("%s: connection lost; run %s not killed from here", self.node, run_id)
+            return
         out, err = bytearray(), bytearray()
         status: int | None = None
         try:
@@ -261,7 +268,10 @@ class SshClient:
             finally:
                 ch.close()
         except (SshError, OSError, EOFError, paramiko.SSHException) as e:
-            log.warning("%s: could not kill run %s: %s", self.node, run_id, exc_text(e))
+            # the connection was lost meanwhile: the node's error says so already
+            lost = self.broken or isinstance(e, SshUnreachable)
+            level = logging.DEBUG if lost else logging.WARNING
+            log.log(level, "%s: could not kill run %s: %s", self.node, run_id, exc_text(e))
             return
         problem = kill_problem(status, bytes(out), bytes(err))
         if problem:

@@ -47,7 +47,12 @@ PrintMotd no
 PidFile /run/sshd.pid
 Subsystem sftp internal-sftp
 CFG
-/usr/sbin/sshd -f /run/sshd_config -E /run/sshd.log || echo "labkit-boot: sshd failed"
+if ! /usr/sbin/sshd -f /run/sshd_config -E /run/sshd.log; then
+    # not "up": say why on the console and power off, so the BMC reads off and the
+    # controller's wait ends with this line instead of waiting out ssh_wait
+    echo "labkit-boot: $NODE: sshd failed: $(tail -n 1 /run/sshd.log 2>/dev/null)"
+    busybox poweroff -f
+fi
 if [ "$ACPI" != 0 ]; then
     modprobe button 2>/dev/null; modprobe evdev 2>/dev/null
     mkdir -p /etc/acpi/PWRF

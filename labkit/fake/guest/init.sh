@@ -29,6 +29,12 @@ mkdir -p /newroot/lab /newroot/etc/labkit
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=262144 labdisk /newroot/lab \
     || fail "no labdisk export"
 cp /boot.sh /newroot/etc/labkit/boot.sh
+# Host paths the guest must not read (the lab's key and BMC password, ~/.ssh): an empty tmpfs
+# over each (labkit.hide=a,b on the kernel command line, written by labkit/fake/vm.py)
+hide=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^labkit\.hide=//p' | tail -n 1)
+for p in $(echo "$hide" | tr ',' ' '); do
+    [ -d "/newroot$p" ] && mount -t tmpfs -o size=4k,mode=0700 hidden "/newroot$p"
+done
 for d in proc sys dev; do mount --move "/$d" "/newroot/$d"; done
 # busybox init reaps orphans (PID 1's duty) and turns poweroff into a real ACPI power-off
 cat >/newroot/etc/inittab <<'TAB'
