@@ -231,32 +231,17 @@ def test_soft_dirty_tests_that_skip_on_the_host_pass_inside_a_guest(vmlab) -> No
 def test_console_is_the_guests_serial_port_both_ways(vmlab) -> None:
     """`console NODE` on a terminal: what we type reaches the guest's own shell on ttyS0 and its
     answer comes back over SOL."""
-    import pty
-    import select as sel
+    from test_console_session import Pty
 
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([*LABKIT, "console", "node1"], env=vmlab.env, stdin=slave,
-                            stdout=slave, stderr=slave, close_fds=True, start_new_session=True)
-    seen = bytearray()
-
-    def read_until(needle: bytes, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while needle not in seen and time.monotonic() < end:
-            if sel.select([master], [], [], 0.1)[0]:
-                seen.extend(os.read(master, 4096))
-        return needle in seen
-
+    term = Pty([*LABKIT, "console", "node1"], vmlab.env)
     try:
-        assert read_until(b"SOL connected", 30), seen
-        os.write(master, b"\recho sum=$((40+2)) on $(hostname)\r")
-        assert read_until(b"sum=42 on node1", 60), seen  # computed by the guest's shell
-        os.write(master, b"\r~.")
-        assert proc.wait(15) == 0
+        assert term.read_until(b"SOL connected", 30), term.text()
+        term.write(b"\recho sum=$((40+2)) on $(hostname)\r")
+        assert term.read_until(b"sum=42 on node1", 60), term.text()  # the guest's shell
+        term.write(b"\r~.")
+        assert term.proc.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-        os.close(slave)
+        term.close()
 
 
 def test_dirty_rate_and_leases_work_on_a_guest(vmlab) -> None:

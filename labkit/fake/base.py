@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -26,6 +27,8 @@ ENV_ROOT = "LABKIT_NODE_ROOT"
 # A power-off scans /proc again this often until nothing marked is left: a SIGKILLed process
 # takes a few ms to exit, and every fake power-off (tests do hundreds) waits for that rescan.
 SWEEP_INTERVAL = 0.005
+# seconds a node's power supply (fake/sshd_watchdog.py) gets to power it off before we do it
+SUPPLY_STOP_TIMEOUT = 10.0
 
 
 class FakeNode:
@@ -54,6 +57,17 @@ class FakeNode:
         if survivors:
             self.log.warning("node %s: %d process(es) survived power-off: %s", self.name,
                              len(survivors), survivors)
+
+
+    def _power_off(self, proc: subprocess.Popen | None, what: str) -> None:
+        """Power off a node whose processes run under its power supply (``proc``: the
+        ``fake/sshd_watchdog.py`` process; None when none runs) and log it: OpenSSH nodes and
+        QEMU guests both end this way."""
+        from labkit.fake import sshd_watchdog
+
+        killed, survivors = sshd_watchdog.shut(proc, self.marker, self.log, self.name,
+                                               SUPPLY_STOP_TIMEOUT, SWEEP_INTERVAL)
+        self._stopped(what, killed, survivors, say=proc is not None)
 
 
 def ensure_host_key(path: Path) -> paramiko.Ed25519Key:

@@ -19,13 +19,11 @@ from pathlib import Path
 
 from labkit.fake import sshd_watchdog
 from labkit.fake.base import ENV_NODE, ENV_ROOT, SWEEP_INTERVAL, FakeNode, ensure_host_key
-from labkit.nodeside import killmarked
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
                           "/usr/libexec/sftp-server", "/usr/lib/ssh/sftp-server")
 WATCHDOG = Path(sshd_watchdog.__file__).resolve()
-STOP_TIMEOUT = 10.0  # seconds the watchdog gets to power the node off before we do it
 
 
 def sshd_path() -> str | None:
@@ -144,12 +142,7 @@ class OpenSshNode(FakeNode):
     def stop(self) -> None:
         with self._lock:
             proc, self._proc = self._proc, None
-        if proc is None:
-            killed, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
-        else:
-            killed, survivors = sshd_watchdog.shut(proc, self.marker, self.log, self.name,
-                                                   STOP_TIMEOUT, SWEEP_INTERVAL)
-        self._stopped("sshd", killed, survivors, say=proc is not None)
+        self._power_off(proc, "sshd")
 
     def close(self) -> None:
         self.stop()

@@ -91,13 +91,15 @@ def power_off(root: int, marker: bytes, budget: float = 2.0,
 def shut(proc: Any, marker: bytes, log: Any, name: str, timeout: float = 10.0,
          interval: float = 0.02) -> tuple[list[int], list[int]]:
     """The lab's side of a power-off: close the lifeline of the watchdog ``proc`` (a Popen of
-    this program) and read its report; if it does not answer within ``timeout``, power off from
+    this program, or None: then only the marker sweep) and read its report; if it does not answer within ``timeout``, power off from
     here (it is still our unreaped child, so its pid is its own); if its report is unreadable or
     names survivors, sweep by ``marker``. Returns (killed, survivors). One copy for every node
     kind that runs under this supply (OpenSSH nodes, QEMU guests)."""
     import json
     import subprocess
 
+    if proc is None:  # no supply running (never started, or already stopped): sweep only
+        return _killmarked().kill([marker], interval=interval)
     killed: list[int] = []
     clean = False
     try:

@@ -35,10 +35,8 @@ from pathlib import Path
 
 from labkit.fake import sshd_watchdog, vmimage
 from labkit.fake.base import SWEEP_INTERVAL, FakeNode, _username, ensure_host_key
-from labkit.nodeside import killmarked
 
 WATCHDOG = Path(sshd_watchdog.__file__).resolve()
-STOP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 20.0  # QEMU's start-up until it connects its serial port and QMP
 LAN_NET = "10.77.0"
 
@@ -288,12 +286,7 @@ class VmNode(FakeNode):
         for s in (serial, qmp):
             if s is not None:
                 s.close()
-        if proc is None:
-            killed, survivors = killmarked.kill([self.marker], interval=SWEEP_INTERVAL)
-        else:
-            killed, survivors = sshd_watchdog.shut(proc, self.marker, self.log, self.name,
-                                                   STOP_TIMEOUT, SWEEP_INTERVAL)
-        self._stopped("guest", killed, survivors, say=proc is not None)
+        self._power_off(proc, "guest")
 
     def close(self) -> None:
         with self._lock:
