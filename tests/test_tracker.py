@@ -1013,3 +1013,21 @@ def test_dirty_rate_target_exits_mid_window_keeps_the_partial_rate(local_node, d
     assert str(e).startswith(f"pid {d.pid} exited ") and "s into the 120 s window" in str(e)
     assert e.value["gone"] is True and e.value["rounds"] >= 1
     assert e.value["pages"] >= len(pages)
+
+
+def test_pidfd_wait_never_returns_early():
+    """A window of --seconds S must last at least S: poll() takes whole milliseconds, and a
+    timeout truncated to them ended a 0.3 s window at 0.2999 s (seen once in CI)."""
+    p = subprocess.Popen(["sleep", "60"])
+    pidfd = tr.pti.pidfd_open(p.pid)
+    try:
+        for timeout in (0.0005, 0.0019, 0.0299):
+            t0 = time.monotonic()
+            assert tr.pti.pidfd_exited(pidfd, timeout) is False
+            assert time.monotonic() - t0 >= timeout
+        p.kill()
+        assert tr.pti.pidfd_exited(pidfd, 10)  # and wakes at once when it ends
+    finally:
+        os.close(pidfd)
+        p.kill()
+        p.wait()

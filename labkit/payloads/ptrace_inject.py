@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import select
 import signal
@@ -97,11 +98,13 @@ def pidfd_exited(pidfd: int, timeout: float = 0.0) -> bool:
     names a process that later reuses the pid)."""
     p = select.poll()
     p.register(pidfd, select.POLLIN)
-    while True:
-        try:
-            return bool(p.poll(max(0, int(timeout * 1000))))
-        except InterruptedError:
-            continue
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:  # poll() takes whole ms: round up, or a window comes out short by < 1 ms
+        left = deadline - time.monotonic()
+        if p.poll(max(0, math.ceil(left * 1000))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
 PF_EXITING = 0x4  # task->flags: the thread is in do_exit(); its memory is going or gone
