@@ -9,10 +9,12 @@ round trip). The protocol is the driver's docstring.
 
   check     ``criu check`` (+ memory tracking) on both nodes, before anything starts: a node
             where CRIU cannot work is refused (exit 2) with criu's reason.
-  start     ``--command``: the driver starts it on src (own session, stdin /dev/null, output
-            to /tmp/labkit-criu/<run>.out, no labkit marker in its environment: it is the
-            user's process, not the run's, and outlives the run); ``--pid``: taken as it is;
-            else the built-in workload, timed.
+  start     ``--command``: the driver starts it on src in a copy of the payload folder that
+            both nodes hold at one path (/tmp/labkit-criu/<run>.work: CRIU restores a cwd by
+            path, and release folders are named by deploy time), own session, stdin
+            /dev/null, output to /tmp/labkit-criu/<run>.out, no labkit marker in its
+            environment (it is the user's process, not the run's, and outlives the run);
+            ``--pid``: taken as it is; else the built-in workload, timed, the same way.
   baseline  (unless --no-stop-and-copy) stop-and-copy first: dump everything while frozen,
             restore held stopped on dst, verify, throw that copy away, let src run on.
   pre-copy  round r: a page server on dst for images dir r+1 (parent ../r), ``criu pre-dump
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labkit.experiment.remote import MigrationFailed, Remote, payload_dir
+from labkit.experiment.remote import MigrationFailed, Remote
 from labkit.inventory import Node
 
 if TYPE_CHECKING:
@@ -206,19 +208,23 @@ class CriuMigration:
             ev.emit("criu-pid", pid=self.pid)
             self.info["source"] = {"pid": self.pid}
             return
+        # CRIU restores a cwd by its resolved path, and the release folder's name may differ
+        # between the nodes (deployed at different times): both get a copy of the payload
+        # folder at one path, and the process starts there
+        work = f"{IMAGES_ROOT}/{run.folder.name}.work"
+        self.both(f"workspace --path {shlex.quote(work)}", "copying the payload folder")
         self.output = f"{IMAGES_ROOT}/{run.folder.name}.out"
         if cfg.command:
             command, wait = cfg.command, ""
         else:
             ctl = f"{IMAGES_ROOT}/{run.folder.name}.ctl"
             self.info["ctl"] = ctl
-            command = (f"exec python3 -u workload.py {run.workload_args()} --stdin ignore "
-                       f"--ctl {shlex.quote(ctl)}")
+            command = (f"exec python3 -u {shlex.quote(work)}/workload.py {run.workload_args()}"
+                       f" --stdin ignore --ctl {shlex.quote(ctl)}")
             wait = f" --wait-line {READY_WAIT:g}"
         b64 = base64.b64encode(command.encode()).decode()
         sp = self.call(self.ds, f"spawn --log {shlex.quote(self.output)} --cwd "
-                       f"{shlex.quote(payload_dir(self.src))} --command-b64 {b64}{wait}",
-                       "starting the process")
+                       f"{shlex.quote(work)} --command-b64 {b64}{wait}", "starting the process")
         self.pid = int(sp["pid"])
         if cfg.builtin:
             run.pids[self.src.name].add(self.pid)  # labkit's workload: the run ends it
