@@ -16,7 +16,9 @@ from labkit.experiment.rules import StopRules
 PATTERNS = ("uniform", "hotset", "sequential")
 TRACKERS = ("auto", "uffd", "softdirty", "compare")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-MATRIX_KEYS = {"size", "rate", "pattern", "tracker", "hot_fraction", "seed", "steps_per_round"}
+MATRIX_KEYS = {"size", "rate", "pattern", "tracker", "hot_fraction", "seed", "steps_per_round",
+               "backend"}
+BACKENDS = ("labkit", "criu")  # experiment/backends: NAMES (kept here: config imports nothing)
 
 
 def parse_size(text: str | int, what: str = "--size") -> int:
@@ -60,6 +62,14 @@ class MigrateConfig:
     slot: int = 0
     corrupt: str = ""              # test hook passed to the source agent (LABKIT_AGENT_CORRUPT)
     label: str = ""
+    backend: str = "labkit"        # how the state moves: labkit's agents | criu
+    command: str = ""              # criu: migrate this shell command (started on src) instead
+    pid: int = 0                   # criu: migrate this running process (its tree) instead
+
+    @property
+    def builtin(self) -> bool:
+        """The built-in workload is what migrates (not a --command or --pid of the user's)."""
+        return not self.command and not self.pid
 
     def validate(self, name: Callable[[str, Any], str] | None = None) -> MigrateConfig:
         """Check every field; ``name(key, value)`` says how the user gave it (``--rate 5``
@@ -89,9 +99,43 @@ class MigrateConfig:
         check("max_rounds", self.rules.max_rounds, integer=True, minimum=1)
         check("min_pages", self.rules.min_pages, integer=True, minimum=0)
         check("max_growth", self.rules.max_growth, minimum=0)
+        self._check_backend(what)
         if self.corrupt and not re.match(r"^(round|truncate):(\d+|final)$", self.corrupt):
             raise UserError(f"corrupt hook {self.corrupt!r}: expected round:N or truncate:N")
         return self
+
+    def _check_backend(self, what: Callable[[str, Any], str]) -> None:
+        """What each backend can migrate: labkit's agents move only the built-in workload's
+        region; criu moves any process tree but runs the built-in workload timed (CRIU cannot
+        carry the stdin pipe a stepped workload is driven through)."""
+        if self.backend not in BACKENDS:
+            raise UserError(f"{what('backend', self.backend)}: one of {', '.join(BACKENDS)}")
+        if self.command and self.pid:
+            raise UserError("--command and --pid: give one (start a program, or take a running "
+                            "one)")
+        if self.pid:
+            parse_number(self.pid, "pid", shown=what("pid", self.pid), integer=True, minimum=2)
+        if self.command and not self.command.strip():
+            raise UserError("--command is blank: give the shell command to start on --src")
+        if self.backend == "labkit":
+            for key, value in (("command", self.command), ("pid", self.pid)):
+                if value:
+                    raise UserError(f"--{key} needs --backend criu: the labkit backend migrates "
+                                    "only its own workload")
+            return
+        if self.tracker != "auto":
+            raise UserError(f"{what('tracker', self.tracker)}: the criu backend tracks memory "
+                            "with CRIU's own --track-mem (soft-dirty); --tracker is the labkit "
+                            "backend's")
+        if self.steps_per_round:
+            raise UserError(f"{what('steps_per_round', self.steps_per_round)}: the criu "
+                            "backend runs the workload timed (CRIU cannot carry the stdin "
+                            "pipe a stepped workload is driven through)")
+        if self.corrupt:
+            raise UserError("the corrupt hook is the labkit backend's")
+        if self.verify_resume and not self.builtin:
+            raise UserError("--verify-resume needs the built-in workload (it runs both copies "
+                            "to the same step and compares their hashes)")
 
     @property
     def batch(self) -> int:
@@ -104,7 +148,11 @@ class MigrateConfig:
         return d
 
     def name(self) -> str:
-        return self.label or f"{human_size(self.size)}-{self.rate:g}-{self.pattern}"
+        if self.label:
+            return self.label
+        what = (f"{human_size(self.size)}-{self.rate:g}-{self.pattern}" if self.builtin
+                else f"pid{self.pid}" if self.pid else "command")
+        return what if self.backend == "labkit" else f"{self.backend}-{what}"
 
 
 def build_config(*, src: str, dst: str, size: str | int = "256M", rate: float | str = 5000,
@@ -112,7 +160,8 @@ def build_config(*, src: str, dst: str, size: str | int = "256M", rate: float | 
                  tracker: str = "auto", max_rounds: int | str = 8, min_pages: int | str = 64,
                  max_growth: float | str = 10, verify_resume: int | str = 0,
                  steps_per_round: int | str = 0, stop_and_copy: bool = True,
-                 corrupt: str = "") -> MigrateConfig:
+                 corrupt: str = "", backend: str = "labkit", command: str = "",
+                 pid: int | str | None = None) -> MigrateConfig:
     """From task flags (strings allowed) to a validated config. Numbers go through THE
     parser (``labkit.config.parse_number``): ``nan``, ``inf``, ``1e999``, ``0x10`` and a
     fraction where a whole number is meant are one-line errors, never a traceback later."""
@@ -127,7 +176,8 @@ def build_config(*, src: str, dst: str, size: str | int = "256M", rate: float | 
                         num(max_growth, float, "--max-growth")),
         verify_resume=num(verify_resume, int, "--verify-resume"),
         steps_per_round=num(steps_per_round, int, "--steps-per-round"),
-        stop_and_copy=stop_and_copy, corrupt=corrupt)
+        stop_and_copy=stop_and_copy, corrupt=corrupt, backend=backend, command=command or "",
+        pid=0 if pid in (None, "") else parse_number(pid, "--pid", integer=True, minimum=2))
     return cfg.validate()
 
 

@@ -14,7 +14,7 @@ from labkit.experiment.config import MigrateConfig, apply_cell
 from labkit.experiment.run import MigrateRun
 from labkit.inventory import Inventory
 
-COLUMNS = ["label", "size", "rate", "pattern", "ok", "rounds", "stop_reason", "downtime_ms",
+COLUMNS = ["label", "backend", "size", "rate", "pattern", "ok", "rounds", "stop_reason", "downtime_ms",
            "stop_copy_downtime_ms", "throughput_mib_s", "total_s", "tracker_backend",
            "verified", "error", "folder"]
 
@@ -36,7 +36,8 @@ def run_matrix(inventory: Inventory, settings: Settings, base: MigrateConfig,
             sub.mkdir()
             run = MigrateRun(inventory, settings, cfg, folder=sub, deploy=deploy, pool=pool,
                              prepared=prepared)
-            row: dict[str, Any] = {"label": cfg.name(), "size": cfg.size, "rate": cfg.rate,
+            row: dict[str, Any] = {"label": cfg.name(), "backend": cfg.backend,
+                                   "size": cfg.size, "rate": cfg.rate,
                                    "pattern": cfg.pattern, "folder": sub.name}
             try:
                 r = run.run()

@@ -46,6 +46,9 @@ class Result:
     # what failed, for run.json's "error" and --json's "failure": run.failure_report()
     failure: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the criu backend's own figures (version, per-round images and CRIU's statistics, the
+    # downtime's parts, where the process runs now): run.json's "criu"
+    criu: dict[str, Any] | None = None
     cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs, per node
 
     def set_rounds(self, rows: list[dict[str, Any]], freeze_t: float, resumed_t: float) -> None:
@@ -59,6 +62,7 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "error": self.error, "failure": self.failure,
+            "backend": self.config.backend,
             "stop_reason": self.stop_reason,
             "downtime_ms": _ms(self.downtime_s),
             "stop_copy_downtime_ms": _ms(self.stop_copy_downtime_s),
@@ -67,16 +71,22 @@ class Result:
             "tracker_backend": self.backend, "source_sha256": self.source_sha256,
             "restored_sha256": self.restored_sha256, "rounds": len(self.rounds),
             "leftovers_cleaned": self.cleaned,
+            **({"criu": self.criu} if self.criu is not None else {}),
         }
+
+    def what(self) -> str:
+        """What migrated, in words: the built-in workload's shape, or the user's process."""
+        return _what(self.config)
 
     def summary(self) -> str:
         rows = [[("final" if r["kind"] == "final" else str(r["round"])), str(r["pages"]),
                  f"{r['bytes'] / 2**20:.2f}", f"{r.get('scan_ms') or 0:.2f}",
                  f"{r.get('copy_ms') or 0:.1f}", f"{r.get('wall_ms') or 0:.1f}",
                  f"{r.get('mib_s') or 0:.0f}"] for r in self.rounds]
-        out = [f"migrate-test {self.config.src} -> {self.config.dst}: "
-               f"{human_size(self.config.size)}, {self.config.rate:g} pages/s "
-               f"{self.config.pattern}, tracker {self.backend or self.config.tracker}",
+        out = [f"migrate-test {self.config.src} -> {self.config.dst}: {self.what()}, "
+               + (f"tracker {self.backend or self.config.tracker}"
+                  if self.config.backend == "labkit" else
+                  f"backend criu {(self.criu or {}).get('version') or ''}".rstrip()),
                table(rows, ["round", "pages", "MiB", "scan ms", "copy ms", "wall ms",
                             "MiB/s"])]
         if self.ok:
@@ -89,10 +99,22 @@ class Result:
                   f"   verify-resume: {'ok' if self.verify_resume else 'FAILED'}")
             out.append(f"image verified: SHA-256 {str(self.restored_sha256)[:16]}... matches"
                        + vr)
+            moved = (self.criu or {}).get("migrated")
+            if moved:
+                out.append(f"the process now runs on {moved['node']} as pid {moved['pid']} "
+                           f"(its output: {moved.get('output') or '-'})")
         else:
             out.append(f"FAILED: {self.error}")
         out.append(f"results: {self.folder}")
         return "\n".join(out)
+
+
+def _what(cfg: MigrateConfig) -> str:
+    if cfg.command:
+        return f"command {cfg.command!r}"
+    if cfg.pid:
+        return f"pid {cfg.pid}"
+    return f"{human_size(cfg.size)}, {cfg.rate:g} pages/s {cfg.pattern}"
 
 
 def _ms(s: float | None) -> float | None:

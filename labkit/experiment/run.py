@@ -24,7 +24,7 @@ from labkit.config import Settings
 from labkit.errors import LabkitError, UserError
 from labkit.experiment import backends
 from labkit.experiment import results as res
-from labkit.experiment.config import MigrateConfig, human_size
+from labkit.experiment.config import MigrateConfig
 from labkit.experiment.prepare import prepare_nodes, report_leftovers
 from labkit.experiment.remote import MigrationFailed, Peers, Remote, payload_command
 from labkit.experiment.results import Result
@@ -120,8 +120,7 @@ class MigrateRun:
         for n in (self.src_node, self.dst_node):
             if n.ssh is None:
                 raise UserError(f"{n.name}: no ssh: section in {inventory.path}")
-        # criu: the backend's name comes from the config (see backends/__init__.py)
-        self.backend = backends.get(backends.DEFAULT)
+        self.backend = backends.get(config.backend)
         self.folder = folder or res.new_folder(settings.results_dir, "migrate-test")
         self.events = res.Events(self.folder / "events.jsonl")
         self.deploy = deploy
@@ -193,14 +192,17 @@ class MigrateRun:
         self.events.emit("start", node=node.name, what=label, cmd=f"{script} {args}")
         return r
 
+    def workload_args(self) -> str:
+        """The built-in workload's arguments, as configured (after ``workload.py``)."""
+        cfg = self.cfg
+        return (f"run --size {cfg.size} --rate {cfg.rate:g} --pattern {cfg.pattern} "
+                f"--hot-fraction {cfg.hot_fraction:g} --seed {cfg.seed} --slot {cfg.slot} "
+                f"--batch {cfg.batch}" + ("" if cfg.steps_per_round else " --timed"))
+
     def start_workload(self) -> tuple[Remote, int]:
         """The built-in workload on src, as configured; returns it once it is ready (its
         region mapped at the fixed address), with its pid."""
-        cfg = self.cfg
-        args = (f"run --size {cfg.size} --rate {cfg.rate:g} --pattern {cfg.pattern} "
-                f"--hot-fraction {cfg.hot_fraction:g} --seed {cfg.seed} --slot {cfg.slot} "
-                f"--batch {cfg.batch}" + ("" if cfg.steps_per_round else " --timed"))
-        wl = self.start(self.src_node, "workload.py", args, "workload")
+        wl = self.start(self.src_node, "workload.py", self.workload_args(), "workload")
         ready = wl.next(self.timeout, "the workload's ready line")
         pid = int(ready["pid"])
         self.pids[self.src_node.name].add(pid)
@@ -264,16 +266,17 @@ class MigrateRun:
         run = {"task": "migrate-test", "config": self.cfg.to_json(), "result": r.to_json(),
                "nodes": (r.info or {}).get("nodes", {}),
                "payload": (r.info or {}).get("payload", {}),
-               "tracker_backend": r.backend, "labkit_version": _version(),
-               "error": r.failure}
+               "backend": self.cfg.backend, "tracker_backend": r.backend,
+               "labkit_version": _version(), "error": r.failure,
+               **({"criu": r.criu} if r.criu is not None else {})}
         try:
             res.write_json(self.folder / "run.json", run)
             res.write_rounds(self.folder / "rounds.csv", r.rounds)
             if r.rounds:
                 from labkit.experiment import plots
 
-                title = (f"{human_size(self.cfg.size)} {self.cfg.rate:g} pages/s "
-                         f"{self.cfg.pattern} ({r.backend})")
+                title = f"{r.what()} ({self.cfg.backend}" + (
+                    f", {r.backend})" if r.backend else ")")
                 plots.plot_rounds(self.folder / "rounds.png", r.rounds, title)
                 tl = r.info.get("timeline", {})
                 plots.plot_timeline(self.folder / "timeline.png", r.rounds, tl.get("freeze_t"),

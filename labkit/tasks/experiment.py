@@ -33,6 +33,10 @@ MIGRATE_HELP = {
     "no_stop_and_copy": "skip the stop-and-copy baseline",
     "matrix": "grid, e.g. 'size=64M,256M rate=1000,20000 pattern=uniform,hotset'",
     "no_deploy": "do not deploy payloads (fail if the nodes differ)",
+    "backend": "labkit (its own agents, the default) | criu (CRIU pre-dump rounds, any process)",
+    "command": "criu: start this shell command on --src (in the payload folder, its own "
+               "session) and migrate it",
+    "pid": "criu: migrate this running process on --src (with its children)",
 }
 
 
@@ -43,8 +47,10 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
                  max_rounds: str = "8", min_pages: str = "64", max_growth: str = "10",
                  seed: str = "1", verify_resume: str = "0", steps_per_round: str = "0",
                  no_stop_and_copy: bool = False, matrix: str = "", no_deploy: bool = False,
+                 backend: str = "labkit", command: str = "", pid: str = "",
                  json: bool = False, force: bool = False) -> None:
-    """Migrate a memory-dirtying workload between two nodes by pre-copy; verify; report.
+    """Migrate a memory-dirtying workload (or, with --backend criu, any process: --command,
+    --pid) between two nodes by pre-copy; verify; report.
 
     Both nodes are changed (powered on, swept, deployed, a workload started and killed), so a
     lease someone else holds on either refuses the run (every --matrix cell uses the same two
@@ -62,7 +68,8 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
                        hot_fraction=hot_fraction, seed=seed, tracker=tracker,
                        max_rounds=max_rounds, min_pages=min_pages, max_growth=max_growth,
                        verify_resume=verify_resume, steps_per_round=steps_per_round,
-                       stop_and_copy=not no_stop_and_copy)
+                       stop_and_copy=not no_stop_and_copy, backend=backend, command=command,
+                       pid=pid)
     cells = parse_matrix(matrix) if matrix else None
     if cells is not None:
         from labkit.experiment.config import apply_cell

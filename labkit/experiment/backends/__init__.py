@@ -11,11 +11,13 @@ naming the node and the step; it never cleans up itself.
 
     labkit   backends/labkit.py: labkit's own agents and tracker, streamed through the
              controller (relay.py). The default.
-    criu     not built yet. It goes in backends/criu.py, listed in NAMES and in ``get``; the
-             choice becomes a ``backend`` field of MigrateConfig (validated against NAMES, a
-             --matrix key so ``backend=labkit,criu`` compares the two), ``--backend`` in
-             tasks/experiment.py, and ``MigrateRun`` asks ``get(cfg.backend)``. Checks a node
-             must pass (``criu check``) go first in its ``migrate``, before anything starts.
+    criu     backends/criu.py: CRIU pre-dump rounds into a page server on dst, driven by one
+             node-side driver per node (payloads/criu_driver.py); migrates any process tree
+             (``--command``, ``--pid``) or the built-in workload. ``criu check`` on both nodes
+             goes first, before anything starts.
+
+The choice is MigrateConfig's ``backend`` (``--backend``, a --matrix key, so
+``backend=labkit,criu`` compares the two on the same workload).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from labkit.errors import UserError
+from labkit.experiment.config import BACKENDS
 
 if TYPE_CHECKING:
     from labkit.experiment.run import MigrateRun
@@ -31,13 +34,17 @@ if TYPE_CHECKING:
 Backend = Callable[["MigrateRun"], None]
 
 DEFAULT = "labkit"
-NAMES = ("labkit",)
+NAMES = BACKENDS
 
 
 def get(name: str) -> Backend:
     """The backend called ``name`` (imported only when asked for)."""
     if name == "labkit":
         from labkit.experiment.backends.labkit import migrate
+
+        return migrate
+    if name == "criu":
+        from labkit.experiment.backends.criu import migrate
 
         return migrate
     raise UserError(f"--backend {name!r}: one of {', '.join(NAMES)}")
