@@ -379,11 +379,12 @@ def test_pid_of_a_process_labkit_did_not_start(vmlab, progs, results) -> None:
     pid_max = int(sh(vmlab, "node1", "cat /proc/sys/kernel/pid_max"))
     last = random.randrange(pid_max // 2, pid_max - 1000)
     started = sh(vmlab, "node1",
-                 f"cd /tmp && echo {last} > /proc/sys/kernel/ns_last_pid && "
+                 f"cd /tmp; echo {last} > /proc/sys/kernel/ns_last_pid; "
                  "env -u LABKIT_RUN -u LABKIT_CTL setsid "
                  f"{progs}/sim --mib {mib} --rate 300 --every {every} "
                  f"</dev/null >{log} 2>&1 & echo $!")
     pid = int(started.split()[-1])
+    assert pid > last, f"sim got pid {pid}, not one above {last}"
     try:
         poll("sim's first line", lambda: sh(vmlab, "node1", f"cat {log}"),
              lambda t: t.startswith("step 0 "))
