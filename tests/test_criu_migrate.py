@@ -130,8 +130,8 @@ def kill(lab: FakeLabHandle, node: str, *pids: int) -> None:
     to the process group (a child too), the pid itself if it leads none."""
     if pids:
         ids = " ".join(str(p) for p in pids)
-        sh(lab, node, f"for p in {ids}; do kill -CONT -- -$p $p 2>/dev/null; "
-                      f"kill -KILL -- -$p $p 2>/dev/null; done; true")
+        sh(lab, node, f"for p in {ids}; do kill -KILL -$p 2>/dev/null; "  # dash: no "--"
+                      "kill -KILL $p 2>/dev/null; done; true")
 
 
 def leftovers(lab: FakeLabHandle, node: str, run: str) -> list[str]:
