@@ -1,0 +1,1521 @@
+#!/usr/bin/env python3
+"""CRIU on a node: the node side of iterative pre-copy migration (issue 11).
+
+Node-side payload: python3 stdlib only (pycriu is an optional extra for ``show``). Never imports
+labkit. Two ways to run it:
+
+* ``python3 -u criu_driver.py serve --base BASE --role src|dst``: what the controller runs, one
+  long-lived driver per node per run (a new SSH exec costs ~0.9 s under TCG). One command per
+  stdin line (the subcommands below, without ``--base``), exactly one JSON line per command on
+  stdout (``ok: false`` + a one-line ``error`` on any failure, a bad line included; never an
+  exit). When stdin ends or SIGTERM/SIGHUP arrives before ``quit``, the safety net runs: a src
+  driver SIGCONTs every tree it dumped and neither resumed nor killed (the process goes on
+  where it was), a dst driver SIGKILLs every tree it restored and never resumed and kills its
+  page servers; both remove BASE. The contract is the controller's: criu-protocol.md.
+* ``python3 criu_driver.py SUBCOMMAND --base BASE ...``: one step, one JSON line, exit 0 on
+  success, 1 when the step failed, 2 on a usage error (by hand, and the tests).
+
+Image dirs are BASE/1, BASE/2, ...; round N names its parent ``../N-1``, relative to BASE/N, on
+both sides: CRIU makes the ``parent`` symlink in the images dir of whichever criu (dump or
+page-server) is given --prev-images-dir. Recipe, numbers and pitfalls: docs/criu-recipe.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import base64
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+
+PAGE = 4096
+IMG_COMMON = 0x54564319  # every image but the service ones (stats, inventory...) starts with it
+IMG_SERVICE = 0x55105940
+STATS_MAGIC = 0x57093306
+PSTREE_MAGIC = 0x50273030
+PAGEMAP_MAGIC = 0x56084025
+# pagemap.proto pagemap_entry.flags (criu/include/pagemap.h)
+PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
+# stats.proto: dump_stats_entry / restore_stats_entry field numbers -> names (CRIU 3.x)
+DUMP_STATS = {1: "freezing_time", 2: "frozen_time", 3: "memdump_time", 4: "memwrite_time",
+              5: "pages_scanned", 6: "pages_skipped_parent", 7: "pages_written",
+              8: "irmap_resolve", 9: "pages_lazy", 10: "page_pipes", 11: "page_pipe_bufs",
+              12: "shpages_scanned", 13: "shpages_skipped_parent", 14: "shpages_written"}
+RESTORE_STATS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_time",
+                 4: "restore_time", 5: "pages_restored"}
+LOG_NAMES = {"check": "check.log", "predump": "predump.log", "dump": "dump.log",
+             "page-server": "page-server.log", "restore": "restore.log"}
+PACK_LIMIT = 256 << 20  # a pack is one JSON line through the controller: keep it sane
+LOG_TAIL = 1 << 20
+CHUNK_PAGES = 256  # pages per pread in verify/memhash: 1 MiB, few syscalls, little memory
+FILES_PREFIX = "files/"  # pack: a --file's member name is this + its absolute path minus "/"
+IMAGES_PREFIX = "images/"
+
+
+class StepFailed(Exception):
+    """A step that did not work: what CRIU (or the node) said, and where its log is. ``extra``
+    goes into the failure reply beside ``error`` (e.g. verify's first differing address)."""
+
+    def __init__(self, reason: str, log: str | None = None, rc: int | None = None,
+                 extra: dict | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.log = log
+        self.rc = rc
+        self.extra = extra or {}
+
+
+class UsageError(Exception):
+    """A command line argparse refused (in serve mode this must not exit the driver)."""
+
+
+# ---------------------------------------------------------------- images (no pycriu needed)
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def pb_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+    """A protobuf message as (field number, value) pairs: varints as ints, length-delimited as
+    bytes (fixed32/64 as ints). Enough for CRIU's stats, pstree and pagemap images."""
+    out: list[tuple[int, int | bytes]] = []
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            v, i = _varint(buf, i)
+            out.append((num, v))
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            if i + n > len(buf):
+                raise ValueError("truncated field")
+            out.append((num, buf[i:i + n]))
+            i += n
+        elif wt == 1:
+            out.append((num, int.from_bytes(buf[i:i + 8], "little")))
+            i += 8
+        elif wt == 5:
+            out.append((num, int.from_bytes(buf[i:i + 4], "little")))
+            i += 4
+        else:
+            raise ValueError(f"wire type {wt} not supported")
+    return out
+
+
+def image_entries(data: bytes, magic: int) -> list[bytes]:
+    """The entries of a CRIU image: IMG_COMMON or IMG_SERVICE magic, the image's own magic,
+    then (u32 little-endian size, protobuf message) entries."""
+    i = 0
+    m = int.from_bytes(data[0:4], "little") if len(data) >= 4 else None
+    if m in (IMG_COMMON, IMG_SERVICE):
+        i = 4
+        m = int.from_bytes(data[4:8], "little") if len(data) >= 8 else None
+    if m != magic:
+        raise ValueError(f"bad image magic {m!r:} (want {magic:#x})")
+    i += 4
+    entries = []
+    while i < len(data):
+        if i + 4 > len(data):
+            raise ValueError("truncated entry size")
+        n = int.from_bytes(data[i:i + 4], "little")
+        i += 4
+        if i + n > len(data):
+            raise ValueError("truncated entry")
+        entries.append(data[i:i + n])
+        i += n
+    return entries
+
+
+def parse_stats(data: bytes) -> dict:
+    """stats-dump / stats-restore → {"dump": {...}} or {"restore": {...}} (times in µs)."""
+    entries = image_entries(data, STATS_MAGIC)
+    if not entries:
+        raise ValueError("stats image has no entry")
+    out: dict = {}
+    for num, val in pb_fields(entries[0]):
+        if num in (1, 2) and isinstance(val, bytes):
+            names = DUMP_STATS if num == 1 else RESTORE_STATS
+            out["dump" if num == 1 else "restore"] = {
+                names.get(k, f"field{k}"): v for k, v in pb_fields(val)}
+    return out
+
+
+def parse_pstree(data: bytes) -> list[dict]:
+    """pstree.img → [{"pid", "ppid", "pgid", "sid", "threads": [...]}, ...]."""
+    procs = []
+    for entry in image_entries(data, PSTREE_MAGIC):
+        p: dict = {"threads": []}
+        for num, val in pb_fields(entry):
+            if num == 5:  # repeated uint32 threads, packed or not
+                if isinstance(val, bytes):
+                    i = 0
+                    while i < len(val):
+                        t, i = _varint(val, i)
+                        p["threads"].append(t)
+                else:
+                    p["threads"].append(val)
+            elif num in (1, 2, 3, 4):
+                p[("pid", "ppid", "pgid", "sid")[num - 1]] = val
+        procs.append(p)
+    return procs
+
+
+def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
+    """pagemap-PID.img → (pages_id, [(vaddr, nr_pages, flags), ...]) in file order.
+
+    The first entry is a pagemap_head {pages_id=1}; the rest pagemap_entry {vaddr=1,
+    nr_pages=2, in_parent=3 (images before flags existed), flags=4}. An entry without flags
+    is PE_PARENT if in_parent, else PE_PRESENT (what CRIU itself assumes for old images)."""
+    entries = image_entries(data, PAGEMAP_MAGIC)
+    if not entries:
+        raise ValueError("pagemap image has no pagemap_head")
+    head = dict(pb_fields(entries[0]))
+    pages_id = head.get(1, 0)
+    out = []
+    for e in entries[1:]:
+        f = dict(pb_fields(e))
+        if not isinstance(f.get(1), int) or not isinstance(f.get(2), int):
+            raise ValueError("pagemap entry without vaddr or nr_pages")
+        if isinstance(f.get(4), int):
+            flags = f[4]
+        else:
+            flags = PE_PARENT if f.get(3) else PE_PRESENT
+        out.append((f[1], f[2], flags))
+    return pages_id, out
+
+
+ERROR_RE = re.compile(r"^(?:\([\d.]+\)\s+)?(?:\d+: )?Error \(([^)]*)\):\s*(.*)$")
+
+
+def criu_reason(text: str) -> str | None:
+    """CRIU's reason in one line: the first "Error (file:line): ..." of its log (the first is
+    the cause; the ones after it are the unwinding), else None."""
+    for line in text.splitlines():
+        m = ERROR_RE.match(line.strip())
+        if m:
+            return f"{m.group(2).strip()} ({m.group(1)})"
+    return None
+
+
+def parse_check(rc: int, out: str) -> tuple[bool, str]:
+    """``criu check`` → (usable, one-line reason). It prints "Looks good." when the kernel has
+    what dump/restore need (errors about tun or ptmx are printed even then: probes of optional
+    features), and exits non-zero otherwise."""
+    if rc == 0 and "Looks good" in out:
+        return True, "Looks good."
+    reason = criu_reason(out)
+    if reason is None:
+        lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"criu check exited {rc}"
+    return False, reason
+
+
+# ---------------------------------------------------------------- the pages an image holds
+
+class _PidMap:
+    """One process's pagemap in one images dir: entries sorted by vaddr, each with the offset
+    of its pages in pages-<id>.img (-1 for entries whose pages are not in this dir)."""
+
+    def __init__(self, d: str, pid: int):
+        path = os.path.join(d, f"pagemap-{pid}.img")
+        try:
+            with open(path, "rb") as f:
+                pages_id, entries = parse_pagemap(f.read())
+        except FileNotFoundError:
+            raise StepFailed(f"{path} missing: the round's pages never arrived here") from None
+        except ValueError as e:
+            raise StepFailed(f"{path}: {e}") from None
+        self.pages = os.path.join(d, f"pages-{pages_id}.img")
+        rows, off = [], 0
+        for vaddr, nr, flags in entries:  # pages-<id>.img holds PE_PRESENT runs in file order
+            rows.append((vaddr, nr, flags, off if flags & PE_PRESENT else -1))
+            if flags & PE_PRESENT:
+                off += nr * PAGE
+        rows.sort()
+        self.rows = rows
+        self.starts = [r[0] for r in rows]
+
+
+class ImageSet:
+    """The pages of a round's images dir and its ``parent`` chain, as runs of
+    (vaddr, npages, file, offset) per pid: what ``verify`` compares and hashes."""
+
+    def __init__(self, d: str):
+        self.d = d
+        self._maps: dict[tuple[str, int], _PidMap] = {}
+
+    def _map(self, d: str, pid: int) -> _PidMap:
+        key = (d, pid)
+        if key not in self._maps:
+            self._maps[key] = _PidMap(d, pid)
+        return self._maps[key]
+
+    @staticmethod
+    def _parent(d: str) -> str:
+        p = os.path.join(d, "parent")
+        if not os.path.isdir(p):
+            raise StepFailed(f"{d} has pages marked in-parent but no parent images dir "
+                             f"({p})")
+        return os.path.realpath(p)
+
+    def segments(self, pid: int) -> list[tuple[int, int, str, int]]:
+        """Every page the image holds for ``pid``, in vaddr order, merged into runs."""
+        out: list[tuple[int, int, str, int]] = []
+        m = self._map(self.d, pid)
+        for vaddr, nr, flags, off in m.rows:
+            if flags & PE_PRESENT:
+                out.append((vaddr, nr, m.pages, off))
+            elif flags & PE_PARENT:
+                out += self._from_parent(self._parent(self.d), pid, vaddr, nr, 1)
+            # PE_LAZY alone: the pages are not in any image (lazy restore): nothing to compare
+        return _merge(out)
+
+    def _from_parent(self, d: str, pid: int, vaddr: int, nr: int,
+                     depth: int) -> list[tuple[int, int, str, int]]:
+        if depth > 1000:
+            raise StepFailed(f"parent chain of {self.d} deeper than 1000 (a loop?)")
+        m = self._map(d, pid)
+        out: list[tuple[int, int, str, int]] = []
+        end = vaddr + nr * PAGE
+        i = max(bisect.bisect_right(m.starts, vaddr) - 1, 0)
+        cur = vaddr
+        while cur < end:
+            if i >= len(m.rows) or m.rows[i][0] > cur:
+                raise StepFailed(f"pid {pid} page {cur:#x} is marked in-parent but {d} does "
+                                 "not hold it")
+            ev, en, ef, eo = m.rows[i]
+            eend = ev + en * PAGE
+            if eend <= cur:
+                i += 1
+                continue
+            piece_end = min(end, eend)
+            n = (piece_end - cur) // PAGE
+            if ef & PE_PRESENT:
+                out.append((cur, n, m.pages, eo + (cur - ev)))
+            elif ef & PE_PARENT:
+                out += self._from_parent(self._parent(d), pid, cur, n, depth + 1)
+            else:
+                raise StepFailed(f"pid {pid} page {cur:#x} is marked in-parent but {d} holds "
+                                 "it only lazily")
+            cur = piece_end
+            i += 1
+        return out
+
+
+def _merge(segs: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str, int]]:
+    out: list[tuple[int, int, str, int]] = []
+    for v, n, f, o in segs:
+        if out:
+            pv, pn, pf, po = out[-1]
+            if pf == f and pv + pn * PAGE == v and po + pn * PAGE == o:
+                out[-1] = (pv, pn + n, pf, po)
+                continue
+        out.append((v, n, f, o))
+    return out
+
+
+_PREFIX = struct.Struct("<QQ")
+
+
+def _hash_pages(h, pid: int, vaddr: int, buf: bytes) -> None:
+    """The protocol's construction: per page, pid (8 bytes LE) + vaddr (8 bytes LE) + page."""
+    mv = memoryview(buf)
+    upd, pack = h.update, _PREFIX.pack
+    for i in range(len(buf) // PAGE):
+        upd(pack(pid, vaddr + i * PAGE))
+        upd(mv[i * PAGE:(i + 1) * PAGE])
+
+
+def _pread_all(fd: int, n: int, off: int, what: str) -> bytes:
+    try:
+        data = os.pread(fd, n, off)
+    except OSError as e:
+        raise StepFailed(f"{what}: cannot read {n} bytes at {off:#x}: {e.strerror}") from None
+    while len(data) < n:  # /proc/PID/mem and regular files may answer short
+        try:
+            more = os.pread(fd, n - len(data), off + len(data))
+        except OSError as e:
+            raise StepFailed(f"{what}: cannot read at {off + len(data):#x}: "
+                             f"{e.strerror}") from None
+        if not more:
+            raise StepFailed(f"{what}: only {len(data)} of {n} bytes at {off:#x}")
+        data += more
+    return data
+
+
+class _Mem:
+    """/proc/PID/mem of a stopped process, opened once."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        try:
+            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        except OSError as e:
+            raise StepFailed(f"cannot open the memory of pid {pid}: {e.strerror}") from None
+
+    def read(self, vaddr: int, n: int) -> bytes:
+        return _pread_all(self.fd, n, vaddr, f"memory of pid {self.pid}")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def verify_images(d: str, pids: list[int]) -> dict:
+    """Compare every page the images of ``d`` hold against the live (stopped) processes.
+
+    The image hash and the memory hash are fed the same bytes while the two agree, so a run
+    of equal pages is hashed once; at the first difference the memory hash forks off (a copy
+    of the image hash so far) and both go on separately."""
+    imgs = ImageSet(d)
+    h_img = hashlib.sha256()
+    h_mem = None
+    pages = 0
+    differ = 0
+    first: tuple[int, int] | None = None
+    ranges: dict[str, list[list[int]]] = {}
+    fds: dict[str, int] = {}
+    try:
+        for pid in pids:
+            segs = imgs.segments(pid)
+            ranges[str(pid)] = _merge_ranges([(v, n) for v, n, _, _ in segs])
+            mem = _Mem(pid)
+            try:
+                for vaddr, n, path, off in segs:
+                    if path not in fds:
+                        try:
+                            fds[path] = os.open(path, os.O_RDONLY)
+                        except OSError as e:
+                            raise StepFailed(f"{path}: {e.strerror}") from None
+                    for c in range(0, n, CHUNK_PAGES):
+                        k = min(CHUNK_PAGES, n - c)
+                        va = vaddr + c * PAGE
+                        img = _pread_all(fds[path], k * PAGE, off + c * PAGE, path)
+                        live = mem.read(va, k * PAGE)
+                        pages += k
+                        if img == live and h_mem is None:
+                            _hash_pages(h_img, pid, va, img)
+                            continue
+                        if h_mem is None:
+                            h_mem = h_img.copy()
+                        _hash_pages(h_img, pid, va, img)
+                        _hash_pages(h_mem, pid, va, live)
+                        if img != live:
+                            for i in range(k):
+                                a, b = i * PAGE, (i + 1) * PAGE
+                                if img[a:b] != live[a:b]:
+                                    differ += 1
+                                    if first is None:
+                                        first = (pid, va + a)
+            finally:
+                mem.close()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    sha = h_img.hexdigest()
+    res = {"sha256": sha, "memory_sha256": h_mem.hexdigest() if h_mem else sha,
+           "pages": pages,
+           "ranges_b64": base64.b64encode(json.dumps(ranges).encode()).decode()}
+    if first is not None:
+        raise StepFailed(f"memory of the restored tree differs from the image: pid {first[0]} "
+                         f"at {first[1]:#x} first, {differ} page(s) differ of {pages}",
+                         extra={**res, "pid": first[0], "address": hex(first[1]),
+                                "pages_differ": differ})
+    return res
+
+
+def _merge_ranges(runs: list[tuple[int, int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for v, n in runs:
+        if out and out[-1][0] + out[-1][1] * PAGE == v:
+            out[-1][1] += n
+        else:
+            out.append([v, n])
+    return out
+
+
+def memhash(ranges: dict[str, list[list[int]]]) -> dict:
+    """The hash ``verify`` computes, over the same pages of the live (frozen) source."""
+    h = hashlib.sha256()
+    pages = 0
+    for key, runs in ranges.items():
+        pid = int(key)
+        mem = _Mem(pid)
+        try:
+            for vaddr, n in runs:
+                for c in range(0, n, CHUNK_PAGES):
+                    k = min(CHUNK_PAGES, n - c)
+                    va = vaddr + c * PAGE
+                    _hash_pages(h, pid, va, mem.read(va, k * PAGE))
+                    pages += k
+        finally:
+            mem.close()
+    return {"sha256": h.hexdigest(), "pages": pages}
+
+
+# ---------------------------------------------------------------- running criu
+
+def _criu() -> str:
+    return os.environ.get("CRIU", "criu")
+
+
+def _round_dir(base: str, rnd: int) -> str:
+    if rnd < 1:
+        raise StepFailed(f"--round {rnd}: rounds are numbered from 1")
+    return os.path.join(base, str(rnd))
+
+
+def _parent_arg(rnd: int) -> list[str]:
+    return ["--prev-images-dir", f"../{rnd - 1}"] if rnd > 1 else []
+
+
+def _run_criu(args: list[str], log: str, timeout: float) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([_criu(), *args, "-o", log], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise StepFailed(f"{_criu()} not found: CRIU is not installed on this node") from None
+    except subprocess.TimeoutExpired:
+        raise StepFailed(f"criu {args[0]} did not finish in {timeout:g} s", log) from None
+    return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
+
+
+def _fail_from_log(what: str, log: str, rc: int, output: str) -> StepFailed:
+    text = output
+    try:
+        with open(log, errors="replace") as f:
+            text = f.read() + "\n" + output
+    except OSError:
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = criu_reason(text) or (lines[-1] if lines else f"exit status {rc}")
+    return StepFailed(f"criu {what} failed: {reason}", log, rc)
+
+
+def _dir_bytes(path: str, skip_logs: bool = True) -> int:
+    total = 0
+    for name in os.listdir(path):
+        if skip_logs and name.endswith(".log"):
+            continue
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and not os.path.islink(full):
+            total += os.path.getsize(full)
+    return total
+
+
+def _read_stats(d: str, name: str) -> dict:
+    try:
+        with open(os.path.join(d, name), "rb") as f:
+            return parse_stats(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_pstree(d: str) -> list[dict]:
+    path = os.path.join(d, "pstree.img")
+    try:
+        with open(path, "rb") as f:
+            return parse_pstree(f.read())
+    except FileNotFoundError:
+        raise StepFailed(f"{path} missing: the final dump's images were not copied "
+                         "here") from None
+    except ValueError as e:
+        raise StepFailed(f"{path}: {e}") from None
+
+
+def _dump_result(d: str, seconds: float, log: str, page_server: str | None) -> dict:
+    st = _read_stats(d, "stats-dump").get("dump", {})
+    pages = st.get("pages_written", 0)
+    return {"dir": d, "seconds": round(seconds, 3), "pages_written": pages,
+            "pages_skipped_parent": st.get("pages_skipped_parent", 0),
+            "pages_scanned": st.get("pages_scanned", 0), "page_bytes": pages * PAGE,
+            "image_bytes": _dir_bytes(d), "frozen_s": st.get("frozen_time", 0) / 1e6,
+            "memdump_s": st.get("memdump_time", 0) / 1e6,
+            "memwrite_s": st.get("memwrite_time", 0) / 1e6,
+            "page_server": page_server, "stats": st, "log": log}
+
+
+def _page_server_args(spec: str | None) -> list[str]:
+    if not spec:
+        return []
+    host, _, port = spec.rpartition(":")
+    if not host or not port.isdigit():
+        raise StepFailed(f"--page-server {spec!r}: want HOST:PORT")
+    return ["--page-server", "--address", host, "--port", port]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state of /proc/PID/stat (R, S, T, t, Z...), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2]
+
+
+def _wait(cond, timeout: float, interval: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- the driver's state
+
+class Driver:
+    """What a serve session did that its safety net must undo: trees it froze (src), trees it
+    restored and page servers it started (dst). One-shot subcommands use a throwaway one."""
+
+    def __init__(self, base: str | None, role: str | None):
+        self.base = base
+        self.role = role
+        self.frozen: dict[int, list[int]] = {}    # src: dumped, left stopped, not resumed/killed
+        self.restored: dict[int, list[int]] = {}  # dst: restored, not resumed/killed
+        self.page_servers: dict[int, str] = {}    # dst: pid -> images dir
+        self.cwd = os.getcwd()
+
+    def forget(self, pid: int) -> None:
+        self.frozen.pop(pid, None)
+        self.restored.pop(pid, None)
+
+    def safety_net(self) -> list[str]:
+        """Undo what is half done; returns what it did (for stderr: stdout may be gone)."""
+        done = []
+        for pid, pids in list(self.frozen.items()):
+            _signal_all(sorted(set(pids) | set(_tree(pid))), signal.SIGCONT)
+            done.append(f"SIGCONT {pid}")
+        self.frozen.clear()
+        for pid, pids in list(self.restored.items()):
+            _signal_all(sorted(set(pids) | set(_tree(pid))), signal.SIGKILL)
+            done.append(f"SIGKILL {pid}")
+        self.restored.clear()
+        for pid in list(self.page_servers):
+            if _pid_alive(pid) and "page-server" in _cmdline(pid):
+                _signal_all([pid], signal.SIGKILL)
+                done.append(f"SIGKILL page server {pid}")
+        self.page_servers.clear()
+        if self.base and os.path.isdir(self.base):
+            # the page servers must be gone before their dirs are: they write into them
+            for pid in [int(x) for x in os.listdir("/proc") if x.isdigit()]:
+                if "page-server" in _cmdline(pid) and self.base in _cmdline(pid):
+                    _signal_all([pid], signal.SIGKILL)
+            shutil.rmtree(self.base, ignore_errors=True)
+            done.append(f"removed {self.base}")
+        return done
+
+
+# ---------------------------------------------------------------- subcommands
+
+def _ipv4_addresses() -> list[str]:
+    """This node's IPv4 addresses but loopback (SIOCGIFCONF: every address, aliases too)."""
+    siocgifconf, size, n = 0x8912, 40, 64  # struct ifreq is 40 bytes on x86_64
+    buf = array.array("B", bytes(size * n))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        res = fcntl.ioctl(s.fileno(), siocgifconf,
+                          struct.pack("iL", len(buf), buf.buffer_info()[0]))
+    used = struct.unpack("iL", res)[0]
+    raw = buf.tobytes()
+    out = []
+    for i in range(0, used, size):
+        ip = socket.inet_ntoa(raw[i + 20:i + 24])  # ifr_addr: sockaddr_in's sin_addr
+        if not ip.startswith("127."):
+            out.append(ip)
+    return out
+
+
+def _criu_version() -> str | None:
+    try:
+        v = subprocess.run([_criu(), "--version"], capture_output=True, text=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"Version:\s*(\S+)", v.stdout)
+    return m.group(1) if m else None
+
+
+def cmd_hello(a, drv: Driver) -> dict:
+    try:
+        addresses = _ipv4_addresses()
+    except OSError:
+        addresses = []
+    return {"pid": os.getpid(), "kernel": os.uname().release, "addresses": addresses,
+            "criu": _criu_version(), "base": drv.base, "role": drv.role}
+
+
+def cmd_check(a, drv: Driver) -> dict:
+    try:
+        p = subprocess.run([_criu(), "check"], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=a.timeout)
+    except FileNotFoundError:
+        raise StepFailed(f"{_criu()} not found: CRIU is not installed on this node") from None
+    except subprocess.TimeoutExpired:
+        raise StepFailed(f"criu check did not finish in {a.timeout:g} s") from None
+    ok, reason = parse_check(p.returncode, p.stdout + p.stderr)
+    if not ok:
+        raise StepFailed(f"criu check: {reason}", rc=p.returncode)
+    t = subprocess.run([_criu(), "check", "--feature", "mem_dirty_track"], capture_output=True,
+                       text=True, timeout=a.timeout, stdin=subprocess.DEVNULL)
+    if t.returncode != 0:
+        raise StepFailed("criu check: no memory tracking (soft-dirty): pre-dump rounds would "
+                         "each write every page; "
+                         + (criu_reason(t.stdout + t.stderr) or t.stdout.strip()))
+    thp = None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = re.search(r"\[(\w+)\]", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return {"reason": reason, "version": _criu_version(),
+            "kernel": os.uname().release, "mem_track": True, "thp": thp}
+
+
+def _random_upper_pid() -> bool:
+    """Make the next fork land at a random pid in the upper half of pid_max: two guests boot
+    alike, so a low pid on src is likely taken on dst, and CRIU restores every task with its
+    own pid. Needs root (CAP_SYS_ADMIN / CAP_CHECKPOINT_RESTORE); False when not allowed."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+        lo, hi = pid_max // 2, pid_max - 4096  # leave room for the tree's own forks
+        if hi <= lo:
+            hi = pid_max - 64
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(random.randrange(lo, hi)))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    import select
+    data = b""
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise StepFailed(f"spawn: the command did not start in {timeout:g} s")
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def cmd_spawn(a, drv: Driver) -> dict:
+    try:
+        command = base64.b64decode(a.command_b64, validate=True).decode()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StepFailed(f"spawn: --command-b64 is not base64 of UTF-8 text: {e}") from None
+    if not os.path.isdir(a.cwd):
+        raise StepFailed(f"spawn: --cwd {a.cwd}: no such directory")
+    log = os.path.abspath(a.log)
+    if not os.path.isdir(os.path.dirname(log)):
+        raise StepFailed(f"spawn: --log {log}: its folder does not exist")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABKIT_")}
+    placed = _random_upper_pid()
+    r, w = os.pipe()  # close-on-exec: EOF once the command's shell has exec'd
+    first = os.fork()
+    if first == 0:  # pragma: no cover - the child's side (exec'd or _exit)
+        code = 0
+        try:
+            os.close(r)
+            os.setsid()
+            second = os.fork()
+            if second == 0:
+                try:
+                    os.chdir(a.cwd)
+                    fin = os.open(os.devnull, os.O_RDONLY)
+                    fout = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.dup2(fin, 0)
+                    os.dup2(fout, 1)
+                    os.dup2(fout, 2)
+                    for s in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+                        signal.signal(s, signal.SIG_DFL)  # ignored ones survive exec
+                    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                    os.execve("/bin/sh", ["/bin/sh", "-c", command], env)
+                except BaseException as e:  # noqa: BLE001 - reported through the pipe
+                    with contextlib.suppress(OSError):
+                        os.write(w, f"E{type(e).__name__}: {e}".encode())
+                os._exit(127)
+            os.write(w, f"{second}\n".encode())
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    os.close(w)
+    try:
+        os.waitpid(first, 0)
+        data = _read_all(r, a.timeout).decode(errors="replace")
+    finally:
+        os.close(r)
+    head, _, rest = data.partition("\n")
+    if not head.isdigit():
+        raise StepFailed(f"spawn: could not start /bin/sh: {data.strip() or 'no pid'}")
+    pid = int(head)
+    if rest.startswith("E"):
+        raise StepFailed(f"spawn: could not start the command: {rest[1:].strip()}")
+    res = {"pid": pid, "log": log, "pid_placed": placed}
+    if a.wait_line is not None:
+        line = _first_line(log, pid, a.wait_line)
+        try:
+            res["first_line"] = json.loads(line)
+        except ValueError:
+            res["first_line"] = line
+    return res
+
+
+def _first_line(log: str, pid: int, timeout: float) -> str:
+    def have() -> bool:
+        try:
+            with open(log, "rb") as f:
+                return b"\n" in f.read(1 << 16)
+        except OSError:
+            return False
+
+    def gone() -> bool:
+        return proc_state(pid) in (None, "Z")
+
+    _wait(lambda: have() or gone(), timeout)
+    if have():
+        with open(log, "rb") as f:
+            return f.read(1 << 16).split(b"\n", 1)[0].decode(errors="replace")
+    tail = ""
+    with contextlib.suppress(OSError), open(log, "rb") as f:
+        tail = f.read()[-300:].decode(errors="replace").strip().replace("\n", " | ")
+    if gone():
+        raise StepFailed(f"spawn: pid {pid} ended before writing a line to {log}"
+                         + (f": {tail}" if tail else ""), extra={"pid": pid})
+    _signal_all(_tree(pid), signal.SIGKILL)  # the caller never learns its pid: nothing stays
+    raise StepFailed(f"spawn: pid {pid} wrote no line to {log} in {timeout:g} s (killed it)"
+                     + (f": {tail}" if tail else ""), extra={"pid": pid})
+
+
+def cmd_workspace(a, drv: Driver) -> dict:
+    """Copy the release the driver runs from to a path that is the same on both nodes: CRIU
+    restores a process's cwd by its resolved path, and release folders are named by time."""
+    path = os.path.abspath(a.path)
+    if os.path.exists(path):
+        return {"path": path, "copied": False}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(drv.cwd, tmp, symlinks=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(path):
+            raise
+        return {"path": path, "copied": False}
+    return {"path": path, "copied": True}
+
+
+def _open_for_writing(pids: list[int]) -> list[dict]:
+    """Regular files the tree holds open O_WRONLY/O_RDWR: CRIU reopens them by path on
+    restore and checks their size, so the controller copies them as they are at the freeze."""
+    seen: dict[str, dict] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    m = re.search(r"^flags:\s*([0-7]+)", f.read(), re.M)
+                if not m or int(m.group(1), 8) & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
+                    continue
+                path = os.readlink(f"/proc/{pid}/fd/{fd}")
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or not path.startswith("/") \
+                    or path.endswith(" (deleted)"):
+                continue  # CRIU carries deleted files itself (ghost files)
+            seen.setdefault(path, {"path": path, "size": st.st_size,
+                                   "mtime_ns": st.st_mtime_ns})
+    return sorted(seen.values(), key=lambda f: f["path"])
+
+
+def cmd_predump(a, drv: Driver, final: bool = False) -> dict:
+    d = _round_dir(a.base, a.round)
+    os.makedirs(d, exist_ok=True)
+    if a.round > 1 and not os.path.isdir(_round_dir(a.base, a.round - 1)):
+        raise StepFailed(f"round {a.round}: no {_round_dir(a.base, a.round - 1)} "
+                         "(the parent round's images)")
+    if not _pid_alive(a.pid):
+        raise StepFailed(f"pid {a.pid} does not exist")
+    what = "dump" if final else "pre-dump"
+    log = os.path.join(d, LOG_NAMES["dump" if final else "predump"])
+    args = [what, "-t", str(a.pid), "-D", d, *_parent_arg(a.round), "--track-mem",
+            *_page_server_args(a.page_server), *(["-v4"] if a.verbose else [])]
+    if final:
+        # left stopped (not killed) so a restore that fails on dst can be undone with SIGCONT
+        args += [*([] if a.kill else ["--leave-stopped"]), "--file-locks", "--link-remap",
+                 *(["--tcp-established"] if a.tcp_established else [])]
+    if a.shell_job:
+        args.append("--shell-job")
+    rc, out, secs = _run_criu(args, log, a.timeout)
+    if rc != 0:
+        if final and not a.kill and _pid_alive(a.pid) and proc_state(a.pid) in ("T", "t"):
+            _signal_all(_tree(a.pid), signal.SIGCONT)  # a failed dump never leaves it frozen
+        raise _fail_from_log(what, log, rc, out)
+    res = {"round": a.round, "final": final, **_dump_result(d, secs, log, a.page_server)}
+    if final:
+        stopped = not a.kill and proc_state(a.pid) in ("T", "t")
+        res["left_stopped"] = stopped
+        try:
+            tree = [p["pid"] for p in _read_pstree(d)]
+        except StepFailed:
+            tree = _tree(a.pid)
+        res["tree"] = tree
+        if stopped:
+            drv.frozen[a.pid] = tree
+            res["files"] = _open_for_writing(tree)
+        else:
+            res["files"] = []
+    return res
+
+
+def _free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def cmd_page_server(a, drv: Driver) -> dict:
+    d = _round_dir(a.base, a.round)
+    os.makedirs(d, exist_ok=True)
+    log = os.path.join(d, LOG_NAMES["page-server"])
+    pidfile = os.path.join(d, "page-server.pid")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
+    port = a.port or _free_port(a.address)
+    args = ["page-server", "-D", d, *_parent_arg(a.round), "--port", str(port),
+            "--address", a.address, "--auto-dedup", "-d", "--pidfile", pidfile]
+    # -d: criu binds the port, then daemonizes; on return the server is listening
+    rc, out, secs = _run_criu(args, log, a.timeout)
+    if rc != 0:
+        raise _fail_from_log("page-server", log, rc, out)
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        pid = None
+    if pid:
+        drv.page_servers[pid] = d
+    return {"round": a.round, "dir": d, "port": port, "address": a.address, "pid": pid,
+            "seconds": round(secs, 3), "log": log}
+
+
+def _wait_page_server(d: str, timeout: float, drv: Driver) -> None:
+    """The round's page server exits when the dump that fed it closes the connection; its
+    pages are complete only then."""
+    try:
+        with open(os.path.join(d, "page-server.pid")) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    if not _wait(lambda: not _pid_alive(pid) or proc_state(pid) == "Z", timeout):
+        raise StepFailed(f"page server {pid} of {d} still running after {timeout:g} s "
+                         "(the dump never finished sending?)",
+                         os.path.join(d, LOG_NAMES["page-server"]))
+    drv.page_servers.pop(pid, None)
+
+
+def pids_in_use(procs: list[dict]) -> list[str]:
+    """The image's pids and tids that are taken on this node (criu restore needs each one
+    free: it recreates every task with its dumped pid)."""
+    taken = []
+    for p in procs:
+        for tid in [p.get("pid"), *p.get("threads", [])]:
+            if tid and os.path.exists(f"/proc/{tid}"):
+                try:
+                    with open(f"/proc/{tid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                taken.append(f"{tid} ({comm})")
+    return sorted(set(taken))
+
+
+def cmd_restore(a, drv: Driver) -> dict:
+    d = _round_dir(a.base, a.round)
+    if not os.path.isdir(d):
+        raise StepFailed(f"no images in {d}")
+    _wait_page_server(d, a.timeout, drv)
+    procs = _read_pstree(d)
+    if not procs:
+        raise StepFailed(f"{d}/pstree.img lists no process")
+    root = procs[0]["pid"]
+    taken = pids_in_use(procs)
+    if taken:
+        raise StepFailed("pid(s) needed by the restore are in use on this node: "
+                         + ", ".join(taken) + " (CRIU restores every task with its own pid)",
+                         extra={"taken": taken})
+    log = os.path.join(d, LOG_NAMES["restore"])
+    pidfile = os.path.join(d, "restore.pid")
+    args = ["restore", "-D", d, "-d", "--pidfile", pidfile, "--file-locks", "--link-remap",
+            "--leave-stopped",  # verified before it runs; the driver's safety net kills it
+            *(["--shell-job"] if a.shell_job else []),
+            *(["--tcp-established"] if a.tcp_established else []),
+            *(["-v4"] if a.verbose else [])]
+    rc, out, secs = _run_criu(args, log, a.timeout)
+    pids = [p["pid"] for p in procs]
+    if rc != 0:
+        _signal_all([p for p in pids if _pid_alive(p)], signal.SIGKILL)  # nothing half-done
+        raise _fail_from_log("restore", log, rc, out)
+    drv.restored[root] = pids
+    st = _read_stats(d, "stats-restore").get("restore", {})
+    state = proc_state(root)
+    return {"round": a.round, "dir": d, "pid": root, "pids": pids,
+            "state": state, "stopped": state in ("T", "t"), "seconds": round(secs, 3),
+            "pages_restored": st.get("pages_restored"),
+            "restore_s": st.get("restore_time", 0) / 1e6, "stats": st, "log": log}
+
+
+def cmd_verify(a, drv: Driver) -> dict:
+    d = _round_dir(a.base, a.round)
+    procs = _read_pstree(d)
+    if procs[0]["pid"] != a.pid:
+        raise StepFailed(f"verify: --pid {a.pid} is not the image's root ({procs[0]['pid']})")
+    pids = [p["pid"] for p in procs]
+    running = [p for p in pids if proc_state(p) not in ("T", "t")]
+    if running:
+        raise StepFailed(f"verify: pid(s) {', '.join(map(str, running))} not stopped (gone or "
+                         "running): their memory cannot be compared with the image")
+    return verify_images(d, pids)
+
+
+def cmd_memhash(a, drv: Driver) -> dict:
+    try:
+        ranges = json.loads(base64.b64decode(a.ranges_b64, validate=True))
+        if not isinstance(ranges, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise StepFailed(f"memhash: --ranges-b64 is not base64 of a JSON object: {e}") from None
+    for key in ranges:
+        if proc_state(int(key)) not in ("T", "t"):
+            raise StepFailed(f"memhash: pid {key} is not stopped: its memory may change "
+                             "while it is read")
+    return memhash(ranges)
+
+
+def cmd_pack(a, drv: Driver) -> dict:
+    d = _round_dir(a.base, a.round)
+    if not os.path.isdir(d):
+        raise StepFailed(f"pack: no images in {d}")
+    members: list[tuple[str, str]] = []
+    for name in sorted(os.listdir(d)):
+        full = os.path.join(d, name)
+        if name.endswith((".log", ".pid")) or not (os.path.islink(full)
+                                                     or os.path.isfile(full)):
+            continue
+        members.append((IMAGES_PREFIX + name, full))
+    for path in a.file:
+        if not os.path.isabs(path) or os.path.normpath(path) != path:
+            raise StepFailed(f"pack: --file {path}: want a normalised absolute path")
+        if not os.path.isfile(path):
+            raise StepFailed(f"pack: --file {path}: not a regular file")
+        members.append((FILES_PREFIX + path.lstrip("/"), path))
+    sizes = [(0 if os.path.islink(p) else os.path.getsize(p), p) for _, p in members]
+    total = sum(s for s, _ in sizes)
+    if total > PACK_LIMIT:
+        big = max(sizes)
+        raise StepFailed(f"pack: {total} bytes is over {PACK_LIMIT >> 20} MiB; the biggest is "
+                         f"{big[1]} ({big[0]} bytes)")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in members:
+            tar.add(path, arcname=name, recursive=False)
+    data = buf.getvalue()
+    return {"tar_b64": base64.b64encode(data).decode(), "bytes": len(data),
+            "members": [n for n, _ in members]}
+
+
+def _write_atomic(path: str, data: bytes, member: tarfile.TarInfo) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if os.geteuid() == 0:
+            os.chown(tmp, member.uid, member.gid)
+        os.chmod(tmp, member.mode & 0o7777)
+        mtime_ns = int(float(member.pax_headers.get("mtime", member.mtime)) * 1e9)
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_unpack(a, drv: Driver) -> dict:
+    d = _round_dir(a.base, a.round)
+    os.makedirs(d, exist_ok=True)
+    try:
+        data = base64.b64decode(a.tar_b64, validate=True)
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except (ValueError, tarfile.TarError) as e:
+        raise StepFailed(f"unpack: not a base64 tar: {e}") from None
+    images = 0
+    files = []
+    with tar:
+        for m in tar.getmembers():
+            if m.name.startswith(IMAGES_PREFIX):
+                name = m.name[len(IMAGES_PREFIX):]
+                if not name or "/" in name or name in (".", ".."):
+                    raise StepFailed(f"unpack: bad image name {m.name!r}")
+                dest = os.path.join(d, name)
+                if m.issym():
+                    if os.path.islink(dest) and os.readlink(dest) == m.linkname:
+                        continue  # the page server made the same parent link
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(dest)
+                    os.symlink(m.linkname, dest)
+                    continue
+                if not m.isfile():
+                    raise StepFailed(f"unpack: {m.name} is not a regular file")
+                _write_atomic(dest, tar.extractfile(m).read(), m)
+                images += 1
+            elif m.name.startswith(FILES_PREFIX):
+                path = "/" + m.name[len(FILES_PREFIX):]
+                if os.path.normpath(path) != path or not m.isfile():
+                    raise StepFailed(f"unpack: bad file member {m.name!r}")
+                parent = os.path.dirname(path)
+                if not os.path.isdir(parent):
+                    raise StepFailed(f"unpack: {path}: its folder {parent} does not exist on "
+                                     "this node")
+                _write_atomic(path, tar.extractfile(m).read(), m)
+                files.append(path)
+            else:
+                raise StepFailed(f"unpack: unexpected member {m.name!r}")
+    return {"round": a.round, "images": images, "files": files}
+
+
+def cmd_resume(a, drv: Driver) -> dict:
+    if not _pid_alive(a.pid):
+        raise StepFailed(f"pid {a.pid} does not exist")
+    pids = _tree(a.pid)
+    _signal_all(pids, signal.SIGCONT)
+    if not _wait(lambda: all(proc_state(p) not in ("T", "t") for p in pids), a.timeout):
+        still = [p for p in pids if proc_state(p) in ("T", "t")]
+        raise StepFailed(f"pid(s) {', '.join(map(str, still))} still stopped after SIGCONT")
+    drv.forget(a.pid)
+    return {"pid": a.pid, "pids": pids, "state": proc_state(a.pid)}
+
+
+def cmd_kill(a, drv: Driver) -> dict:
+    """SIGKILL the tree and wait until every pid is reaped: a zombie still holds its pid, and a
+    restore of the same image here would find it taken."""
+    pids = _tree(a.pid)
+    _signal_all(pids, signal.SIGSTOP)  # no new children between the listing and the kill
+    pids = sorted(set(pids) | set(t for p in pids for t in _tree(p)))
+    _signal_all(pids, signal.SIGKILL)
+    drv.forget(a.pid)
+    if not _wait(lambda: all(proc_state(p) is None for p in pids), a.timeout):
+        left = [f"{p} ({proc_state(p)})" for p in pids if proc_state(p) is not None]
+        raise StepFailed(f"pid(s) {', '.join(left)} not gone {a.timeout:g} s after SIGKILL "
+                         "(a zombie its parent does not reap?)")
+    return {"pid": a.pid, "killed": pids}
+
+
+def _ctl_write(path: str, line: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(line if line.endswith("\n") else line + "\n")
+    os.rename(tmp, path)
+
+
+def _ctl_reply(ctl: str, timeout: float) -> dict:
+    reply = ctl + ".reply"
+    if not _wait(lambda: os.path.exists(reply), timeout):
+        raise StepFailed(f"wlctl: no reply in {reply} after {timeout:g} s")
+    with open(reply) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise StepFailed(f"wlctl: {reply} is not JSON: {text[:200]!r}") from None
+
+
+def cmd_wlctl(a, drv: Driver) -> dict:
+    try:
+        line = base64.b64decode(a.line_b64, validate=True).decode()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StepFailed(f"wlctl: --line-b64 is not base64 of UTF-8 text: {e}") from None
+    if not _pid_alive(a.pid):
+        raise StepFailed(f"wlctl: pid {a.pid} does not exist")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(a.ctl + ".reply")
+    _ctl_write(a.ctl, line)
+    os.kill(a.pid, signal.SIGUSR1)
+    if a.no_wait:
+        return {"pid": a.pid}
+    return {"pid": a.pid, "reply": _ctl_reply(a.ctl, a.timeout)}
+
+
+def cmd_wlctl_wait(a, drv: Driver) -> dict:
+    return {"reply": _ctl_reply(a.ctl, a.timeout)}
+
+
+def cmd_logs(a, drv: Driver) -> dict:
+    logs = {}
+    if a.base and os.path.isdir(a.base):
+        for root, _dirs, names in os.walk(a.base):
+            for name in sorted(names):
+                if not name.endswith(".log"):
+                    continue
+                full = os.path.join(root, name)
+                try:
+                    with open(full, "rb") as f:
+                        size = os.fstat(f.fileno()).st_size
+                        f.seek(max(0, size - LOG_TAIL))
+                        logs[os.path.relpath(full, a.base)] = f.read().decode(errors="replace")
+                except OSError:
+                    continue
+    return {"logs": logs}
+
+
+def cmd_cleanup(a, drv: Driver) -> dict:
+    freed = 0
+    if a.base and os.path.isdir(a.base):
+        for root, _dirs, names in os.walk(a.base):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    freed += os.lstat(os.path.join(root, name)).st_blocks * 512
+        shutil.rmtree(a.base)
+    return {"base": a.base, "bytes": freed}
+
+
+def cmd_quit(a, drv: Driver) -> dict:
+    return {}
+
+
+def cmd_stats(a, drv: Driver) -> dict:
+    with open(a.file, "rb") as f:
+        data = f.read()
+    name = os.path.basename(a.file)
+    if name.startswith("pstree"):
+        return {"file": a.file, "pstree": parse_pstree(data)}
+    if name.startswith("pagemap"):
+        pages_id, entries = parse_pagemap(data)
+        return {"file": a.file, "pages_id": pages_id, "entries": entries}
+    return {"file": a.file, **parse_stats(data)}
+
+
+def cmd_show(a, drv: Driver) -> dict:
+    """Any image decoded by CRIU's own pycriu (optional: Debian's criu package ships it)."""
+    try:
+        sys.path.append("/usr/lib/python3/dist-packages")
+        import pycriu  # noqa: PLC0415
+    except ImportError:
+        raise StepFailed("pycriu not importable: install the criu package (Debian ships "
+                         "pycriu in /usr/lib/python3/dist-packages) or use `stats`") from None
+    with open(a.file, "rb") as f:
+        img = pycriu.images.load(f, pretty=True)
+    return {"file": a.file, "image": img}
+
+
+# ---------------------------------------------------------------- command lines
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting: in serve mode a bad line is a reply."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        raise UsageError((message or f"{self.prog}: exit {status}").strip())
+
+
+def build_parser(base: str | None = None) -> argparse.ArgumentParser:
+    """``base``: serve mode's BASE, the default of every --base (which one-shot needs)."""
+    ap = _Parser(prog="criu_driver.py", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    def common(name: str, timeout: float = 600.0, with_base: bool = False, **kw):
+        p = sub.add_parser(name, **kw)
+        p.add_argument("--timeout", type=float, default=timeout)
+        if with_base:
+            p.add_argument("--base", required=base is None, default=base,
+                           help="images base dir (rounds are BASE/N)")
+        return p
+
+    p = sub.add_parser("serve", help="the controller's command loop (one JSON line each)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--role", choices=("src", "dst"), required=True)
+    common("hello", 30.0, with_base=True)
+    common("check", 60.0, help="criu check + memory tracking")
+    p = common("spawn", 10.0, help="start a command in its own session")
+    p.add_argument("--log", required=True)
+    p.add_argument("--cwd", required=True)
+    p.add_argument("--command-b64", required=True)
+    p.add_argument("--wait-line", type=float, metavar="SECONDS")
+    p = common("workspace", 120.0, help="copy this release to PATH (same path on both nodes)")
+    p.add_argument("--path", required=True)
+    for name in ("predump", "dump"):
+        p = common(name, with_base=True)
+        p.add_argument("--pid", type=int, required=True)
+        p.add_argument("--round", type=int, required=True)
+        p.add_argument("--page-server", metavar="HOST:PORT")
+        p.add_argument("--shell-job", action="store_true")
+        p.add_argument("--verbose", action="store_true", help="criu -v4")
+        if name == "dump":
+            p.add_argument("--kill", action="store_true",
+                           help="let criu kill the tasks (default: leave them stopped)")
+            p.add_argument("--tcp-established", action="store_true")
+    p = common("page-server", 60.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--port", type=int, default=0, help="0: pick a free one")
+    p.add_argument("--address", default="0.0.0.0")
+    p = common("restore", with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--leave-stopped", action="store_true", help="(always: kept for old callers)")
+    p.add_argument("--shell-job", action="store_true")
+    p.add_argument("--tcp-established", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    p = common("verify", 300.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--pid", type=int, required=True)
+    p = common("memhash", 300.0)
+    p.add_argument("--ranges-b64", required=True)
+    p = common("pack", 120.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--file", action="append", default=[])
+    p = common("unpack", 120.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--tar-b64", required=True)
+    for name in ("resume", "kill"):
+        p = common(name, 10.0)
+        p.add_argument("--pid", type=int, required=True)
+    p = common("wlctl", 120.0)
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--ctl", required=True)
+    p.add_argument("--line-b64", required=True)
+    p.add_argument("--no-wait", action="store_true")
+    p = common("wlctl-wait", 120.0)
+    p.add_argument("--ctl", required=True)
+    common("logs", with_base=True)
+    common("cleanup", with_base=True)
+    common("quit")
+    p = sub.add_parser("stats", help="decode stats-*/pstree/pagemap images (stdlib)")
+    p.add_argument("file")
+    p = sub.add_parser("show", help="decode any image with pycriu")
+    p.add_argument("file")
+    return ap
+
+
+COMMANDS = {"hello": cmd_hello, "check": cmd_check, "spawn": cmd_spawn,
+            "workspace": cmd_workspace, "predump": cmd_predump,
+            "dump": lambda a, drv: cmd_predump(a, drv, final=True),
+            "page-server": cmd_page_server, "restore": cmd_restore, "verify": cmd_verify,
+            "memhash": cmd_memhash, "pack": cmd_pack, "unpack": cmd_unpack,
+            "resume": cmd_resume, "kill": cmd_kill, "wlctl": cmd_wlctl,
+            "wlctl-wait": cmd_wlctl_wait, "logs": cmd_logs, "cleanup": cmd_cleanup,
+            "quit": cmd_quit, "stats": cmd_stats, "show": cmd_show}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def run_command(a, drv: Driver) -> dict:
+    """One parsed command → its reply (never raises)."""
+    t0 = time.monotonic()
+    try:
+        res = {"cmd": a.cmd, "ok": True, **COMMANDS[a.cmd](a, drv)}
+    except StepFailed as e:
+        res = {"cmd": a.cmd, "ok": False, "error": _one_line(e.reason), "log": e.log,
+               "rc": e.rc, **e.extra}
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        res = {"cmd": a.cmd, "ok": False, "error": _one_line(f"{a.cmd}: {type(e).__name__}: {e}"),
+               "log": None}
+    except Exception as e:  # noqa: BLE001 - a bug must not end the session: a reply, and stderr
+        traceback.print_exc(file=sys.stderr)
+        res = {"cmd": a.cmd, "ok": False, "log": None,
+               "error": _one_line(f"{a.cmd}: internal error {type(e).__name__}: {e}")}
+    res["wall_s"] = round(time.monotonic() - t0, 3)
+    return res
+
+
+def _split(line: str) -> list[str]:
+    """shlex is pure Python and slow on a multi-MB --tar-b64 (minutes under TCG): lines
+    without quotes or escapes split on whitespace, which is what shlex would do."""
+    if any(c in line for c in "'\"\\#"):
+        return shlex.split(line)
+    return line.split()
+
+
+def _serve_line(parser: argparse.ArgumentParser, line: str, drv: Driver) -> dict:
+    t0 = time.monotonic()
+    argv: list[str] = []
+    try:
+        argv = _split(line)
+        with contextlib.redirect_stdout(io.StringIO()):  # --help must not reach the protocol
+            a = parser.parse_args(argv)
+        if a.cmd == "serve":
+            raise UsageError("serve: already serving")
+    except (UsageError, ValueError) as e:
+        return {"cmd": argv[0] if argv else None, "ok": False,
+                "error": _one_line(f"bad command line: {e}"), "log": None,
+                "wall_s": round(time.monotonic() - t0, 3)}
+    return run_command(a, drv)
+
+
+class _Stop(BaseException):
+    """SIGTERM/SIGHUP while waiting for a command: end the session (with the safety net)."""
+
+
+def serve(base: str, role: str) -> int:
+    """The command loop. stdout is the protocol: fd 1 is pointed at stderr so nothing else
+    (a child, a stray print) can write a line the controller would misread."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    base = os.path.abspath(base)
+    os.makedirs(base, exist_ok=True)
+    drv = Driver(base, role)
+    parser = build_parser(base)
+    state = {"busy": False, "signal": None}
+
+    def on_signal(signo, _frame):
+        state["signal"] = signo
+        if not state["busy"]:
+            raise _Stop()
+        # mid-command: it finishes (a dump killed halfway leaves a half-parasited process);
+        # the loop stops after its reply
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    quit_ = False
+    try:
+        while state["signal"] is None:
+            line = sys.stdin.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            state["busy"] = True
+            try:
+                res = _serve_line(parser, line, drv)
+                out.write(json.dumps(res, default=str) + "\n")
+            except BrokenPipeError:
+                break
+            finally:
+                state["busy"] = False
+            if res.get("cmd") == "quit" and res.get("ok"):
+                quit_ = True
+                break
+    except _Stop:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if not quit_:
+            done = drv.safety_net()
+            print(f"criu_driver: session ended without quit "
+                  f"({'signal ' + str(state['signal']) if state['signal'] else 'stdin closed'})"
+                  f": {'; '.join(done) or 'nothing to undo'}", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if a.cmd == "serve":
+        return serve(a.base, a.role)
+    res = run_command(a, Driver(getattr(a, "base", None), None))
+    print(json.dumps(res, default=str), flush=True)
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
