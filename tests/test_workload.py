@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,4 +195,129 @@ def test_tracker_matches_ground_truth(tmp_path, backend, pattern):
         assert list(t.scan().pages) == []  # no step, no write: nothing dirty
     finally:
         t.close()
+        p.close()
+
+
+# --- --ctl: the same commands without stdin (a workload CRIU migrates) ---------------------------
+class Ctl:
+    """Drives a workload's --ctl file the way criu_driver's wlctl does: write the command (tmp +
+    rename), remove any old reply, SIGUSR1, wait for the reply file."""
+
+    def __init__(self, pid: int, path: Path):
+        self.pid, self.path = pid, path
+        self.reply_path = Path(f"{path}.reply")
+
+    def send(self, line: str) -> None:
+        tmp = self.path.with_name(self.path.name + ".w")
+        tmp.write_text(line + "\n")
+        os.replace(tmp, self.path)
+        self.reply_path.unlink(missing_ok=True)
+        os.kill(self.pid, signal.SIGUSR1)
+
+    def wait(self, timeout: float = 20.0) -> dict:
+        end = time.monotonic() + timeout
+        while not self.reply_path.exists():
+            if time.monotonic() > end:
+                raise AssertionError(f"no reply in {self.reply_path} after {timeout} s")
+            if self.exited():
+                raise AssertionError(f"workload {self.pid} ended without replying")
+            time.sleep(0.01)
+        return json.loads(self.reply_path.read_text())
+
+    def call(self, line: str) -> dict:
+        self.send(line)
+        return self.wait()
+
+    def exited(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+        except FileNotFoundError:
+            return True
+
+
+def _ctl_wl(tmp: Path, *extra: str) -> tuple[Proc, Ctl]:
+    path = tmp / "wl.ctl"
+    p = Proc("workload.py", "run", *extra, "--stdin", "ignore", "--ctl", str(path))
+    return p, Ctl(p.ready["pid"], path)
+
+
+WL_ARGS = ("--size", "4M", "--batch", "25", "--pattern", "hotset", "--seed", "13")
+
+
+def test_ctl_answers_as_stdin_does(tmp_path):
+    """step / run-to / hash / info / hold over --ctl (stdin ignored) == the same over stdin."""
+    ref = Proc("workload.py", "run", *WL_ARGS)
+    p, ctl = _ctl_wl(tmp_path, *WL_ARGS)
+    try:
+        for cmd in ("step 7", "run-to 40", "hash", "hold", "step 3", "hash"):
+            want = ref.call(cmd)
+            got = ctl.call(cmd)
+            assert got == want, cmd
+        info = ctl.call("info")
+        assert info["pid"] == p.ready["pid"] and info["step"] == 43 and info["timed"] is False
+        bad = ctl.call("run-to 5")  # an error is a reply too, and the process lives on
+        assert bad == {"ok": False, "error": "already at step 43, past 5"}
+        assert ctl.call("quit") == {"ok": True, "step": 43}
+        assert p.p.wait(10) == 0
+    finally:
+        ref.close()
+        p.close()
+
+
+def test_ctl_with_timed_steps_never_breaks_a_step(tmp_path):
+    """A timed workload signalled many times while stepping fast: each signal is handled between
+    steps (hold stops it), and its state after run-to S is exactly the commanded run's."""
+    ref = Proc("workload.py", "run", *WL_ARGS, "--rate", "20000")  # the rate is in the header
+    p, ctl = _ctl_wl(tmp_path, *WL_ARGS, "--rate", "20000", "--timed")
+    try:
+        seen = []
+        for _ in range(30):  # interrupt it while it steps
+            seen.append(ctl.call("info")["step"])
+        assert seen == sorted(seen) and seen[-1] > seen[0], seen  # it kept stepping meanwhile
+        held = ctl.call("hold")
+        assert held["timed"] is False
+        target = held["step"] + 50
+        assert ctl.call(f"run-to {target}") == ref.call(f"run-to {target}")
+        assert ctl.call("hash") == ref.call("hash")
+        again = ctl.call("info")
+        assert again["step"] == target  # held: no step since
+        assert ctl.call("go")["timed"] is True
+        end = time.monotonic() + 20
+        while ctl.call("info")["step"] == target:  # it steps again on its own
+            assert time.monotonic() < end, "no step after go"
+    finally:
+        ref.close()
+        p.close()
+
+
+def test_ctl_signal_to_a_stopped_workload_is_answered_once_continued(tmp_path):
+    """What the driver does across a migration: send (no wait) while stopped, SIGCONT, wait."""
+    p, ctl = _ctl_wl(tmp_path, *WL_ARGS)
+    try:
+        ctl.call("step 4")
+        os.kill(p.ready["pid"], signal.SIGSTOP)
+        ctl.send("hash")
+        with pytest.raises(AssertionError, match="no reply"):
+            ctl.wait(timeout=0.5)  # stopped: nothing can answer
+        os.kill(p.ready["pid"], signal.SIGCONT)
+        assert ctl.wait()["step"] == 4
+    finally:
+        os.kill(p.ready["pid"], signal.SIGCONT)
+        p.close()
+
+
+def test_ctl_missing_or_empty_command_file_is_an_error_reply(tmp_path):
+    p, ctl = _ctl_wl(tmp_path, *WL_ARGS)
+    try:
+        os.kill(p.ready["pid"], signal.SIGUSR1)  # no ctl file at all
+        assert not ctl.wait()["ok"]
+        assert "cannot read" in json.loads(ctl.reply_path.read_text())["error"]
+        assert ctl.call("")["error"].startswith("no command in")
+        assert ctl.call("step 2")["step"] == 2
+        # no fd to the ctl file stays open (CRIU carries nothing of it)
+        fds = os.listdir(f"/proc/{p.ready['pid']}/fd")
+        targets = [os.readlink(f"/proc/{p.ready['pid']}/fd/{fd}") for fd in fds]
+        assert not [t for t in targets if "wl.ctl" in t], targets
+    finally:
         p.close()

@@ -24,6 +24,13 @@ Modes: ``--timed`` (``rate`` pages/s of wall time, in steps of ``batch`` pages) 
 (steps only on ``step N`` / ``run-to S``). Commands on stdin, one per line, one JSON reply line:
     step N | run-to S | hash | info | hold | go | quit
 EOF on stdin ends the process (a lost controller leaves nothing behind) unless --stdin ignore.
+
+``--ctl PATH``: the same commands without stdin, for a workload CRIU migrates (CRIU cannot carry
+a pipe to an ssh session, so it runs with ``--stdin ignore``). On SIGUSR1 the workload reads one
+command line from PATH and writes its one JSON reply to PATH + ".reply" (tmp + rename, so a
+reader never sees half a reply). PATH is opened per command and no fd to it is held: a
+checkpoint carries nothing of it. The signal handler only sets a flag and wakes the loop (a
+self-pipe); the command runs between steps, never inside one.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import signal
 import struct
 import sys
 import time
+from pathlib import Path
 
 PAGE = mmap.PAGESIZE
 BASE = 0x1000_0000_0000
@@ -250,13 +258,32 @@ class Server:
     output fd. Used by ``run``, ``restore`` and by the restore agent (which becomes the resumed
     workload in-process, so resuming costs no image load)."""
 
-    def __init__(self, wl: Workload, *, timed: bool, in_fd: int | None = 0, out_fd: int = 1):
+    def __init__(self, wl: Workload, *, timed: bool, in_fd: int | None = 0, out_fd: int = 1,
+                 ctl: str | None = None):
         self.wl = wl
         self.timed = timed
         self.in_fd = in_fd
         self.out_fd = out_fd
         self._buf = b""
         self.quit = False
+        self.ctl = ctl
+        self._ctl_pending = False
+        self._wake_r: int | None = None
+        if ctl is not None:
+            self._arm_ctl()
+
+    def _arm_ctl(self) -> None:
+        """SIGUSR1 sets a flag; the C-level handler also writes to a self-pipe so a select()
+        in progress returns at once (PEP 475 would otherwise resume it for its full timeout
+        and the command would wait for the next step or forever)."""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = r
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+        def on_usr1(_signo: int, _frame: object) -> None:
+            self._ctl_pending = True
+
+        signal.signal(signal.SIGUSR1, on_usr1)
 
     def reply(self, obj: dict) -> None:
         data = (json.dumps(obj, sort_keys=True) + "\n").encode()
@@ -264,9 +291,15 @@ class Server:
             data = data[os.write(self.out_fd, data):]
 
     def handle(self, line: str) -> None:
+        obj = self.answer(line)
+        if obj is not None:
+            self.reply(obj)
+
+    def answer(self, line: str) -> dict | None:
+        """The reply to one command line (None for a blank line), whichever way it came."""
         parts = line.split()
         if not parts:
-            return
+            return None
         cmd, args = parts[0], parts[1:]
         wl = self.wl
         try:
@@ -275,43 +308,77 @@ class Server:
                 distinct: set[int] = {0}
                 for _ in range(n):
                     distinct.update(wl.do_step())
-                self.reply({"ok": True, "step": wl.step, "pages": len(distinct)})
-            elif cmd == "run-to":
+                return {"ok": True, "step": wl.step, "pages": len(distinct)}
+            if cmd == "run-to":
                 target = int(args[0])
                 if wl.step > target:
                     raise WorkloadError(f"already at step {wl.step}, past {target}")
                 while wl.step < target:
                     wl.do_step()
-                self.reply({"ok": True, "step": wl.step})
-            elif cmd == "hash":
-                self.reply({"ok": True, "step": wl.step, "sha256": wl.sha256()})
-            elif cmd == "info":
-                self.reply({"ok": True, **wl.info(), "timed": self.timed})
-            elif cmd == "hold":
+                return {"ok": True, "step": wl.step}
+            if cmd == "hash":
+                return {"ok": True, "step": wl.step, "sha256": wl.sha256()}
+            if cmd == "info":
+                return {"ok": True, **wl.info(), "timed": self.timed}
+            if cmd == "hold":
                 self.timed = False
-                self.reply({"ok": True, "step": wl.step, "timed": False})
-            elif cmd == "go":
+                return {"ok": True, "step": wl.step, "timed": False}
+            if cmd == "go":
                 self.timed = True
                 self._next = time.monotonic()
-                self.reply({"ok": True, "step": wl.step, "timed": True})
-            elif cmd == "quit":
+                return {"ok": True, "step": wl.step, "timed": True}
+            if cmd == "quit":
                 self.quit = True
-                self.reply({"ok": True, "step": wl.step})
-            else:
-                raise WorkloadError(f"unknown command {cmd!r}")
+                return {"ok": True, "step": wl.step}
+            raise WorkloadError(f"unknown command {cmd!r}")
         except (WorkloadError, ValueError, IndexError) as e:
-            self.reply({"ok": False, "error": str(e)})
+            return {"ok": False, "error": str(e)}
+
+    def _handle_ctl(self) -> None:
+        """One SIGUSR1 = one command from the ctl file; always one reply (the sender waits for
+        it), even for a missing file or a blank line."""
+        self._ctl_pending = False
+        assert self.ctl is not None
+        try:
+            line = Path(self.ctl).read_text(errors="replace").split("\n", 1)[0]
+        except OSError as e:
+            obj: dict | None = {"ok": False, "error": f"cannot read {self.ctl}: {e.strerror}"}
+        else:
+            obj = self.answer(line)
+            if obj is None:
+                obj = {"ok": False, "error": f"no command in {self.ctl}"}
+        target = self.ctl + ".reply"
+        tmp = f"{target}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(obj, sort_keys=True) + "\n")
+            os.replace(tmp, target)
+        except OSError as e:  # nobody to tell but our own log
+            print(f"workload[{os.getpid()}]: cannot write {target}: {e}", file=sys.stderr,
+                  flush=True)
 
     def _poll(self, timeout: float | None) -> None:
-        """Wait up to timeout for input and handle every complete line."""
-        if self.in_fd is None:
+        """Wait up to timeout for input (stdin lines, a ctl signal) and handle it all."""
+        if self._ctl_pending:
+            self._handle_ctl()
+            return
+        fds = [fd for fd in (self.in_fd, self._wake_r) if fd is not None]
+        if not fds:
             if timeout is None:
                 signal.pause()
             elif timeout > 0:
                 time.sleep(timeout)
             return
-        r, _, _ = select.select([self.in_fd], [], [], timeout)
-        if not r:
+        r, _, _ = select.select(fds, [], [], None if timeout is None else max(timeout, 0))
+        if self._wake_r is not None and self._wake_r in r:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        if self._ctl_pending:
+            self._handle_ctl()
+        if self.in_fd is None or self.in_fd not in r:
             return
         data = os.read(self.in_fd, 65536)
         if not data:
@@ -348,6 +415,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stdin", choices=("commands", "ignore"), default="commands",
                    help="read commands from stdin (EOF ends the process) or ignore stdin")
     p.add_argument("--log", help="ground-truth log: one JSON line per step with its pages")
+    p.add_argument("--ctl", metavar="PATH",
+                   help="on SIGUSR1 run the one command in PATH, reply to PATH.reply")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--hash", action="store_true", help="put the region's SHA-256 in the ready line")
     _common_args(s)
     a = ap.parse_args(argv)
+    if a.ctl:  # SIGUSR1's default action kills: hold it pending until the server handles it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     allow_ptrace()
     try:
         if a.cmd == "run":
@@ -387,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.log:
         wl.log = open(a.log, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     in_fd = 0 if a.stdin == "commands" else None  # an image on stdin was read exactly: no loss
-    srv = Server(wl, timed=a.timed, in_fd=in_fd)
+    srv = Server(wl, timed=a.timed, in_fd=in_fd, ctl=os.path.abspath(a.ctl) if a.ctl else None)
+    if a.ctl:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     ready = {"event": "ready", **wl.info(), "timed": a.timed, "restored": a.cmd == "restore"}
     if a.cmd == "restore" and a.hash:
         ready["sha256"] = wl.sha256()
