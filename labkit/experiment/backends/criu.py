@@ -414,8 +414,9 @@ class CriuMigration:
         self.frozen = False
         if not self.cfg.builtin:
             self.run.pids[self.dst.name].difference_update(self.dst_pids)
-        self.info["migrated"] = {"node": self.dst.name, "pid": self.dst_pid,
-                                 "output": self.output}
+        if not self.cfg.builtin:
+            self.info["migrated"] = {"node": self.dst.name, "pid": self.dst_pid,
+                                     "output": self.output}
 
     # -- failure and the end ------------------------------------------------------------------
     def undo(self) -> None:
@@ -455,7 +456,7 @@ class CriuMigration:
             with contextlib.suppress(Exception):
                 rem.quit()
         if self.output:
-            node = self.dst if self.info.get("migrated") else self.src
+            node = self.dst if self.dst_pids else self.src
             with contextlib.suppress(Exception):
                 rr = self.run.pool.get(node).run(
                     f"tail -c {OUTPUT_KEEP} {shlex.quote(self.output)}",
