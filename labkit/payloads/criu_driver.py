@@ -754,7 +754,11 @@ def cmd_check(a, drv: Driver) -> dict:
 def _random_upper_pid() -> bool:
     """Make the next fork land at a random pid in the upper half of pid_max: two guests boot
     alike, so a low pid on src is likely taken on dst, and CRIU restores every task with its
-    own pid. Needs root (CAP_SYS_ADMIN / CAP_CHECKPOINT_RESTORE); False when not allowed."""
+    own pid. Needs root (CAP_SYS_ADMIN / CAP_CHECKPOINT_RESTORE); False when not allowed.
+    CRIU_DRIVER_PID_PLACEMENT=off turns it off: tests on a shared host, where another test
+    may be steering ns_last_pid itself."""
+    if os.environ.get("CRIU_DRIVER_PID_PLACEMENT") == "off":
+        return False
     try:
         with open("/proc/sys/kernel/pid_max") as f:
             pid_max = int(f.read())
@@ -803,10 +807,12 @@ def cmd_spawn(a, drv: Driver) -> dict:
         code = 0
         try:
             os.close(r)
-            os.setsid()
             second = os.fork()
             if second == 0:
                 try:
+                    # the session leader itself: CRIU wants the root of a tree it dumps to
+                    # lead its session (else --shell-job), and nothing ties it to the driver
+                    os.setsid()
                     os.chdir(a.cwd)
                     fin = os.open(os.devnull, os.O_RDONLY)
                     fout = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -1110,10 +1116,22 @@ def cmd_pack(a, drv: Driver) -> dict:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, path in members:
-            tar.add(path, arcname=name, recursive=False)
+            info = tar.gettarinfo(path, arcname=name)
+            ns = os.lstat(path).st_mtime_ns  # exact: a float mtime loses the nanoseconds
+            info.pax_headers["mtime"] = f"{ns // 10**9}.{ns % 10**9:09d}"
+            if info.isfile():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
     data = buf.getvalue()
     return {"tar_b64": base64.b64encode(data).decode(), "bytes": len(data),
             "members": [n for n, _ in members]}
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    sec, _, frac = member.pax_headers.get("mtime", str(int(member.mtime))).partition(".")
+    return int(sec) * 10**9 + int((frac + "000000000")[:9])
 
 
 def _write_atomic(path: str, data: bytes, member: tarfile.TarInfo) -> None:
@@ -1125,7 +1143,7 @@ def _write_atomic(path: str, data: bytes, member: tarfile.TarInfo) -> None:
         if os.geteuid() == 0:
             os.chown(tmp, member.uid, member.gid)
         os.chmod(tmp, member.mode & 0o7777)
-        mtime_ns = int(float(member.pax_headers.get("mtime", member.mtime)) * 1e9)
+        mtime_ns = _mtime_ns(member)
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.rename(tmp, path)
     except BaseException:
