@@ -215,10 +215,18 @@ def _build_chain(base: Path, pid: int, addr: int) -> tuple[str, set[int]]:
 
 
 def _expected(pid: int, addr: int, held: set[int]) -> str:
+    """The protocol's hash, written out: per run of consecutive held pages (in chunks of at
+    most CHUNK_PAGES), pid + vaddr + npages (8 bytes LE each), then the pages."""
     live = _mem(pid, addr, NPAGES)
-    h = hashlib.sha256()
+    runs: list[list[int]] = []
     for i in sorted(held):
-        h.update(struct.pack("<QQ", pid, addr + i * PAGE) + live[i * PAGE:(i + 1) * PAGE])
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < cd.CHUNK_PAGES:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    h = hashlib.sha256()
+    for i, n in runs:
+        h.update(struct.pack("<QQQ", pid, addr + i * PAGE, n) + live[i * PAGE:(i + n) * PAGE])
     return h.hexdigest()
 
 

@@ -273,6 +273,7 @@ class ImageSet:
     def __init__(self, d: str):
         self.d = d
         self._maps: dict[tuple[str, int], _PidMap] = {}
+        self._parents: dict[str, str] = {}
 
     def _map(self, d: str, pid: int) -> _PidMap:
         key = (d, pid)
@@ -280,13 +281,16 @@ class ImageSet:
             self._maps[key] = _PidMap(d, pid)
         return self._maps[key]
 
-    @staticmethod
-    def _parent(d: str) -> str:
-        p = os.path.join(d, "parent")
-        if not os.path.isdir(p):
-            raise StepFailed(f"{d} has pages marked in-parent but no parent images dir "
-                             f"({p})")
-        return os.path.realpath(p)
+    def _parent(self, d: str) -> str:
+        """``d``'s parent images dir, resolved once per dir (per entry, realpath's lstat
+        walk was most of the time of a four-round chain)."""
+        if d not in self._parents:
+            p = os.path.join(d, "parent")
+            if not os.path.isdir(p):
+                raise StepFailed(f"{d} has pages marked in-parent but no parent images dir "
+                                 f"({p})")
+            self._parents[d] = os.path.realpath(p)
+        return self._parents[d]
 
     def segments(self, pid: int) -> list[tuple[int, int, str, int]]:
         """Every page the image holds for ``pid``, in vaddr order, merged into runs."""
@@ -344,16 +348,20 @@ def _merge(segs: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str, i
     return out
 
 
-_PREFIX = struct.Struct("<QQ")
+_HEAD = struct.Struct("<QQQ")
 
 
-def _hash_pages(h, pid: int, vaddr: int, buf: bytes) -> None:
-    """The protocol's construction: per page, pid (8 bytes LE) + vaddr (8 bytes LE) + page."""
-    mv = memoryview(buf)
-    upd, pack = h.update, _PREFIX.pack
-    for i in range(len(buf) // PAGE):
-        upd(pack(pid, vaddr + i * PAGE))
-        upd(mv[i * PAGE:(i + 1) * PAGE])
+def _hash_chunk(h, pid: int, vaddr: int, buf) -> None:
+    """The protocol's construction, per chunk of a range (at most CHUNK_PAGES pages, ranges
+    walked in order on both sides): pid, vaddr, npages (8 bytes LE each), then the pages."""
+    h.update(_HEAD.pack(pid, vaddr, len(buf) // PAGE))
+    h.update(buf)
+
+
+def _chunks(runs: list[list[int]]):
+    for vaddr, n in runs:
+        for c in range(0, n, CHUNK_PAGES):
+            yield vaddr + c * PAGE, min(CHUNK_PAGES, n - c)
 
 
 def _pread_all(fd: int, n: int, off: int, what: str) -> bytes:
@@ -390,67 +398,95 @@ class _Mem:
         os.close(self.fd)
 
 
-def verify_images(d: str, pids: list[int]) -> dict:
-    """Compare every page the images of ``d`` hold against the live (stopped) processes.
+class _Files:
+    """The pages files of a chain, each read once (a run of pre-dumps scatters a process's
+    pages over every round's file: one pread per scattered run cost seconds under TCG)."""
 
-    The image hash and the memory hash are fed the same bytes while the two agree, so a run
-    of equal pages is hashed once; at the first difference the memory hash forks off (a copy
-    of the image hash so far) and both go on separately."""
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, path: str) -> bytes:
+        if path not in self.data:
+            try:
+                with open(path, "rb") as f:
+                    self.data[path] = f.read()
+            except OSError as e:
+                raise StepFailed(f"{path}: {e.strerror}") from None
+        return self.data[path]
+
+
+def image_ranges(d: str, pids: list[int]) -> dict[str, list[list[int]]]:
+    """The pages the images of ``d`` (and its parent chain) hold, per pid, as merged
+    [vaddr, npages] runs: what memhash reads on src while dst restores."""
     imgs = ImageSet(d)
-    h_img = hashlib.sha256()
-    h_mem = None
-    pages = 0
-    differ = 0
+    return {str(pid): _merge_ranges([(v, n) for v, n, _, _ in imgs.segments(pid)])
+            for pid in pids}
+
+
+def verify_images(d: str, pids: list[int]) -> dict:
+    """Compare every page the images of ``d`` hold against the live (stopped) processes:
+    memory read in big runs, compared with the image's bytes (each pages file read once),
+    the memory hashed. Equal everywhere means the image's hash is the memory's; where they
+    differ the run fails, and the image's own hash is computed for the report."""
+    imgs = ImageSet(d)
+    files = _Files()
+    h_mem = hashlib.sha256()
+    pages = differ = 0
     first: tuple[int, int] | None = None
     ranges: dict[str, list[list[int]]] = {}
-    fds: dict[str, int] = {}
-    try:
-        for pid in pids:
-            segs = imgs.segments(pid)
-            ranges[str(pid)] = _merge_ranges([(v, n) for v, n, _, _ in segs])
-            mem = _Mem(pid)
-            try:
-                for vaddr, n, path, off in segs:
-                    if path not in fds:
-                        try:
-                            fds[path] = os.open(path, os.O_RDONLY)
-                        except OSError as e:
-                            raise StepFailed(f"{path}: {e.strerror}") from None
-                    for c in range(0, n, CHUNK_PAGES):
-                        k = min(CHUNK_PAGES, n - c)
-                        va = vaddr + c * PAGE
-                        img = _pread_all(fds[path], k * PAGE, off + c * PAGE, path)
-                        live = mem.read(va, k * PAGE)
-                        pages += k
-                        if img == live and h_mem is None:
-                            _hash_pages(h_img, pid, va, img)
-                            continue
-                        if h_mem is None:
-                            h_mem = h_img.copy()
-                        _hash_pages(h_img, pid, va, img)
-                        _hash_pages(h_mem, pid, va, live)
-                        if img != live:
-                            for i in range(k):
-                                a, b = i * PAGE, (i + 1) * PAGE
-                                if img[a:b] != live[a:b]:
-                                    differ += 1
-                                    if first is None:
-                                        first = (pid, va + a)
-            finally:
-                mem.close()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    sha = h_img.hexdigest()
-    res = {"sha256": sha, "memory_sha256": h_mem.hexdigest() if h_mem else sha,
-           "pages": pages,
+    segs_of: dict[int, list[tuple[int, int, str, int]]] = {}
+    for pid in pids:
+        segs = imgs.segments(pid)
+        segs_of[pid] = segs
+        ranges[str(pid)] = _merge_ranges([(v, n) for v, n, _, _ in segs])
+        mem = _Mem(pid)
+        try:
+            i = 0
+            for va, k in _chunks(ranges[str(pid)]):
+                live = mem.read(va, k * PAGE)
+                _hash_chunk(h_mem, pid, va, live)
+                pages += k
+                lv = memoryview(live)
+                end = va + k * PAGE
+                while i < len(segs) and segs[i][0] < end:
+                    sv, sn, path, off = segs[i]
+                    lo, hi = max(sv, va), min(sv + sn * PAGE, end)
+                    img = memoryview(files.get(path))[off + lo - sv:off + hi - sv]
+                    if img != lv[lo - va:hi - va]:
+                        for a in range(0, hi - lo, PAGE):
+                            if img[a:a + PAGE] != lv[lo - va + a:lo - va + a + PAGE]:
+                                differ += 1
+                                first = first or (pid, lo + a)
+                    if sv + sn * PAGE > end:
+                        break  # the rest of this segment is in the next chunk
+                    i += 1
+        finally:
+            mem.close()
+    sha_mem = h_mem.hexdigest()
+    res = {"sha256": sha_mem, "memory_sha256": sha_mem, "pages": pages,
            "ranges_b64": base64.b64encode(json.dumps(ranges).encode()).decode()}
     if first is not None:
+        res["sha256"] = _image_hash(segs_of, ranges, files)
         raise StepFailed(f"memory of the restored tree differs from the image: pid {first[0]} "
                          f"at {first[1]:#x} first, {differ} page(s) differ of {pages}",
                          extra={**res, "pid": first[0], "address": hex(first[1]),
                                 "pages_differ": differ})
     return res
+
+
+def _image_hash(segs_of: dict[int, list[tuple[int, int, str, int]]],
+                ranges: dict[str, list[list[int]]], files: _Files) -> str:
+    """The image's own hash (same construction), assembled from its pages files."""
+    h = hashlib.sha256()
+    for pid, segs in segs_of.items():
+        flat = bytearray()
+        for _v, n, path, off in segs:
+            flat += files.get(path)[off:off + n * PAGE]
+        pos = 0
+        for va, k in _chunks(ranges[str(pid)]):
+            _hash_chunk(h, pid, va, bytes(flat[pos:pos + k * PAGE]))
+            pos += k * PAGE
+    return h.hexdigest()
 
 
 def _merge_ranges(runs: list[tuple[int, int]]) -> list[list[int]]:
@@ -471,12 +507,9 @@ def memhash(ranges: dict[str, list[list[int]]]) -> dict:
         pid = int(key)
         mem = _Mem(pid)
         try:
-            for vaddr, n in runs:
-                for c in range(0, n, CHUNK_PAGES):
-                    k = min(CHUNK_PAGES, n - c)
-                    va = vaddr + c * PAGE
-                    _hash_pages(h, pid, va, mem.read(va, k * PAGE))
-                    pages += k
+            for va, k in _chunks(runs):
+                _hash_chunk(h, pid, va, mem.read(va, k * PAGE))
+                pages += k
         finally:
             mem.close()
     return {"sha256": h.hexdigest(), "pages": pages}
@@ -1076,6 +1109,15 @@ def cmd_verify(a, drv: Driver) -> dict:
     return verify_images(d, pids)
 
 
+def cmd_ranges(a, drv: Driver) -> dict:
+    """The pages the round's images hold (no memory read): the controller hands them to src's
+    memhash at once, which then runs while dst restores and verifies."""
+    d = _round_dir(a.base, a.round)
+    ranges = image_ranges(d, [p["pid"] for p in _read_pstree(d)])
+    return {"ranges_b64": base64.b64encode(json.dumps(ranges).encode()).decode(),
+            "pages": sum(n for runs in ranges.values() for _v, n in runs)}
+
+
 def cmd_memhash(a, drv: Driver) -> dict:
     try:
         ranges = json.loads(base64.b64decode(a.ranges_b64, validate=True))
@@ -1380,6 +1422,8 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
     p = common("verify", 300.0, with_base=True)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--pid", type=int, required=True)
+    p = common("ranges", 60.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
     p = common("memhash", 300.0)
     p.add_argument("--ranges-b64", required=True)
     p = common("pack", 120.0, with_base=True)
@@ -1412,7 +1456,7 @@ COMMANDS = {"hello": cmd_hello, "check": cmd_check, "spawn": cmd_spawn,
             "workspace": cmd_workspace, "predump": cmd_predump,
             "dump": lambda a, drv: cmd_predump(a, drv, final=True),
             "page-server": cmd_page_server, "restore": cmd_restore, "verify": cmd_verify,
-            "memhash": cmd_memhash, "pack": cmd_pack, "unpack": cmd_unpack,
+            "ranges": cmd_ranges, "memhash": cmd_memhash, "pack": cmd_pack, "unpack": cmd_unpack,
             "resume": cmd_resume, "kill": cmd_kill, "wlctl": cmd_wlctl,
             "wlctl-wait": cmd_wlctl_wait, "logs": cmd_logs, "cleanup": cmd_cleanup,
             "quit": cmd_quit, "stats": cmd_stats, "show": cmd_show}

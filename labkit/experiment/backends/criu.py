@@ -320,13 +320,23 @@ class CriuMigration:
                        "unpacking the final images")
         parts["copy_s"] = time.monotonic() - t
         self.events.emit("criu-moved", bytes=pack.get("bytes"), files=up.get("files"))
+        # the pages to compare are known from the images alone: src hashes its frozen copy
+        # while dst restores and verifies (two nodes, two CPUs)
         t = time.monotonic()
-        rs = self.call(self.dd, f"restore --round {n}", "the restore")
-        self.restored = [int(p) for p in rs.get("pids") or [rs["pid"]]]
-        self.run.pids[self.dst.name].update(self.restored)  # a failure kills them
-        parts["restore_s"] = time.monotonic() - t
-        t = time.monotonic()
-        self.verify(n, int(rs["pid"]))
+        rg = self.call(self.dd, f"ranges --round {n}", "listing the image's pages")
+        memhash = f"memhash --ranges-b64 {rg['ranges_b64']}"
+        self.send(self.ds, memhash, "hashing the frozen source")
+        try:
+            rs = self.call(self.dd, f"restore --round {n}", "the restore")
+            self.restored = [int(p) for p in rs.get("pids") or [rs["pid"]]]
+            self.run.pids[self.dst.name].update(self.restored)  # a failure kills them
+            parts["restore_s"] = time.monotonic() - t
+            t = time.monotonic()
+            vd = self.call(self.dd, f"verify --round {n} --pid {int(rs['pid'])}",
+                           "verifying the restore")
+        finally:  # read src's reply whatever happened: it names itself, but do not leave it
+            ms = self.reply(self.ds, memhash, "hashing the frozen source")
+        self.check_hashes(ms, vd)
         parts["verify_s"] = time.monotonic() - t
         self.info.setdefault("restore", []).append({
             "round": rnd, "pids": self.restored, "pages_restored": rs.get("pages_restored"),
@@ -334,24 +344,22 @@ class CriuMigration:
             "files_copied": up.get("files"), "final_bytes": pack.get("bytes")})
         return parts, dump, int(rs["pid"])
 
-    def verify(self, n: int, root: int) -> None:
-        """Every page the images hold: the restored (stopped) memory == the images == the
-        frozen source's memory, by SHA-256 over the lot; else the run fails."""
-        assert self.ds is not None and self.dd is not None
+    def check_hashes(self, ms: dict[str, Any], vd: dict[str, Any]) -> None:
+        """Every page the images hold: the restored (stopped) memory == the images (dst's
+        verify) == the frozen source's memory (src's memhash), by SHA-256 over the lot;
+        else the run fails."""
         r = self.result
-        vd = self.call(self.dd, f"verify --round {n} --pid {root}", "verifying the restore")
-        ms = self.call(self.ds, f"memhash --ranges-b64 {vd['ranges_b64']}",
-                       "hashing the frozen source")
         r.source_sha256, r.restored_sha256 = ms["sha256"], vd["memory_sha256"]
-        r.verified = ms["sha256"] == vd["sha256"] == vd["memory_sha256"]
+        r.verified = ms["sha256"] == vd["sha256"] == vd["memory_sha256"] and \
+            ms.get("pages") == vd.get("pages")
         self.info["verified_pages"] = vd.get("pages")
         self.events.emit("verify", match=r.verified, source=ms["sha256"], image=vd["sha256"],
                          restored=vd["memory_sha256"], pages=vd.get("pages"))
         if not r.verified:
             raise MigrationFailed(
-                f"verification FAILED: frozen source {ms['sha256'][:16]}, images "
-                f"{vd['sha256'][:16]}, restored {vd['memory_sha256'][:16]} over "
-                f"{vd.get('pages')} pages")
+                f"verification FAILED: frozen source {ms['sha256'][:16]} "
+                f"({ms.get('pages')} pages), images {vd['sha256'][:16]}, restored "
+                f"{vd['memory_sha256'][:16]} ({vd.get('pages')} pages)")
 
     def stop_and_copy(self) -> None:
         """Baseline, before the pre-copy rounds: the same freeze with no rounds before it (all
