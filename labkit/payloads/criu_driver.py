@@ -203,7 +203,9 @@ def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
     pages_id = head.get(1, 0)
     out = []
     for e in entries[1:]:
-        f = dict(pb_fields(e))
+        f = _small_varint_message(e)
+        if f is None:  # not the plain shape: the general decoder
+            f = dict(pb_fields(e))
         if not isinstance(f.get(1), int) or not isinstance(f.get(2), int):
             raise ValueError("pagemap entry without vaddr or nr_pages")
         if isinstance(f.get(4), int):
@@ -212,6 +214,31 @@ def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
             flags = PE_PARENT if f.get(3) else PE_PRESENT
         out.append((f[1], f[2], flags))
     return pages_id, out
+
+
+def _small_varint_message(e: bytes) -> dict[int, int] | None:
+    """A message of varint fields numbered 1..15 (a pagemap entry), decoded inline; None if
+    it is not of that shape. Thousands of entries are parsed while the process is frozen, on
+    guests where Python runs ~50x slower than here: pb_fields' generality cost seconds."""
+    out: dict[int, int] = {}
+    i, n = 0, len(e)
+    while i < n:
+        key = e[i]
+        if key & 0x87:  # wire type not 0, or a field number above 15
+            return None
+        i += 1
+        v = shift = 0
+        while True:
+            if i >= n:
+                return None
+            b = e[i]
+            i += 1
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        out[key >> 3] = v
+    return out
 
 
 ERROR_RE = re.compile(r"^(?:\([\d.]+\)\s+)?(?:\d+: )?Error \(([^)]*)\):\s*(.*)$")
@@ -1109,22 +1136,65 @@ def cmd_verify(a, drv: Driver) -> dict:
     return verify_images(d, pids)
 
 
+def final_ranges(d: str, pids: list[int]) -> dict[str, list[list[int]]]:
+    """The pages the image of ``d`` holds, per pid, from its own pagemaps alone (an entry
+    says whether its pages are here or in a parent; which parent holds them does not change
+    which pages they are): no walk of the chain, which costs seconds under TCG."""
+    out: dict[str, list[list[int]]] = {}
+    for pid in pids:
+        path = os.path.join(d, f"pagemap-{pid}.img")
+        try:
+            with open(path, "rb") as f:
+                _pid, entries = parse_pagemap(f.read())
+        except FileNotFoundError:
+            raise StepFailed(f"{path} missing: the round's pages never arrived here") from None
+        except ValueError as e:
+            raise StepFailed(f"{path}: {e}") from None
+        held = sorted((v, n) for v, n, fl in entries if fl & (PE_PRESENT | PE_PARENT))
+        out[str(pid)] = _merge_ranges(held)
+    return out
+
+
+def _ranges_arg(text: str, what: str) -> dict[str, list[list[int]]]:
+    try:
+        ranges = json.loads(base64.b64decode(text, validate=True))
+        if not isinstance(ranges, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise StepFailed(f"{what}: --ranges-b64 is not base64 of a JSON object: {e}") from None
+    return ranges
+
+
 def cmd_ranges(a, drv: Driver) -> dict:
-    """The pages the round's images hold (no memory read): the controller hands them to src's
-    memhash at once, which then runs while dst restores and verifies."""
+    """The pages the round's image holds (no memory read, no chain walk): the controller hands
+    them to memhash on both nodes at once (the frozen source, the restored tree)."""
     d = _round_dir(a.base, a.round)
-    ranges = image_ranges(d, [p["pid"] for p in _read_pstree(d)])
+    ranges = final_ranges(d, [p["pid"] for p in _read_pstree(d)])
     return {"ranges_b64": base64.b64encode(json.dumps(ranges).encode()).decode(),
             "pages": sum(n for runs in ranges.values() for _v, n in runs)}
 
 
+def cmd_imagehash(a, drv: Driver) -> dict:
+    """The same hash over the image's own bytes (the chain walked to each page's round): that
+    the images hold what the source held, checked after the process runs on (it reads no
+    memory)."""
+    d = _round_dir(a.base, a.round)
+    ranges = _ranges_arg(a.ranges_b64, "imagehash")
+    imgs = ImageSet(d)
+    segs_of: dict[int, list[tuple[int, int, str, int]]] = {}
+    for key, runs in ranges.items():
+        segs = imgs.segments(int(key))
+        mine = _merge_ranges([(v, n) for v, n, _, _ in segs])
+        if mine != runs:
+            raise StepFailed(f"imagehash: the chain of {d} holds other pages for pid {key} "
+                             "than its own pagemap lists")
+        segs_of[int(key)] = segs
+    return {"sha256": _image_hash(segs_of, ranges, _Files()),
+            "pages": sum(n for runs in ranges.values() for _v, n in runs)}
+
+
 def cmd_memhash(a, drv: Driver) -> dict:
-    try:
-        ranges = json.loads(base64.b64decode(a.ranges_b64, validate=True))
-        if not isinstance(ranges, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        raise StepFailed(f"memhash: --ranges-b64 is not base64 of a JSON object: {e}") from None
+    ranges = _ranges_arg(a.ranges_b64, "memhash")
     for key in ranges:
         if proc_state(int(key)) not in ("T", "t"):
             raise StepFailed(f"memhash: pid {key} is not stopped: its memory may change "
@@ -1424,6 +1494,9 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pid", type=int, required=True)
     p = common("ranges", 60.0, with_base=True)
     p.add_argument("--round", type=int, required=True)
+    p = common("imagehash", 300.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--ranges-b64", required=True)
     p = common("memhash", 300.0)
     p.add_argument("--ranges-b64", required=True)
     p = common("pack", 120.0, with_base=True)
@@ -1456,7 +1529,7 @@ COMMANDS = {"hello": cmd_hello, "check": cmd_check, "spawn": cmd_spawn,
             "workspace": cmd_workspace, "predump": cmd_predump,
             "dump": lambda a, drv: cmd_predump(a, drv, final=True),
             "page-server": cmd_page_server, "restore": cmd_restore, "verify": cmd_verify,
-            "ranges": cmd_ranges, "memhash": cmd_memhash, "pack": cmd_pack, "unpack": cmd_unpack,
+            "ranges": cmd_ranges, "memhash": cmd_memhash, "imagehash": cmd_imagehash, "pack": cmd_pack, "unpack": cmd_unpack,
             "resume": cmd_resume, "kill": cmd_kill, "wlctl": cmd_wlctl,
             "wlctl-wait": cmd_wlctl_wait, "logs": cmd_logs, "cleanup": cmd_cleanup,
             "quit": cmd_quit, "stats": cmd_stats, "show": cmd_show}
