@@ -357,6 +357,10 @@ def test_serve_answers_every_line_and_never_exits_on_a_bad_one(local, tmp_path) 
         res = local.send(bad)
         assert res["ok"] is False and res["cmd"] == cmd, res
         assert res["error"] and "\n" not in res["error"] and "Traceback" not in res["error"]
+    local.p.stdin.write(b"hello \xff\xfe\n")
+    local.p.stdin.flush()
+    res = local.line(30)
+    assert res["ok"] is False and "unrecognized arguments" in res["error"]
     assert local.ok("logs")["logs"] == {}
     assert local.ok("quit")["cmd"] == "quit"
     assert local.close() == 0

@@ -1522,9 +1522,10 @@ def serve(base: str, role: str) -> int:
     quit_ = False
     try:
         while state["signal"] is None:
-            line = sys.stdin.readline()
-            if not line:
+            raw = sys.stdin.buffer.readline()
+            if not raw:
                 break
+            line = raw.decode(errors="replace")  # a bad byte is a bad line, not the end
             if not line.strip():
                 continue
             state["busy"] = True
