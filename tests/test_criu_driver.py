@@ -238,6 +238,7 @@ def test_verify_follows_the_parent_chain_and_memhash_agrees(tmp_path, stopped_ho
     assert res["sha256"] == res["memory_sha256"] == _expected(pid, addr, held)
     ranges = json.loads(base64.b64decode(res["ranges_b64"]))
     assert ranges == {str(pid): [[addr, 25], [addr + 29 * PAGE, 35]]}
+    assert cd.image_ranges(top, [pid]) == ranges  # what restore replies, before verify
     # src side: the same construction over the same pages of the live process
     assert cd.memhash(ranges) == {"sha256": res["sha256"], "pages": 60}
     # the one-shot CLI says the same in one JSON line
@@ -305,9 +306,12 @@ class Session:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
-    def send(self, line: str, timeout: float = 120.0) -> dict:
+    def write(self, line: str) -> None:
         self.p.stdin.write(line.encode() + b"\n")
         self.p.stdin.flush()
+
+    def send(self, line: str, timeout: float = 120.0) -> dict:
+        self.write(line)
         return self.line(timeout)
 
     def ok(self, line: str, timeout: float = 120.0) -> dict:
@@ -361,6 +365,10 @@ def test_serve_answers_every_line_and_never_exits_on_a_bad_one(local, tmp_path) 
         res = local.send(bad)
         assert res["ok"] is False and res["cmd"] == cmd, res
         assert res["error"] and "\n" not in res["error"] and "Traceback" not in res["error"]
+    local.p.stdin.write(b"hello \xff\xfe\n")
+    local.p.stdin.flush()
+    res = local.line(30)
+    assert res["ok"] is False and "unrecognized arguments" in res["error"]
     assert local.ok("logs")["logs"] == {}
     assert local.ok("quit")["cmd"] == "quit"
     assert local.close() == 0
@@ -671,14 +679,26 @@ def test_serve_chain_between_two_guests(guests) -> None:
         assert not [m for m in pack["members"] if "pages-" in m]  # those went to dst already
         up = dst.ok(f"unpack --round 3 --tar-b64 {pack['tar_b64']}")
         assert sorted(up["files"]) == paths
+        # the final image's pages, from its own pagemaps: src hashes them while dst restores
+        ranges = dst.ok("ranges --round 3")
+        t0 = time.monotonic()
+        src.write(f"memhash --ranges-b64 {ranges['ranges_b64']}")
         restored = dst.ok("restore --round 3", 300)
         assert restored["pid"] == pid and restored["stopped"] and restored["pids"] == [pid]
-        verify = dst.ok(f"verify --round 3 --pid {pid}", 300)
+        dst_hash = dst.ok(f"memhash --ranges-b64 {ranges['ranges_b64']}", 300)
+        src_hash = src.line(300)
+        both = time.monotonic() - t0
+        verify = dst.ok(f"verify --round 3 --pid {pid}", 300)  # the images' bytes, page by page
+        assert src_hash["ok"], src_hash
         assert verify["pages"] >= 16384 and verify["sha256"] == verify["memory_sha256"]
-        src_hash = src.ok(f"memhash --ranges-b64 {verify['ranges_b64']}", 300)
-        assert (src_hash["sha256"], src_hash["pages"]) == (verify["sha256"], verify["pages"])
+        assert verify["ranges_b64"] == ranges["ranges_b64"]  # the chain holds what it lists
+        image = dst.ok(f"imagehash --round 3 --ranges-b64 {ranges['ranges_b64']}", 300)
+        assert (src_hash["sha256"], src_hash["pages"]) == (verify["sha256"], verify["pages"]) \
+            == (dst_hash["sha256"], dst_hash["pages"]) == (image["sha256"], image["pages"])
         print(f"\nverify {verify['pages']} pages: {verify['wall_s']} s; memhash on src: "
-              f"{src_hash['wall_s']} s; dump {dump['wall_s']} s; restore {restored['wall_s']} s")
+              f"{src_hash['wall_s']} s; both {both:.3f} s; dump {dump['wall_s']} s; "
+              f"restore {restored['wall_s']} s; pre-dump rounds "
+              f"{[(r['pages_written'], r['wall_s']) for r in rounds]}")
         dst.ok(f"resume --pid {pid}")
         src.ok(f"kill --pid {pid}")
         # a second restore of the same image: its pid is taken now (by the restored process)
