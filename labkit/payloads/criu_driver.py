@@ -1411,14 +1411,25 @@ def cmd_logs(a, drv: Driver) -> dict:
 
 
 def cmd_cleanup(a, drv: Driver) -> dict:
+    """BASE, and each --also path (the run's workspace, output, control files on a node the
+    process no longer runs on): files or folders, gone or not."""
     freed = 0
-    if a.base and os.path.isdir(a.base):
-        for root, _dirs, names in os.walk(a.base):
-            for name in names:
-                with contextlib.suppress(OSError):
-                    freed += os.lstat(os.path.join(root, name)).st_blocks * 512
-        shutil.rmtree(a.base)
-    return {"base": a.base, "bytes": freed}
+    removed = []
+    for path in [a.base, *a.also]:
+        if not path or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            for root, _dirs, names in os.walk(path):
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        freed += os.lstat(os.path.join(root, name)).st_blocks * 512
+            shutil.rmtree(path)
+        else:
+            with contextlib.suppress(OSError):
+                freed += os.lstat(path).st_blocks * 512
+            os.unlink(path)
+        removed.append(path)
+    return {"base": a.base, "bytes": freed, "removed": removed}
 
 
 def cmd_quit(a, drv: Driver) -> dict:
@@ -1535,7 +1546,9 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
     p = common("wlctl-wait", 120.0)
     p.add_argument("--ctl", required=True)
     common("logs", with_base=True)
-    common("cleanup", with_base=True)
+    p = common("cleanup", with_base=True)
+    p.add_argument("--also", action="append", default=[],
+                   help="another path to remove (repeatable)")
     common("quit")
     p = sub.add_parser("stats", help="decode stats-*/pstree/pagemap images (stdlib)")
     p.add_argument("file")

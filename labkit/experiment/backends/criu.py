@@ -95,6 +95,7 @@ class CriuMigration:
         self.restored: list[int] = []  # pids restored on dst and not yet resumed
         self.output: str | None = None  # the migrated program's output file (--command)
         self.ranges_b64 = ""  # the last final image's pages, for check_image
+        self.work: str | None = None  # the payload folder's copy the process runs in
 
     # -- the driver protocol ------------------------------------------------------------------
     def call(self, rem: Remote, line: str, step: str) -> dict[str, Any]:
@@ -215,7 +216,7 @@ class CriuMigration:
         # CRIU restores a cwd by its resolved path, and the release folder's name may differ
         # between the nodes (deployed at different times): both get a copy of the payload
         # folder at one path, and the process starts there
-        work = f"{IMAGES_ROOT}/{run.folder.name}.work"
+        work = self.work = f"{IMAGES_ROOT}/{run.folder.name}.work"
         self.both(f"workspace --path {shlex.quote(work)}", "copying the payload folder")
         self.output = f"{IMAGES_ROOT}/{run.folder.name}.out"
         if cfg.command:
@@ -467,9 +468,29 @@ class CriuMigration:
         self.frozen = False
 
     def collect(self) -> None:
-        """CRIU's logs and the program's output into the results folder, images removed,
-        drivers told to quit. Never raises: it runs after failures too."""
+        """The program's output, CRIU's logs into the results folder; the built-in workload
+        ended on both nodes (it is the run's, but CRIU gives it no run marker to be killed
+        by); images removed, and the run's workspace, output and control files wherever the
+        process does not run (on both nodes for the built-in workload); drivers told to
+        quit. Never raises: it runs after failures too."""
         folder = self.run.folder
+        moved = bool(self.dst_pids)
+        if self.output:
+            node = self.dst if moved else self.src
+            with contextlib.suppress(Exception):
+                rr = self.run.pool.get(node).run(
+                    f"tail -c {OUTPUT_KEEP} {shlex.quote(self.output)}",
+                    timeout=self.run.settings.ssh_timeout + 10)
+                (folder / "program.log").write_bytes(rr.stdout)
+        if self.cfg.builtin:
+            for rem, pid in ((self.ds, self.pid), (self.dd, self.dst_pid)):
+                if rem is not None and pid and not rem.ended.is_set():
+                    with contextlib.suppress(Exception):
+                        rem.call(f"kill --pid {pid}", 30.0)
+        files = [f for f in (self.work, self.output, self.info.get("ctl")) if f]
+        files += [f"{self.info['ctl']}.reply"] if self.info.get("ctl") else []
+        also = {self.ds: files if self.cfg.builtin or moved else [],
+                self.dd: files if self.cfg.builtin or not moved else []}
         for rem in (self.ds, self.dd):
             if rem is None or rem.ended.is_set():
                 continue
@@ -482,14 +503,7 @@ class CriuMigration:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(text)
             with contextlib.suppress(Exception):
-                rem.call("cleanup", 30.0)
+                rem.call("cleanup" + "".join(f" --also {shlex.quote(f)}" for f in also[rem]),
+                         30.0)
             with contextlib.suppress(Exception):
                 rem.quit()
-        if self.output:
-            node = self.dst if self.dst_pids else self.src
-            with contextlib.suppress(Exception):
-                rr = self.run.pool.get(node).run(
-                    f"tail -c {OUTPUT_KEEP} {shlex.quote(self.output)}",
-                    timeout=self.run.settings.ssh_timeout + 10)
-                (folder / "program.log").write_bytes(rr.stdout)
-
