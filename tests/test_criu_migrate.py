@@ -90,7 +90,7 @@ def first_json(stdout: str) -> Any:
     """The JSON document ``--json`` printed (progress lines may come before it)."""
     lines = stdout.splitlines(keepends=True)
     for i, line in enumerate(lines):
-        if line.strip() in ("{", "[") or line.startswith(("{", "[")):
+        if line.strip() in ("{", "["):  # indent=2: the document opens on a line of its own
             return json.JSONDecoder().raw_decode("".join(lines[i:]))[0]
     raise AssertionError(f"no JSON in the output:\n{stdout}")
 
@@ -414,9 +414,20 @@ def test_verify_resume_on_the_builtin_workload(vmlab, results) -> None:
               (Path(data["folder"]) / "events.jsonl").read_text().splitlines()]
     (vr,) = [e for e in events if e["event"] == "verify-resume"]
     assert vr["match"] and vr["source"] == vr["restored"]
-    pid = data["criu"]["source"]["pid"]
-    for node in ("node1", "node2"):  # the run's own workload: its cleanup ended both copies
-        assert alive(vmlab, node, pid) == ""
+    assert_workload_ended(vmlab, data["criu"]["source"]["pid"])
+
+
+def assert_workload_ended(lab: FakeLabHandle, pid: int) -> None:
+    """The built-in workload is the run's own: its end ended both copies (CRIU restores it on
+    dst with the same pid). Killed here either way, so a leftover fails one test, not the next."""
+    try:
+        for node in ("node1", "node2"):
+            state = alive(lab, node, pid)
+            assert state == "", (f"{node}: the run's workload (pid {pid}) left running ({state}): "
+                                 + sh(lab, node, f"ps -o pid,ppid,stat,args -p {pid} || true"))
+    finally:
+        for node in ("node1", "node2"):
+            kill(lab, node, pid)
 
 
 @on_guests
@@ -435,6 +446,9 @@ def test_matrix_compares_both_backends_in_one_summary(vmlab, results) -> None:
     assert all(float(s["downtime_ms"]) > 0 and float(s["stop_copy_downtime_ms"]) > 0
                for s in summary), summary
     assert (folder / "summary.png").stat().st_size > 1000
+    run = json.loads((folder / summary[1]["folder"] / "run.json").read_text())
+    assert run["backend"] == "criu"
+    assert_workload_ended(vmlab, run["criu"]["source"]["pid"])
 
 
 # --- a node where CRIU cannot work (no guests: fast) --------------------------------------------
