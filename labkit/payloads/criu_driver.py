@@ -203,7 +203,9 @@ def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
     pages_id = head.get(1, 0)
     out = []
     for e in entries[1:]:
-        f = dict(pb_fields(e))
+        f = _small_varint_message(e)
+        if f is None:  # not the plain shape: the general decoder
+            f = dict(pb_fields(e))
         if not isinstance(f.get(1), int) or not isinstance(f.get(2), int):
             raise ValueError("pagemap entry without vaddr or nr_pages")
         if isinstance(f.get(4), int):
@@ -212,6 +214,31 @@ def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
             flags = PE_PARENT if f.get(3) else PE_PRESENT
         out.append((f[1], f[2], flags))
     return pages_id, out
+
+
+def _small_varint_message(e: bytes) -> dict[int, int] | None:
+    """A message of varint fields numbered 1..15 (a pagemap entry), decoded inline; None if
+    it is not of that shape. Thousands of entries are parsed while the process is frozen, on
+    guests where Python runs ~50x slower than here: pb_fields' generality cost seconds."""
+    out: dict[int, int] = {}
+    i, n = 0, len(e)
+    while i < n:
+        key = e[i]
+        if key & 0x87:  # wire type not 0, or a field number above 15
+            return None
+        i += 1
+        v = shift = 0
+        while True:
+            if i >= n:
+                return None
+            b = e[i]
+            i += 1
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        out[key >> 3] = v
+    return out
 
 
 ERROR_RE = re.compile(r"^(?:\([\d.]+\)\s+)?(?:\d+: )?Error \(([^)]*)\):\s*(.*)$")
@@ -273,6 +300,7 @@ class ImageSet:
     def __init__(self, d: str):
         self.d = d
         self._maps: dict[tuple[str, int], _PidMap] = {}
+        self._parents: dict[str, str] = {}
 
     def _map(self, d: str, pid: int) -> _PidMap:
         key = (d, pid)
@@ -280,13 +308,16 @@ class ImageSet:
             self._maps[key] = _PidMap(d, pid)
         return self._maps[key]
 
-    @staticmethod
-    def _parent(d: str) -> str:
-        p = os.path.join(d, "parent")
-        if not os.path.isdir(p):
-            raise StepFailed(f"{d} has pages marked in-parent but no parent images dir "
-                             f"({p})")
-        return os.path.realpath(p)
+    def _parent(self, d: str) -> str:
+        """``d``'s parent images dir, resolved once per dir (per entry, realpath's lstat
+        walk was most of the time of a four-round chain)."""
+        if d not in self._parents:
+            p = os.path.join(d, "parent")
+            if not os.path.isdir(p):
+                raise StepFailed(f"{d} has pages marked in-parent but no parent images dir "
+                                 f"({p})")
+            self._parents[d] = os.path.realpath(p)
+        return self._parents[d]
 
     def segments(self, pid: int) -> list[tuple[int, int, str, int]]:
         """Every page the image holds for ``pid``, in vaddr order, merged into runs."""
@@ -344,16 +375,20 @@ def _merge(segs: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str, i
     return out
 
 
-_PREFIX = struct.Struct("<QQ")
+_HEAD = struct.Struct("<QQQ")
 
 
-def _hash_pages(h, pid: int, vaddr: int, buf: bytes) -> None:
-    """The protocol's construction: per page, pid (8 bytes LE) + vaddr (8 bytes LE) + page."""
-    mv = memoryview(buf)
-    upd, pack = h.update, _PREFIX.pack
-    for i in range(len(buf) // PAGE):
-        upd(pack(pid, vaddr + i * PAGE))
-        upd(mv[i * PAGE:(i + 1) * PAGE])
+def _hash_chunk(h, pid: int, vaddr: int, buf) -> None:
+    """The protocol's construction, per chunk of a range (at most CHUNK_PAGES pages, ranges
+    walked in order on both sides): pid, vaddr, npages (8 bytes LE each), then the pages."""
+    h.update(_HEAD.pack(pid, vaddr, len(buf) // PAGE))
+    h.update(buf)
+
+
+def _chunks(runs: list[list[int]]):
+    for vaddr, n in runs:
+        for c in range(0, n, CHUNK_PAGES):
+            yield vaddr + c * PAGE, min(CHUNK_PAGES, n - c)
 
 
 def _pread_all(fd: int, n: int, off: int, what: str) -> bytes:
@@ -390,67 +425,95 @@ class _Mem:
         os.close(self.fd)
 
 
-def verify_images(d: str, pids: list[int]) -> dict:
-    """Compare every page the images of ``d`` hold against the live (stopped) processes.
+class _Files:
+    """The pages files of a chain, each read once (a run of pre-dumps scatters a process's
+    pages over every round's file: one pread per scattered run cost seconds under TCG)."""
 
-    The image hash and the memory hash are fed the same bytes while the two agree, so a run
-    of equal pages is hashed once; at the first difference the memory hash forks off (a copy
-    of the image hash so far) and both go on separately."""
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, path: str) -> bytes:
+        if path not in self.data:
+            try:
+                with open(path, "rb") as f:
+                    self.data[path] = f.read()
+            except OSError as e:
+                raise StepFailed(f"{path}: {e.strerror}") from None
+        return self.data[path]
+
+
+def image_ranges(d: str, pids: list[int]) -> dict[str, list[list[int]]]:
+    """The pages the images of ``d`` (and its parent chain) hold, per pid, as merged
+    [vaddr, npages] runs: what memhash reads on src while dst restores."""
     imgs = ImageSet(d)
-    h_img = hashlib.sha256()
-    h_mem = None
-    pages = 0
-    differ = 0
+    return {str(pid): _merge_ranges([(v, n) for v, n, _, _ in imgs.segments(pid)])
+            for pid in pids}
+
+
+def verify_images(d: str, pids: list[int]) -> dict:
+    """Compare every page the images of ``d`` hold against the live (stopped) processes:
+    memory read in big runs, compared with the image's bytes (each pages file read once),
+    the memory hashed. Equal everywhere means the image's hash is the memory's; where they
+    differ the run fails, and the image's own hash is computed for the report."""
+    imgs = ImageSet(d)
+    files = _Files()
+    h_mem = hashlib.sha256()
+    pages = differ = 0
     first: tuple[int, int] | None = None
     ranges: dict[str, list[list[int]]] = {}
-    fds: dict[str, int] = {}
-    try:
-        for pid in pids:
-            segs = imgs.segments(pid)
-            ranges[str(pid)] = _merge_ranges([(v, n) for v, n, _, _ in segs])
-            mem = _Mem(pid)
-            try:
-                for vaddr, n, path, off in segs:
-                    if path not in fds:
-                        try:
-                            fds[path] = os.open(path, os.O_RDONLY)
-                        except OSError as e:
-                            raise StepFailed(f"{path}: {e.strerror}") from None
-                    for c in range(0, n, CHUNK_PAGES):
-                        k = min(CHUNK_PAGES, n - c)
-                        va = vaddr + c * PAGE
-                        img = _pread_all(fds[path], k * PAGE, off + c * PAGE, path)
-                        live = mem.read(va, k * PAGE)
-                        pages += k
-                        if img == live and h_mem is None:
-                            _hash_pages(h_img, pid, va, img)
-                            continue
-                        if h_mem is None:
-                            h_mem = h_img.copy()
-                        _hash_pages(h_img, pid, va, img)
-                        _hash_pages(h_mem, pid, va, live)
-                        if img != live:
-                            for i in range(k):
-                                a, b = i * PAGE, (i + 1) * PAGE
-                                if img[a:b] != live[a:b]:
-                                    differ += 1
-                                    if first is None:
-                                        first = (pid, va + a)
-            finally:
-                mem.close()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    sha = h_img.hexdigest()
-    res = {"sha256": sha, "memory_sha256": h_mem.hexdigest() if h_mem else sha,
-           "pages": pages,
+    segs_of: dict[int, list[tuple[int, int, str, int]]] = {}
+    for pid in pids:
+        segs = imgs.segments(pid)
+        segs_of[pid] = segs
+        ranges[str(pid)] = _merge_ranges([(v, n) for v, n, _, _ in segs])
+        mem = _Mem(pid)
+        try:
+            i = 0
+            for va, k in _chunks(ranges[str(pid)]):
+                live = mem.read(va, k * PAGE)
+                _hash_chunk(h_mem, pid, va, live)
+                pages += k
+                lv = memoryview(live)
+                end = va + k * PAGE
+                while i < len(segs) and segs[i][0] < end:
+                    sv, sn, path, off = segs[i]
+                    lo, hi = max(sv, va), min(sv + sn * PAGE, end)
+                    img = memoryview(files.get(path))[off + lo - sv:off + hi - sv]
+                    if img != lv[lo - va:hi - va]:
+                        for a in range(0, hi - lo, PAGE):
+                            if img[a:a + PAGE] != lv[lo - va + a:lo - va + a + PAGE]:
+                                differ += 1
+                                first = first or (pid, lo + a)
+                    if sv + sn * PAGE > end:
+                        break  # the rest of this segment is in the next chunk
+                    i += 1
+        finally:
+            mem.close()
+    sha_mem = h_mem.hexdigest()
+    res = {"sha256": sha_mem, "memory_sha256": sha_mem, "pages": pages,
            "ranges_b64": base64.b64encode(json.dumps(ranges).encode()).decode()}
     if first is not None:
+        res["sha256"] = _image_hash(segs_of, ranges, files)
         raise StepFailed(f"memory of the restored tree differs from the image: pid {first[0]} "
                          f"at {first[1]:#x} first, {differ} page(s) differ of {pages}",
                          extra={**res, "pid": first[0], "address": hex(first[1]),
                                 "pages_differ": differ})
     return res
+
+
+def _image_hash(segs_of: dict[int, list[tuple[int, int, str, int]]],
+                ranges: dict[str, list[list[int]]], files: _Files) -> str:
+    """The image's own hash (same construction), assembled from its pages files."""
+    h = hashlib.sha256()
+    for pid, segs in segs_of.items():
+        flat = bytearray()
+        for _v, n, path, off in segs:
+            flat += files.get(path)[off:off + n * PAGE]
+        pos = 0
+        for va, k in _chunks(ranges[str(pid)]):
+            _hash_chunk(h, pid, va, bytes(flat[pos:pos + k * PAGE]))
+            pos += k * PAGE
+    return h.hexdigest()
 
 
 def _merge_ranges(runs: list[tuple[int, int]]) -> list[list[int]]:
@@ -471,12 +534,9 @@ def memhash(ranges: dict[str, list[list[int]]]) -> dict:
         pid = int(key)
         mem = _Mem(pid)
         try:
-            for vaddr, n in runs:
-                for c in range(0, n, CHUNK_PAGES):
-                    k = min(CHUNK_PAGES, n - c)
-                    va = vaddr + c * PAGE
-                    _hash_pages(h, pid, va, mem.read(va, k * PAGE))
-                    pages += k
+            for va, k in _chunks(runs):
+                _hash_chunk(h, pid, va, mem.read(va, k * PAGE))
+                pages += k
         finally:
             mem.close()
     return {"sha256": h.hexdigest(), "pages": pages}
@@ -754,7 +814,11 @@ def cmd_check(a, drv: Driver) -> dict:
 def _random_upper_pid() -> bool:
     """Make the next fork land at a random pid in the upper half of pid_max: two guests boot
     alike, so a low pid on src is likely taken on dst, and CRIU restores every task with its
-    own pid. Needs root (CAP_SYS_ADMIN / CAP_CHECKPOINT_RESTORE); False when not allowed."""
+    own pid. Needs root (CAP_SYS_ADMIN / CAP_CHECKPOINT_RESTORE); False when not allowed.
+    CRIU_DRIVER_PID_PLACEMENT=off turns it off: tests on a shared host, where another test
+    may be steering ns_last_pid itself."""
+    if os.environ.get("CRIU_DRIVER_PID_PLACEMENT") == "off":
+        return False
     try:
         with open("/proc/sys/kernel/pid_max") as f:
             pid_max = int(f.read())
@@ -803,10 +867,12 @@ def cmd_spawn(a, drv: Driver) -> dict:
         code = 0
         try:
             os.close(r)
-            os.setsid()
             second = os.fork()
             if second == 0:
                 try:
+                    # the session leader itself: CRIU wants the root of a tree it dumps to
+                    # lead its session (else --shell-job), and nothing ties it to the driver
+                    os.setsid()
                     os.chdir(a.cwd)
                     fin = os.open(os.devnull, os.O_RDONLY)
                     fout = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -1070,13 +1136,65 @@ def cmd_verify(a, drv: Driver) -> dict:
     return verify_images(d, pids)
 
 
-def cmd_memhash(a, drv: Driver) -> dict:
+def final_ranges(d: str, pids: list[int]) -> dict[str, list[list[int]]]:
+    """The pages the image of ``d`` holds, per pid, from its own pagemaps alone (an entry
+    says whether its pages are here or in a parent; which parent holds them does not change
+    which pages they are): no walk of the chain, which costs seconds under TCG."""
+    out: dict[str, list[list[int]]] = {}
+    for pid in pids:
+        path = os.path.join(d, f"pagemap-{pid}.img")
+        try:
+            with open(path, "rb") as f:
+                _pid, entries = parse_pagemap(f.read())
+        except FileNotFoundError:
+            raise StepFailed(f"{path} missing: the round's pages never arrived here") from None
+        except ValueError as e:
+            raise StepFailed(f"{path}: {e}") from None
+        held = sorted((v, n) for v, n, fl in entries if fl & (PE_PRESENT | PE_PARENT))
+        out[str(pid)] = _merge_ranges(held)
+    return out
+
+
+def _ranges_arg(text: str, what: str) -> dict[str, list[list[int]]]:
     try:
-        ranges = json.loads(base64.b64decode(a.ranges_b64, validate=True))
+        ranges = json.loads(base64.b64decode(text, validate=True))
         if not isinstance(ranges, dict):
             raise ValueError("not an object")
     except ValueError as e:
-        raise StepFailed(f"memhash: --ranges-b64 is not base64 of a JSON object: {e}") from None
+        raise StepFailed(f"{what}: --ranges-b64 is not base64 of a JSON object: {e}") from None
+    return ranges
+
+
+def cmd_ranges(a, drv: Driver) -> dict:
+    """The pages the round's image holds (no memory read, no chain walk): the controller hands
+    them to memhash on both nodes at once (the frozen source, the restored tree)."""
+    d = _round_dir(a.base, a.round)
+    ranges = final_ranges(d, [p["pid"] for p in _read_pstree(d)])
+    return {"ranges_b64": base64.b64encode(json.dumps(ranges).encode()).decode(),
+            "pages": sum(n for runs in ranges.values() for _v, n in runs)}
+
+
+def cmd_imagehash(a, drv: Driver) -> dict:
+    """The same hash over the image's own bytes (the chain walked to each page's round): that
+    the images hold what the source held, checked after the process runs on (it reads no
+    memory)."""
+    d = _round_dir(a.base, a.round)
+    ranges = _ranges_arg(a.ranges_b64, "imagehash")
+    imgs = ImageSet(d)
+    segs_of: dict[int, list[tuple[int, int, str, int]]] = {}
+    for key, runs in ranges.items():
+        segs = imgs.segments(int(key))
+        mine = _merge_ranges([(v, n) for v, n, _, _ in segs])
+        if mine != runs:
+            raise StepFailed(f"imagehash: the chain of {d} holds other pages for pid {key} "
+                             "than its own pagemap lists")
+        segs_of[int(key)] = segs
+    return {"sha256": _image_hash(segs_of, ranges, _Files()),
+            "pages": sum(n for runs in ranges.values() for _v, n in runs)}
+
+
+def cmd_memhash(a, drv: Driver) -> dict:
+    ranges = _ranges_arg(a.ranges_b64, "memhash")
     for key in ranges:
         if proc_state(int(key)) not in ("T", "t"):
             raise StepFailed(f"memhash: pid {key} is not stopped: its memory may change "
@@ -1110,10 +1228,22 @@ def cmd_pack(a, drv: Driver) -> dict:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, path in members:
-            tar.add(path, arcname=name, recursive=False)
+            info = tar.gettarinfo(path, arcname=name)
+            ns = os.lstat(path).st_mtime_ns  # exact: a float mtime loses the nanoseconds
+            info.pax_headers["mtime"] = f"{ns // 10**9}.{ns % 10**9:09d}"
+            if info.isfile():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
     data = buf.getvalue()
     return {"tar_b64": base64.b64encode(data).decode(), "bytes": len(data),
             "members": [n for n, _ in members]}
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    sec, _, frac = member.pax_headers.get("mtime", str(int(member.mtime))).partition(".")
+    return int(sec) * 10**9 + int((frac + "000000000")[:9])
 
 
 def _write_atomic(path: str, data: bytes, member: tarfile.TarInfo) -> None:
@@ -1125,7 +1255,7 @@ def _write_atomic(path: str, data: bytes, member: tarfile.TarInfo) -> None:
         if os.geteuid() == 0:
             os.chown(tmp, member.uid, member.gid)
         os.chmod(tmp, member.mode & 0o7777)
-        mtime_ns = int(float(member.pax_headers.get("mtime", member.mtime)) * 1e9)
+        mtime_ns = _mtime_ns(member)
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.rename(tmp, path)
     except BaseException:
@@ -1362,6 +1492,11 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
     p = common("verify", 300.0, with_base=True)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--pid", type=int, required=True)
+    p = common("ranges", 60.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p = common("imagehash", 300.0, with_base=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--ranges-b64", required=True)
     p = common("memhash", 300.0)
     p.add_argument("--ranges-b64", required=True)
     p = common("pack", 120.0, with_base=True)
@@ -1394,7 +1529,7 @@ COMMANDS = {"hello": cmd_hello, "check": cmd_check, "spawn": cmd_spawn,
             "workspace": cmd_workspace, "predump": cmd_predump,
             "dump": lambda a, drv: cmd_predump(a, drv, final=True),
             "page-server": cmd_page_server, "restore": cmd_restore, "verify": cmd_verify,
-            "memhash": cmd_memhash, "pack": cmd_pack, "unpack": cmd_unpack,
+            "ranges": cmd_ranges, "memhash": cmd_memhash, "imagehash": cmd_imagehash, "pack": cmd_pack, "unpack": cmd_unpack,
             "resume": cmd_resume, "kill": cmd_kill, "wlctl": cmd_wlctl,
             "wlctl-wait": cmd_wlctl_wait, "logs": cmd_logs, "cleanup": cmd_cleanup,
             "quit": cmd_quit, "stats": cmd_stats, "show": cmd_show}

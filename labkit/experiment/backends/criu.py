@@ -23,10 +23,13 @@ round trip). The protocol is the driver's docstring.
             p.haul's stop rules (rules.py) decide when to freeze.
   freeze    ``criu dump --leave-stopped`` (pages to dst's page server), the rest of the images
             and every regular file the tree holds open for writing through the controller,
-            ``criu restore --leave-stopped`` on dst, every page the images hold compared with
-            the restored memory and with the frozen source's (SHA-256), and only then
-            SIGCONT on dst. downtime = controller time from sending ``dump`` to the reply of
-            that SIGCONT: freeze to running on dst, verification included.
+            ``criu restore --leave-stopped`` on dst; every page the final image holds hashed
+            (SHA-256 over the lot) in the restored tree and, at the same time, in the frozen
+            source; equal, and only then SIGCONT on dst. downtime = controller time from
+            sending ``dump`` to the reply of that SIGCONT: freeze to running on dst,
+            verification included. Then the images' own bytes (the pre-dump chain) are
+            hashed the same way and must match too (slow under TCG, so not in the downtime;
+            the source is still frozen, so a mismatch is still undone).
   after     success: the source tree is killed; a user's process runs on dst, the built-in
             workload is ended by the run's cleanup. Failure at any step: the restored tree on
             dst is killed, the source tree is SIGCONTed (it runs on src as before), and the
@@ -91,6 +94,7 @@ class CriuMigration:
         self.frozen = False  # the source tree is stopped by a dump of ours
         self.restored: list[int] = []  # pids restored on dst and not yet resumed
         self.output: str | None = None  # the migrated program's output file (--command)
+        self.ranges_b64 = ""  # the last final image's pages, for check_image
 
     # -- the driver protocol ------------------------------------------------------------------
     def call(self, rem: Remote, line: str, step: str) -> dict[str, Any]:
@@ -291,6 +295,7 @@ class CriuMigration:
         self.call(self.dd, f"resume --pid {root}", "resuming the restored process")
         parts["resume_s"] = time.monotonic() - t
         t_resumed = ev.now()
+        self.check_image(n)
         self.dst_pids, self.restored = self.restored, []
         r.downtime_s = t_resumed - t_freeze
         self.info["downtime_parts_ms"] = {k[:-2] + "_ms": round(1000 * v, 3)
@@ -320,38 +325,62 @@ class CriuMigration:
                        "unpacking the final images")
         parts["copy_s"] = time.monotonic() - t
         self.events.emit("criu-moved", bytes=pack.get("bytes"), files=up.get("files"))
+        # the pages to compare are the final image's (its pagemaps list them): the frozen
+        # source hashes them while dst restores, then the restored tree hashes the same
         t = time.monotonic()
-        rs = self.call(self.dd, f"restore --round {n}", "the restore")
-        self.restored = [int(p) for p in rs.get("pids") or [rs["pid"]]]
-        self.run.pids[self.dst.name].update(self.restored)  # a failure kills them
-        parts["restore_s"] = time.monotonic() - t
-        t = time.monotonic()
-        self.verify(n, int(rs["pid"]))
+        rg = self.call(self.dd, f"ranges --round {n}", "listing the image's pages")
+        memhash = f"memhash --ranges-b64 {rg['ranges_b64']}"
+        self.send(self.ds, memhash, "hashing the frozen source")
+        try:
+            rs = self.call(self.dd, f"restore --round {n}", "the restore")
+            self.restored = [int(p) for p in rs.get("pids") or [rs["pid"]]]
+            self.run.pids[self.dst.name].update(self.restored)  # a failure kills them
+            parts["restore_s"] = time.monotonic() - t
+            t = time.monotonic()
+            md = self.call(self.dd, memhash, "hashing the restored memory")
+        finally:  # src's reply is read whatever happened: no reply is left on its channel
+            ms = self.reply(self.ds, memhash, "hashing the frozen source")
+        self.check_hashes(ms, md)
         parts["verify_s"] = time.monotonic() - t
+        self.ranges_b64 = rg["ranges_b64"]
         self.info.setdefault("restore", []).append({
             "round": rnd, "pids": self.restored, "pages_restored": rs.get("pages_restored"),
             "restore_s": rs.get("restore_s"), "stats": rs.get("stats"),
             "files_copied": up.get("files"), "final_bytes": pack.get("bytes")})
         return parts, dump, int(rs["pid"])
 
-    def verify(self, n: int, root: int) -> None:
-        """Every page the images hold: the restored (stopped) memory == the images == the
-        frozen source's memory, by SHA-256 over the lot; else the run fails."""
-        assert self.ds is not None and self.dd is not None
+    def check_hashes(self, ms: dict[str, Any], md: dict[str, Any]) -> None:
+        """Every page the final image holds: the restored (stopped) tree's memory == the
+        frozen source's, by SHA-256 over the lot (same pages, same order); else the run
+        fails before the restored tree runs."""
         r = self.result
-        vd = self.call(self.dd, f"verify --round {n} --pid {root}", "verifying the restore")
-        ms = self.call(self.ds, f"memhash --ranges-b64 {vd['ranges_b64']}",
-                       "hashing the frozen source")
-        r.source_sha256, r.restored_sha256 = ms["sha256"], vd["memory_sha256"]
-        r.verified = ms["sha256"] == vd["sha256"] == vd["memory_sha256"]
-        self.info["verified_pages"] = vd.get("pages")
-        self.events.emit("verify", match=r.verified, source=ms["sha256"], image=vd["sha256"],
-                         restored=vd["memory_sha256"], pages=vd.get("pages"))
+        r.source_sha256, r.restored_sha256 = ms["sha256"], md["sha256"]
+        r.verified = ms["sha256"] == md["sha256"] and ms.get("pages") == md.get("pages")
+        self.info["verified_pages"] = md.get("pages")
+        self.events.emit("verify", match=r.verified, source=ms["sha256"],
+                         restored=md["sha256"], pages=md.get("pages"))
         if not r.verified:
             raise MigrationFailed(
-                f"verification FAILED: frozen source {ms['sha256'][:16]}, images "
-                f"{vd['sha256'][:16]}, restored {vd['memory_sha256'][:16]} over "
-                f"{vd.get('pages')} pages")
+                f"verification FAILED: the restored memory {md['sha256'][:16]} "
+                f"({md.get('pages')} pages) is not the frozen source's {ms['sha256'][:16]} "
+                f"({ms.get('pages')} pages)")
+
+    def check_image(self, n: int) -> None:
+        """The images hold what the source held: their own bytes (the chain walked to each
+        page's round) hash as the frozen source did. Run after the restored tree runs (it
+        reads no memory and is slow under TCG); a mismatch still fails the run, and undo()
+        ends the restored tree and resumes the source, which is still frozen."""
+        assert self.dd is not None
+        ih = self.call(self.dd, f"imagehash --round {n} --ranges-b64 {self.ranges_b64}",
+                       "hashing the images")
+        self.info["image_sha256"] = ih["sha256"]
+        ok = ih["sha256"] == self.result.source_sha256
+        self.events.emit("image-check", match=ok, image=ih["sha256"])
+        if not ok:
+            self.result.verified = False
+            raise MigrationFailed(f"verification FAILED: the images {ih['sha256'][:16]} do "
+                                  f"not hold what the frozen source did "
+                                  f"({str(self.result.source_sha256)[:16]})")
 
     def stop_and_copy(self) -> None:
         """Baseline, before the pre-copy rounds: the same freeze with no rounds before it (all
@@ -369,6 +398,7 @@ class CriuMigration:
             "downtime_parts_ms": {k[:-2] + "_ms": round(1000 * v, 3) for k, v in parts.items()},
             "pages": rep.get("pages_written"), "page_bytes": rep.get("page_bytes")}
         ev.emit("stop-and-copy", ms=1000 * (t1 - t0), pages=rep.get("pages_written"))
+        self.check_image(1)
         self.call(self.dd, f"kill --pid {root}", "ending the stop-and-copy copy")
         self.run.pids[self.dst.name].difference_update(self.restored)
         self.restored = []
@@ -414,8 +444,9 @@ class CriuMigration:
         self.frozen = False
         if not self.cfg.builtin:
             self.run.pids[self.dst.name].difference_update(self.dst_pids)
-        self.info["migrated"] = {"node": self.dst.name, "pid": self.dst_pid,
-                                 "output": self.output}
+        if not self.cfg.builtin:
+            self.info["migrated"] = {"node": self.dst.name, "pid": self.dst_pid,
+                                     "output": self.output}
 
     # -- failure and the end ------------------------------------------------------------------
     def undo(self) -> None:
@@ -455,7 +486,7 @@ class CriuMigration:
             with contextlib.suppress(Exception):
                 rem.quit()
         if self.output:
-            node = self.dst if self.info.get("migrated") else self.src
+            node = self.dst if self.dst_pids else self.src
             with contextlib.suppress(Exception):
                 rr = self.run.pool.get(node).run(
                     f"tail -c {OUTPUT_KEEP} {shlex.quote(self.output)}",
