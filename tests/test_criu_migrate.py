@@ -65,22 +65,22 @@ def on_guests(test: Callable[..., None]) -> Callable[..., None]:
 
 
 # --- driving the program ------------------------------------------------------------------------
-def labkit(lab: FakeLabHandle, results: Path, *args: str,
+def labkit(lab: FakeLabHandle, *args: str, results: Path | None = None,
            timeout: float = RUN) -> subprocess.CompletedProcess:
-    env = {**lab.env, "INVOKE_LABKIT_RESULTS_DIR": str(results)}
+    env = lab.env if results is None else {**lab.env, "INVOKE_LABKIT_RESULTS_DIR": str(results)}
     return subprocess.run([*LABKIT, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def ok(lab: FakeLabHandle, results: Path, *args: str, timeout: float = RUN) -> str:
-    r = labkit(lab, results, *args, timeout=timeout)
+def ok(lab: FakeLabHandle, *args: str, timeout: float = RUN) -> str:
+    r = labkit(lab, *args, timeout=timeout)
     assert r.returncode == 0, f"labkit {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r.stdout
 
 
 def sh(lab: FakeLabHandle, node: str, command: str) -> str:
     """A shell command on a node (``labkit run``), its stdout; it must succeed."""
-    out = ok(lab, lab.state_dir, "run", "-n", node, "--json", "--", command, timeout=120)
+    out = ok(lab, "run", "-n", node, "--json", "--", command, timeout=120)
     (row,) = json.loads(out)
     assert row["ok"], row
     return row["stdout"]
@@ -90,7 +90,7 @@ def first_json(stdout: str) -> Any:
     """The JSON document ``--json`` printed (progress lines may come before it)."""
     lines = stdout.splitlines(keepends=True)
     for i, line in enumerate(lines):
-        if line.strip() in ("{", "[") or line.startswith(("{", "[")):
+        if line.strip() in ("{", "["):  # indent=2: the document opens on a line of its own
             return json.JSONDecoder().raw_decode("".join(lines[i:]))[0]
     raise AssertionError(f"no JSON in the output:\n{stdout}")
 
@@ -99,8 +99,8 @@ def migrate(lab: FakeLabHandle, results: Path, *args: str,
             expect: int = 0) -> tuple[dict[str, Any], subprocess.CompletedProcess]:
     """``labkit migrate-test --src node1 --dst node2 --backend criu --json ARGS``: its JSON and
     the process (exit status ``expect``, else the assertion shows everything it said)."""
-    r = labkit(lab, results, "migrate-test", "--src", "node1", "--dst", "node2", "--backend",
-               "criu", "--json", *args)
+    r = labkit(lab, "migrate-test", "--src", "node1", "--dst", "node2", "--backend", "criu",
+               "--json", *args, results=results)
     assert r.returncode == expect, (f"migrate-test {' '.join(args)}: exit {r.returncode}\n"
                                     f"{r.stdout}\n{r.stderr}")
     return first_json(r.stdout), r
@@ -166,8 +166,8 @@ def vmlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeLabHandle]:
     lab = start_fake_lab(tmp_path_factory.mktemp("criulab"), count=2, kind="vm",
                          power_delay=(0.05, 0.1))
     try:
-        ok(lab, lab.state_dir, "power-on", "--wait", "ssh", timeout=BOOT * 2)
-        check = labkit(lab, lab.state_dir, "run", "-n", "node1", "--json", "--",
+        ok(lab, "power-on", "--wait", "ssh", timeout=BOOT * 2)
+        check = labkit(lab, "run", "-n", "node1", "--json", "--",
                        "ip link set lo up; criu check 2>&1 | tail -n 3", timeout=120)
         (row,) = json.loads(check.stdout)
         if "Looks good" not in row["stdout"]:
@@ -414,16 +414,27 @@ def test_verify_resume_on_the_builtin_workload(vmlab, results) -> None:
               (Path(data["folder"]) / "events.jsonl").read_text().splitlines()]
     (vr,) = [e for e in events if e["event"] == "verify-resume"]
     assert vr["match"] and vr["source"] == vr["restored"]
-    pid = data["criu"]["source"]["pid"]
-    for node in ("node1", "node2"):  # the run's own workload: its cleanup ended both copies
-        assert alive(vmlab, node, pid) == ""
+    assert_workload_ended(vmlab, data["criu"]["source"]["pid"])
+
+
+def assert_workload_ended(lab: FakeLabHandle, pid: int) -> None:
+    """The built-in workload is the run's own: its end ended both copies (CRIU restores it on
+    dst with the same pid). Killed here either way, so a leftover fails one test, not the next."""
+    try:
+        for node in ("node1", "node2"):
+            state = alive(lab, node, pid)
+            assert state == "", (f"{node}: the run's workload (pid {pid}) left running ({state}): "
+                                 + sh(lab, node, f"ps -o pid,ppid,stat,args -p {pid} || true"))
+    finally:
+        for node in ("node1", "node2"):
+            kill(lab, node, pid)
 
 
 @on_guests
 def test_matrix_compares_both_backends_in_one_summary(vmlab, results) -> None:
-    r = labkit(vmlab, results, "migrate-test", "--src", "node1", "--dst", "node2", "--size",
-               "8M", "--rate", "1000", "--max-rounds", "2", "--matrix", "backend=labkit,criu",
-               "--json")
+    r = labkit(vmlab, "migrate-test", "--src", "node1", "--dst", "node2", "--size", "8M",
+               "--rate", "1000", "--max-rounds", "2", "--matrix", "backend=labkit,criu",
+               "--json", results=results)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     rows = first_json(r.stdout)
     assert [row["backend"] for row in rows] == ["labkit", "criu"]
@@ -435,6 +446,9 @@ def test_matrix_compares_both_backends_in_one_summary(vmlab, results) -> None:
     assert all(float(s["downtime_ms"]) > 0 and float(s["stop_copy_downtime_ms"]) > 0
                for s in summary), summary
     assert (folder / "summary.png").stat().st_size > 1000
+    run = json.loads((folder / summary[1]["folder"] / "run.json").read_text())
+    assert run["backend"] == "criu"
+    assert_workload_ended(vmlab, run["criu"]["source"]["pid"])
 
 
 # --- a node where CRIU cannot work (no guests: fast) --------------------------------------------
@@ -470,9 +484,9 @@ def test_a_node_where_criu_cannot_work_is_refused_before_anything_starts(tmp_pat
                 continue
             assert marker.encode() not in cmd, f"pid {pid} was started: {cmd!r}"
         run = Path(data["folder"]).name
-        root = Path("/tmp/labkit-criu")
-        assert not [p for p in root.iterdir() if p.name.startswith(run)] \
-            if root.is_dir() else True
+        root = Path("/tmp/labkit-criu")  # process-kind nodes: the node's /tmp is this host's
+        made = [p.name for p in root.iterdir() if p.name.startswith(run)] if root.is_dir() else []
+        assert made == []
         assert not [p for p in lab.processes() if "criu_driver" in p or "workload" in p]
     finally:
         lab.stop()
