@@ -238,6 +238,16 @@ def test_sim_continues_on_dst_as_if_never_migrated(vmlab, progs, results) -> Non
         assert run["backend"] == "criu" and run["criu"]["version"]
         assert [r["kind"] for r in run["criu"]["rounds"]][-1] == "final"
         assert (folder / "rounds.csv").exists() and (folder / "criu-logs").is_dir()
+        assert all(r["image_bytes"] and r["stats"] for r in run["criu"]["rounds"])
+        parts = run["criu"]["downtime_parts_ms"]
+        assert set(parts) >= {"dump_ms", "copy_ms", "restore_ms", "verify_ms", "resume_ms"}
+        assert sum(parts.values()) <= data["downtime_ms"] + 1  # the parts are inside it
+        assert run["criu"]["stop_and_copy"]["pages"] > 0
+        assert run["criu"]["image_sha256"] == data["source_sha256"] == data["restored_sha256"]
+        # the program's output up to the end of the run, in the results folder
+        kept = parse_sim((folder / "program.log").read_text())
+        assert kept and max(kept) >= 0 and kept.items() <= sim_reference(
+            progs / "sim", mib, every, max(kept)).items()
 
         def lines() -> dict[int, str]:
             return parse_sim(sh(vmlab, "node2", f"cat {out}"))
