@@ -269,19 +269,24 @@ def parse_check(rc: int, out: str) -> tuple[bool, str]:
 
 # ---------------------------------------------------------------- the pages an image holds
 
+def read_pagemap(d: str, pid: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """``parse_pagemap`` of pagemap-PID.img in ``d``; a missing or bad one is a StepFailed."""
+    path = os.path.join(d, f"pagemap-{pid}.img")
+    try:
+        with open(path, "rb") as f:
+            return parse_pagemap(f.read())
+    except FileNotFoundError:
+        raise StepFailed(f"{path} missing: the round's pages never arrived here") from None
+    except ValueError as e:
+        raise StepFailed(f"{path}: {e}") from None
+
+
 class _PidMap:
     """One process's pagemap in one images dir: entries sorted by vaddr, each with the offset
     of its pages in pages-<id>.img (-1 for entries whose pages are not in this dir)."""
 
     def __init__(self, d: str, pid: int):
-        path = os.path.join(d, f"pagemap-{pid}.img")
-        try:
-            with open(path, "rb") as f:
-                pages_id, entries = parse_pagemap(f.read())
-        except FileNotFoundError:
-            raise StepFailed(f"{path} missing: the round's pages never arrived here") from None
-        except ValueError as e:
-            raise StepFailed(f"{path}: {e}") from None
+        pages_id, entries = read_pagemap(d, pid)
         self.pages = os.path.join(d, f"pages-{pages_id}.img")
         rows, off = [], 0
         for vaddr, nr, flags in entries:  # pages-<id>.img holds PE_PRESENT runs in file order
@@ -1161,14 +1166,7 @@ def final_ranges(d: str, pids: list[int]) -> dict[str, list[list[int]]]:
     which pages they are): no walk of the chain, which costs seconds under TCG."""
     out: dict[str, list[list[int]]] = {}
     for pid in pids:
-        path = os.path.join(d, f"pagemap-{pid}.img")
-        try:
-            with open(path, "rb") as f:
-                _pid, entries = parse_pagemap(f.read())
-        except FileNotFoundError:
-            raise StepFailed(f"{path} missing: the round's pages never arrived here") from None
-        except ValueError as e:
-            raise StepFailed(f"{path}: {e}") from None
+        _pages_id, entries = read_pagemap(d, pid)
         held = sorted((v, n) for v, n, fl in entries if fl & (PE_PRESENT | PE_PARENT))
         out[str(pid)] = _merge_ranges(held)
     return out
