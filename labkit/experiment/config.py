@@ -18,7 +18,7 @@ PATTERNS = ("uniform", "hotset", "sequential")
 TRACKERS = ("auto", "uffd", "softdirty", "compare")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 MATRIX_KEYS = {"size", "rate", "pattern", "tracker", "hot_fraction", "seed", "steps_per_round",
-               "backend"}
+               "backend", "tcp_freeze"}
 BACKENDS = ("labkit", "criu")  # experiment/backends: NAMES (kept here: config imports nothing)
 TCP_FREEZE = ("drop", "hold")  # what happens to the peer's packets while the workload is frozen
 
