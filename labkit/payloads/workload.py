@@ -31,6 +31,12 @@ command line from PATH and writes its one JSON reply to PATH + ".reply" (tmp + r
 reader never sees half a reply). PATH is opened per command and no fd to it is held: a
 checkpoint carries nothing of it. The signal handler only sets a flag and wakes the loop (a
 self-pipe); the command runs between steps, never inside one.
+
+``run --tcp-serve ADDR:PORT`` (``migrate-test --tcp``): serve tcpstream's record stream to one
+TCP client; a record goes out after each timed step and after each step/run-to command, none
+while held. Its state lives in page 0 of the region (tcpstream.STATE_OFF), so ``restore`` keeps
+it as it keeps everything else; rebuilding the socket is the restore agent's job
+(``TcpService.adopt``). ``info`` and the ready line carry ``tcp: {...}``.
 """
 
 from __future__ import annotations
