@@ -263,11 +263,8 @@ def in_flight() -> int:
 
 
 def _child_setup() -> None:
-    """In CMD, before exec: die with the lan port (the pump and the namespace's owner), and
-    take the default dispositions back."""
+    """In CMD, before exec: die with the lan port (the pump and the namespace's owner)."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
 
 
 class Pump:

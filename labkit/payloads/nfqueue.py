@@ -120,8 +120,9 @@ class Hold:
         self._seq = 0
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock: socket.socket | None = None
         try:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             self._sock.bind((0, 0))
             self._config(_attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_BIND,
@@ -298,6 +299,10 @@ class Hold:
         os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._sock is None:
+            return
         try:
             self._sock.setblocking(True)
             self._sock.settimeout(1.0)
@@ -307,8 +312,6 @@ class Hold:
         except OSError:
             pass  # closing the socket unbinds as well
         self._sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
     def _run_iptables(self, action: str) -> None:
         argv = _iptables(action, self.address, self.port, self.queue_num)
