@@ -247,7 +247,8 @@ def save(sock: socket.socket) -> dict:
 
 def summary(state: dict) -> dict:
     """What a log line or a report says of a saved connection (no payload bytes)."""
-    return {"local": "%s:%d" % tuple(state["local"]), "peer": "%s:%d" % tuple(state["peer"]),
+    (la, lp), (pa, pp) = state["local"], state["peer"]
+    return {"local": f"{la}:{lp}", "peer": f"{pa}:{pp}",
             "recv_queue": len(base64.b64decode(state["inq"])),
             "send_queue": len(base64.b64decode(state["outq"])), "unsent": state["unsent"],
             "mss": state["mss"], "sack": state["sack"], "tstamp": state["tstamp"],
