@@ -3,6 +3,7 @@ Every bad value is a one-line UserError (exit 2) raised before anything is start
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 from collections.abc import Callable
@@ -17,8 +18,9 @@ PATTERNS = ("uniform", "hotset", "sequential")
 TRACKERS = ("auto", "uffd", "softdirty", "compare")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 MATRIX_KEYS = {"size", "rate", "pattern", "tracker", "hot_fraction", "seed", "steps_per_round",
-               "backend"}
+               "backend", "tcp_freeze"}
 BACKENDS = ("labkit", "criu")  # experiment/backends: NAMES (kept here: config imports nothing)
+TCP_FREEZE = ("drop", "hold")  # what happens to the peer's packets while the workload is frozen
 
 
 def parse_size(text: str | int, what: str = "--size") -> int:
@@ -65,6 +67,10 @@ class MigrateConfig:
     backend: str = "labkit"        # how the state moves: labkit's agents | criu
     command: str = ""              # criu: migrate this shell command (started on src) instead
     pid: int = 0                   # criu: migrate this running process (its tree) instead
+    tcp: bool = False              # the workload serves a client over TCP that must stay connected
+    tcp_freeze: str = "drop"       # freeze-time packets: dropped (peer retransmits) | held (NFQUEUE)
+    tcp_address: str = ""          # the service address that moves ("": the lab's default)
+    tcp_port: int = 7077
 
     @property
     def builtin(self) -> bool:
@@ -100,6 +106,7 @@ class MigrateConfig:
         check("min_pages", self.rules.min_pages, integer=True, minimum=0)
         check("max_growth", self.rules.max_growth, minimum=0)
         self._check_backend(what)
+        self._check_tcp(what)
         if self.corrupt and not re.match(r"^(round|truncate):(\d+|final)$", self.corrupt):
             raise UserError(f"corrupt hook {self.corrupt!r}: expected round:N or truncate:N")
         return self
@@ -137,6 +144,35 @@ class MigrateConfig:
             raise UserError("--verify-resume needs the built-in workload (it runs both copies "
                             "to the same step and compares their hashes)")
 
+    def _check_tcp(self, what: Callable[[str, Any], str]) -> None:
+        """--tcp serves the built-in workload's record stream; the client checks it against
+        the workload's own chain, so no other program can stand in for it."""
+        if self.tcp_freeze not in TCP_FREEZE:
+            raise UserError(f"{what('tcp_freeze', self.tcp_freeze)}: one of "
+                            f"{', '.join(TCP_FREEZE)}")
+        parse_number(self.tcp_port, "tcp_port", shown=what("tcp_port", self.tcp_port),
+                     integer=True, minimum=1, maximum=65535)
+        if self.tcp_address:
+            try:
+                addr = ipaddress.IPv4Address(self.tcp_address)
+            except ValueError:
+                raise UserError(f"{what('tcp_address', self.tcp_address)}: not an IPv4 "
+                                "address") from None
+            if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+                raise UserError(f"{what('tcp_address', self.tcp_address)}: a unicast LAN "
+                                "address is needed (it moves from --src to --dst)")
+        if not self.tcp:
+            return
+        if not self.builtin:
+            raise UserError("--tcp needs the built-in workload: it serves the record stream "
+                            "the client checks (not --command or --pid)")
+        if self.verify_resume:
+            raise UserError("--tcp and --verify-resume: the resumed source cannot serve the "
+                            "connection that moved to --dst, so the two copies would differ")
+        if self.backend == "criu" and self.tcp_freeze == "hold":
+            raise UserError("--tcp-freeze hold is the labkit backend's: CRIU's network lock "
+                            "drops the packets of a frozen connection")
+
     @property
     def batch(self) -> int:
         return max(1, int(self.rate // 100))
@@ -161,7 +197,8 @@ def build_config(*, src: str, dst: str, size: str | int = "256M", rate: float | 
                  max_growth: float | str = 10, verify_resume: int | str = 0,
                  steps_per_round: int | str = 0, stop_and_copy: bool = True,
                  corrupt: str = "", backend: str = "labkit", command: str = "",
-                 pid: int | str | None = None) -> MigrateConfig:
+                 pid: int | str | None = None, tcp: bool = False, tcp_freeze: str = "drop",
+                 tcp_address: str = "", tcp_port: int | str = 7077) -> MigrateConfig:
     """From task flags (strings allowed) to a validated config. Numbers go through THE
     parser (``labkit.config.parse_number``): ``nan``, ``inf``, ``1e999``, ``0x10`` and a
     fraction where a whole number is meant are one-line errors, never a traceback later."""
@@ -177,7 +214,9 @@ def build_config(*, src: str, dst: str, size: str | int = "256M", rate: float | 
         verify_resume=num(verify_resume, int, "--verify-resume"),
         steps_per_round=num(steps_per_round, int, "--steps-per-round"),
         stop_and_copy=stop_and_copy, corrupt=corrupt, backend=backend, command=command or "",
-        pid=0 if pid in (None, "") else parse_number(pid, "--pid", integer=True, minimum=2))
+        pid=0 if pid in (None, "") else parse_number(pid, "--pid", integer=True, minimum=2),
+        tcp=tcp, tcp_freeze=tcp_freeze, tcp_address=tcp_address or "",
+        tcp_port=num(tcp_port, int, "--tcp-port"))
     return cfg.validate()
 
 

@@ -38,8 +38,10 @@ def plot_rounds(path: Path, rounds: list[dict[str, Any]], title: str) -> None:
 
 
 def plot_timeline(path: Path, rounds: list[dict[str, Any]], freeze_t: float | None,
-                  resumed_t: float | None, title: str) -> None:
-    """One bar per round from command to applied on the destination; the downtime span shaded."""
+                  resumed_t: float | None, title: str,
+                  stall: list[float] | None = None) -> None:
+    """One bar per round from command to applied on the destination; the downtime span shaded;
+    with --tcp, the client's longest stall (no record arriving) hatched beside it."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 3.5))
     for i, r in enumerate(rounds):
@@ -51,6 +53,11 @@ def plot_timeline(path: Path, rounds: list[dict[str, Any]], freeze_t: float | No
     if freeze_t is not None and resumed_t is not None:
         ax.axvspan(freeze_t, resumed_t, color="orange", alpha=0.35,
                    label=f"downtime {1000 * (resumed_t - freeze_t):.1f} ms")
+    if stall:
+        ax.axvspan(stall[0], stall[1], ymin=0.0, ymax=0.5, facecolor="none",
+                   edgecolor="tab:purple", hatch="//",
+                   label=f"TCP client stall {1000 * (stall[1] - stall[0]):.1f} ms")
+    if (freeze_t is not None and resumed_t is not None) or stall:
         ax.legend(loc="upper left")
     ax.set_yticks(range(len(rounds)),
                   [("final" if r["kind"] == "final" else f"round {r['round']}") for r in rounds])

@@ -49,6 +49,9 @@ class Result:
     # the criu backend's own figures (version, per-round images and CRIU's statistics, the
     # downtime's parts, where the process runs now): run.json's "criu"
     criu: dict[str, Any] | None = None
+    # --tcp: the client's verdict (kept, bytes, records, max_gap_ms, resets, ...): run.json's
+    # "tcp"
+    tcp: dict[str, Any] | None = None
     cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs, per node
 
     def set_rounds(self, rows: list[dict[str, Any]], freeze_t: float, resumed_t: float) -> None:
@@ -72,6 +75,7 @@ class Result:
             "restored_sha256": self.restored_sha256, "rounds": len(self.rounds),
             "leftovers_cleaned": self.cleaned,
             **({"criu": self.criu} if self.criu is not None else {}),
+            **({"tcp": self.tcp} if self.tcp is not None else {}),
         }
 
     def what(self) -> str:
@@ -105,6 +109,12 @@ class Result:
                            f"(its output: {moved.get('output') or '-'})")
         else:
             out.append(f"FAILED: {self.error}")
+        if self.tcp is not None:
+            t = self.tcp
+            out.append(f"TCP connection {'kept' if t.get('kept') else 'NOT kept'}: "
+                       f"{t.get('records', 0)} records, {t.get('bytes', 0)} bytes, "
+                       f"longest client stall {t.get('max_gap_ms', '-')} ms, "
+                       f"resets {t.get('resets', 0)}, freeze-time packets {t.get('freeze')}")
         out.append(f"results: {self.folder}")
         return "\n".join(out)
 

@@ -31,6 +31,7 @@ from labkit.experiment.results import Result
 from labkit.inventory import Inventory, Node
 
 if TYPE_CHECKING:
+    from labkit.experiment.tcp import TcpSession
     from labkit.ssh import ShellPool
 
 # slower than this (bytes/s, end to end: relay, apply, hash) a stream counts as stuck
@@ -121,6 +122,11 @@ class MigrateRun:
             if n.ssh is None:
                 raise UserError(f"{n.name}: no ssh: section in {inventory.path}")
         self.backend = backends.get(config.backend)
+        self.tcp: TcpSession | None = None
+        if config.tcp:
+            from labkit.experiment.tcp import TcpSession
+
+            self.tcp = TcpSession(self)  # a refusal (exit 2) comes before anything is made
         self.folder = folder or res.new_folder(settings.results_dir, "migrate-test")
         self.events = res.Events(self.folder / "events.jsonl")
         self.deploy = deploy
@@ -153,7 +159,16 @@ class MigrateRun:
             self.phase = "prepare"
             r.info = self.prepare()
             self.phase = "migrate"
-            self.backend(self)
+            if self.tcp is not None:
+                self.tcp.setup()
+            try:
+                self.backend(self)
+            except LabkitError:
+                self._tcp_verdict()  # what the client saw of a failed migration, for run.json
+                raise
+            if self.tcp is not None:
+                self.phase = "tcp"
+                self.tcp.finish()
             r.ok = True
         except KeyboardInterrupt:
             r.error = "interrupted"
@@ -172,6 +187,14 @@ class MigrateRun:
         if failed is not None:
             raise RunFailed(failed, self.folder, r.to_json()) from failed
         return r
+
+    def _tcp_verdict(self) -> None:
+        if self.tcp is None or self.tcp.proc is None:
+            return
+        try:
+            self.tcp.finish()
+        except LabkitError:
+            pass  # the migration's own error is the one to report
 
     def prepare(self) -> dict[str, Any]:
         """Power + SSH + deploy + facts for both nodes, in parallel through THE fan-out (once
@@ -197,7 +220,8 @@ class MigrateRun:
         cfg = self.cfg
         return (f"run --size {cfg.size} --rate {cfg.rate:g} --pattern {cfg.pattern} "
                 f"--hot-fraction {cfg.hot_fraction:g} --seed {cfg.seed} --slot {cfg.slot} "
-                f"--batch {cfg.batch}" + ("" if cfg.steps_per_round else " --timed"))
+                f"--batch {cfg.batch}" + ("" if cfg.steps_per_round else " --timed")
+                + (f" --tcp-serve {self.tcp.address}:{self.tcp.port}" if self.tcp else ""))
 
     def start_workload(self) -> tuple[Remote, int]:
         """The built-in workload on src, as configured; returns it once it is ready (its
@@ -207,6 +231,8 @@ class MigrateRun:
         pid = int(ready["pid"])
         self.pids[self.src_node.name].add(pid)
         self.events.emit("workload-ready", pid=pid, addr=hex(ready["addr"]), size=ready["size"])
+        if self.tcp is not None:
+            self.tcp.connect()
         return wl, pid
 
     # -- cleanup + results -----------------------------------------------------------------
@@ -257,6 +283,8 @@ class MigrateRun:
                 rem.proc.close()
             except Exception:  # noqa: BLE001
                 pass
+        if self.tcp is not None:
+            self.tcp.close()
         self.events.emit("cleanup", processes=len(self.remotes))
         if self._own_pool:
             self.pool.close_all()
@@ -268,7 +296,8 @@ class MigrateRun:
                "payload": (r.info or {}).get("payload", {}),
                "backend": self.cfg.backend, "tracker_backend": r.backend,
                "labkit_version": _version(), "error": r.failure,
-               **({"criu": r.criu} if r.criu is not None else {})}
+               **({"criu": r.criu} if r.criu is not None else {}),
+               **({"tcp": r.tcp} if r.tcp is not None else {})}
         try:
             res.write_json(self.folder / "run.json", run)
             res.write_rounds(self.folder / "rounds.csv", r.rounds)
@@ -280,7 +309,8 @@ class MigrateRun:
                 plots.plot_rounds(self.folder / "rounds.png", r.rounds, title)
                 tl = r.info.get("timeline", {})
                 plots.plot_timeline(self.folder / "timeline.png", r.rounds, tl.get("freeze_t"),
-                                    tl.get("resumed_t"), title)
+                                    tl.get("resumed_t"), title,
+                                    stall=(r.tcp or {}).get("gap_t"))
         finally:
             self.events.close()
 

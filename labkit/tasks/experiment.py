@@ -37,6 +37,13 @@ MIGRATE_HELP = {
     "command": "criu: start this shell command on --src (in the payload folder, its own "
                "session) and migrate it",
     "pid": "criu: migrate this running process on --src (with its children)",
+    "tcp": "the workload also serves a TCP stream to a client off both nodes; the connection "
+           "must survive the move (run.json: tcp)",
+    "tcp_freeze": "--tcp: packets that arrive while frozen are dropped (the client "
+                  "retransmits; default) or held and released (labkit backend, NFQUEUE)",
+    "tcp_address": "--tcp: the service address that moves (default on a vm fake lab: "
+                   "10.77.0.200)",
+    "tcp_port": "--tcp: the service port (default 7077)",
 }
 
 
@@ -48,7 +55,8 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
                  seed: str = "1", verify_resume: str = "0", steps_per_round: str = "0",
                  no_stop_and_copy: bool = False, matrix: str = "", no_deploy: bool = False,
                  backend: str = "labkit", command: str = "", pid: str = "",
-                 json: bool = False, force: bool = False) -> None:
+                 tcp: bool = False, tcp_freeze: str = "drop", tcp_address: str = "",
+                 tcp_port: str = "7077", json: bool = False, force: bool = False) -> None:
     """Migrate a memory-dirtying workload (or, with --backend criu, any process: --command,
     --pid) between two nodes by pre-copy; verify; report.
 
@@ -69,7 +77,8 @@ def migrate_test(c: Context, inventory: str | None = None, src: str = "node1",
                        max_rounds=max_rounds, min_pages=min_pages, max_growth=max_growth,
                        verify_resume=verify_resume, steps_per_round=steps_per_round,
                        stop_and_copy=not no_stop_and_copy, backend=backend, command=command,
-                       pid=pid)
+                       pid=pid, tcp=tcp, tcp_freeze=tcp_freeze, tcp_address=tcp_address,
+                       tcp_port=tcp_port)
     cells = parse_matrix(matrix) if matrix else None
     if cells is not None:
         from labkit.experiment.config import apply_cell
