@@ -14,9 +14,11 @@ reordered, in either direction). What it does not: a move between two kernels or
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +98,21 @@ HEIR = PATTERN + textwrap.dedent("""
 """)
 
 
+@contextlib.contextmanager
+def dropped(port: int):
+    """Packets to 127.0.0.1:port dropped while the connection has no owner: what the agent's
+    "drop" freeze handling does (an address no host has). Without it, the peer's answer to a
+    zero-window probe that lands in the gap meets no socket and the kernel resets the
+    connection — a race of the test's own making, not of the move."""
+    rule = ["INPUT", "-d", "127.0.0.1", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+    subprocess.run(["iptables", "-w", "-I", *rule], check=True, capture_output=True, timeout=60)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-w", "-D", *rule], check=True, capture_output=True,
+                       timeout=60)
+
+
 def wait_stopped(pid: int, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -106,10 +123,13 @@ def wait_stopped(pid: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"pid {pid} did not stop")
 
 
+@pytest.mark.skipif(not shutil.which("iptables"), reason="needs iptables (the drop during the "
+                    "move)")
 def test_connection_moves_between_processes() -> None:
     owner = subprocess.Popen([sys.executable, "-c", OWNER], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     heir = None
+    moving = None
     client = socket.socket()
     try:
         port = json.loads(owner.stdout.readline())["port"]
@@ -119,8 +139,12 @@ def test_connection_moves_between_processes() -> None:
         sent = json.loads(owner.stdout.readline())["sent"]
         assert sent > 0
 
+        heir = subprocess.Popen([sys.executable, "-c", HEIR, str(PAYLOADS)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         os.kill(owner.pid, signal.SIGSTOP)
         wait_stopped(owner.pid)
+        moving = dropped(port)
+        moving.__enter__()
         sock = tr.take_socket(owner.pid, "127.0.0.1", port)
         state = tr.save(sock)
         s = tr.summary(state)
@@ -137,13 +161,13 @@ def test_connection_moves_between_processes() -> None:
 
         more = 50_000
         after = pattern(len(before), 30_000, b"cli")
-        heir = subprocess.Popen([sys.executable, "-c", HEIR, str(PAYLOADS)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         heir.stdin.write(json.dumps({"state": state, "sent": sent, "more": more,
                                      "client_total": len(before) + len(after)}) + "\n")
         heir.stdin.flush()
         line = json.loads(heir.stdout.readline())
         assert line == {"restored": True, "state": tr.TCP_ESTABLISHED}
+        moving.__exit__(None, None, None)
+        moving = None
 
         # the client never noticed: still established, no FIN/RST came in
         assert tr.tcp_info(client)["state"] == tr.TCP_ESTABLISHED
@@ -163,6 +187,8 @@ def test_connection_moves_between_processes() -> None:
         with pytest.raises(BlockingIOError):
             client.recv(1)  # no more data, and no EOF or reset either
     finally:
+        if moving is not None:
+            moving.__exit__(None, None, None)
         client.close()
         for p in (owner, heir):
             if p is not None and p.poll() is None:

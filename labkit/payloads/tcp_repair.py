@@ -14,13 +14,15 @@ save, with the owner frozen so nothing reads or writes the queues meanwhile:
   the queue's last byte), its bytes by recv(MSG_PEEK) (repair mode peeks the *send* queue too);
   the send queue is split by SIOCOUTQNSD into sent-but-unacked and never-sent bytes ->
   TCP_MAXSEG (in repair mode: the MSS clamp), TCP_INFO's option bits and window scales,
-  TCP_TIMESTAMP (the connection's timestamp clock), TCP_REPAIR_WINDOW, the two addresses.
+  TCP_TIMESTAMP (the connection's timestamp clock), TCP_REPAIR_WINDOW, the two addresses, and
+  the buffer sizes (a fresh socket's send buffer may not hold the saved send queue: the
+  never-sent bytes would then wait on the peer's window inside the downtime).
   The socket is left in repair mode: closed in repair mode it goes away silently (no FIN, no
   RST), which is what the source's copy must do once the connection lives elsewhere;
   ``repair_off`` gives it back to the frozen owner when the move is abandoned.
 restore:
-  socket -> TCP_REPAIR on, IP_FREEBIND (the address may arrive a moment later), SO_REUSEADDR
-  -> each queue's starting sequence (its saved end minus its length) -> bind, connect (in
+  socket -> TCP_REPAIR on, IP_FREEBIND (the address may arrive a moment later), SO_REUSEADDR,
+  the saved buffer sizes (SO_*BUFFORCE: we are root, and wmem_max must not cap them) -> each queue's starting sequence (its saved end minus its length) -> bind, connect (in
   repair mode: no SYN, the socket is simply ESTABLISHED) -> TCP_REPAIR_OPTIONS (MSS, window
   scales, SACK, timestamps) and TCP_TIMESTAMP (so the peer's PAWS check sees a clock that went
   on, whatever this kernel's own clock says) -> the queues' bytes written in repair mode (they
@@ -63,6 +65,8 @@ TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 TCP_ESTABLISHED = 1
 IP_FREEBIND = 15
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+UNSENT_TIMEOUT = 10.0  # the never-sent bytes go out within this, or the rebuild fails
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438  # x86_64 and every arch with the generic table
 
@@ -240,6 +244,8 @@ def save(sock: socket.socket) -> dict:
         "tstamp": bool(info["options"] & TCPI_OPT_TIMESTAMPS),
         "wscale": bool(info["options"] & TCPI_OPT_WSCALE),
         "snd_wscale": info["snd_wscale"], "rcv_wscale": info["rcv_wscale"],
+        "sndbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+        "rcvbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
         "window": dict(zip(("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"),
                            window)),
     }
@@ -290,6 +296,15 @@ def restore(state: dict) -> socket.socket:
         repair_on(sock)
         _set(sock, "IP_FREEBIND", socket.IPPROTO_IP, IP_FREEBIND, 1)
         _set(sock, "SO_REUSEADDR", socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # getsockopt reports the doubled size the kernel keeps; setsockopt doubles what it
+        # gets. The send buffer must take the whole saved send queue at once (its accounting
+        # counts overhead, and the peer's window may be shut): else the never-sent bytes would
+        # wait on the peer inside the downtime.
+        for name, opt, size in (("SO_SNDBUFFORCE", SO_SNDBUFFORCE,
+                                 max(int(state["sndbuf"]) // 2, len(outq) + (64 << 10))),
+                                ("SO_RCVBUFFORCE", SO_RCVBUFFORCE,
+                                 max(int(state["rcvbuf"]) // 2, 1))):
+            _set(sock, name, socket.SOL_SOCKET, opt, size)
         for queue, end_seq, length in ((TCP_SEND_QUEUE, state["outq_seq"], len(outq)),
                                        (TCP_RECV_QUEUE, state["inq_seq"], len(inq))):
             _set(sock, "TCP_REPAIR_QUEUE", socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
@@ -326,10 +341,12 @@ def restore(state: dict) -> socket.socket:
                          w["rcv_wup"]))
         repair_off(sock)
         if unsent:
+            sock.settimeout(UNSENT_TIMEOUT)  # the peer's window, not ours, could hold it up
             try:
                 sock.sendall(outq[len(outq) - unsent:])
+                sock.settimeout(None)
             except OSError as e:
-                raise RepairError(f"sending the {unsent} never-sent bytes: {e.strerror}") \
+                raise RepairError(f"sending the {unsent} never-sent bytes: {e.strerror or e}") \
                     from None
     except BaseException:
         close_silently(sock)
