@@ -11,11 +11,13 @@ It opens the multicast socket in the host's network namespace (QEMU sends every 
 datagram to the group and reads the group), then moves itself into a new network namespace (a
 user namespace too when not root, mapping the caller to root in it so CMD keeps CAP_NET_ADMIN),
 makes a tap device there with the address, pumps frames between the tap and the group, and runs
-CMD in that namespace with stdin/stdout/stderr passed through. It exits with CMD's status; when
-CMD ends, the lan port is told to stop (SIGTERM/SIGINT/SIGHUP, forwarded to CMD) or its parent
-goes away, CMD and anything else left in the namespace is killed, and the namespace, its tap and
-its address go with the last process. It cannot outlive CMD either: CMD gets the lan port's
-death as SIGKILL (PR_SET_PDEATHSIG).
+CMD in that namespace with stdin/stdout/stderr passed through. It exits with CMD's status, once
+the TCP sockets CMD left have sent what they still owe (at most LINGER s: a CMD that wrote its
+last bytes and exited must not lose them). When CMD ends, the lan port is told to stop
+(SIGTERM/SIGINT/SIGHUP, forwarded to CMD) or its parent goes away, CMD and anything else left
+in the namespace is killed, and the namespace, its tap and its address go with the last
+process. Nor does CMD outlive a lan port that is killed: it gets that as SIGKILL
+(PR_SET_PDEATHSIG).
 
 A frame's only filter is the source MAC: the group loops our own datagrams back to us, and a
 frame the tap sent must not come back into it. Everything else is delivered, like a hub.
@@ -63,6 +65,11 @@ FRAME_MAX = 65536
 BURST = 64  # frames moved per wake-up per direction: neither side starves the other
 KILL_GRACE = 5.0  # seconds CMD has after a forwarded signal before SIGKILL
 PARENT_POLL = 1.0  # how often the pump notices a parent that went away
+LINGER = 5.0  # after CMD: at most this long to deliver what its sockets still send
+LINGER_POLL = 0.02
+# TCP states in which the kernel still owes the LAN frames (data, a FIN, a handshake):
+# ESTABLISHED SYN_SENT SYN_RECV FIN_WAIT1 CLOSE_WAIT LAST_ACK CLOSING (/proc/net/tcp codes)
+OWING = {"01", "02", "03", "04", "08", "09", "0B"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -239,6 +246,22 @@ def sweep_namespace(host_ns: int | None) -> int:
     return killed
 
 
+def in_flight() -> int:
+    """TCP sockets of our namespace that still have something to send or acknowledge. A CMD
+    that wrote its last bytes and exited leaves them to the kernel, which goes on sending
+    them as long as the namespace, and so the pump, lives: ending the lan port at once would
+    cut the tail of the stream off (the peer would wait for it forever)."""
+    n = 0
+    for name in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f, None)
+                n += sum(1 for line in f if line.split()[3] in OWING)
+        except OSError:
+            pass
+    return n
+
+
 def _child_setup() -> None:
     """In CMD, before exec: die with the lan port (the pump and the namespace's owner), and
     take the default dispositions back."""
@@ -310,16 +333,22 @@ def run(group: str, port: int, address: ipaddress.IPv4Interface, argv: Sequence[
     sel.register(pidfd, selectors.EVENT_READ, None)
     sel.register(wake_r, selectors.EVENT_READ, lambda: os.read(wake_r, 512))
     kill_at: float | None = None
+    code: int | None = None
+    linger_until = 0.0
     try:
         while True:
-            done = False
-            for key, _ in sel.select(PARENT_POLL):
-                if key.data is None:
-                    done = True
+            for key, _ in sel.select(PARENT_POLL if code is None else LINGER_POLL):
+                if key.data is None:  # CMD is done: end what it left, let its sockets drain
+                    sel.unregister(pidfd)
+                    code = child.wait()
+                    sweep_namespace(host_ns)
+                    linger_until = time.monotonic() + LINGER
                 else:
                     key.data()
-            if done:
-                break
+            if code is not None:
+                if pending or time.monotonic() > linger_until or not in_flight():
+                    break
+                continue
             if os.getppid() != parent and not pending and kill_at is None:
                 pending.append(signal.SIGTERM)  # our parent is gone: so is the reason to run
             while pending:

@@ -138,6 +138,61 @@ def test_two_lan_ports_are_two_hosts_of_one_lan(client_user: str) -> None:
         server.wait()
 
 
+# Sends 1 MiB into a big send buffer, says so, closes and exits at once.
+PARTING_SERVER = r"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.77.0.250", 7077)); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+c.sendall(bytes(range(256)) * 4096)
+c.close()
+print("sent", flush=True)
+"""
+
+# A small receive window (most of the stream waits in the server's kernel); reads only after
+# a line on stdin, then everything to EOF.
+SLOW_CLIENT = r"""
+import socket, sys
+c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+c.settimeout(30); c.connect(("10.77.0.250", 7077))
+print("connected", flush=True)
+sys.stdin.readline()
+got = bytearray()
+while chunk := c.recv(65536):
+    got += chunk
+print(len(got), bytes(got) == bytes(range(256)) * 4096, flush=True)
+# abort rather than close: no FIN of ours left for a server that is gone to acknowledge
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+c.close()
+"""
+
+
+@needs_lanport
+def test_what_cmd_sent_before_exiting_still_arrives() -> None:
+    """CMD's last bytes sit in its kernel's send buffer when it exits; the lan port keeps its
+    namespace (and the pump) until they are delivered, instead of cutting the stream off."""
+    port = free_port(socket.SOCK_DGRAM)
+    server = lanport.LanPort(port).popen([PY, "-c", PARTING_SERVER], stdout=subprocess.PIPE,
+                                         text=True)
+    client = None
+    try:
+        assert _readline(server) == "ready\n"
+        client = lanport.LanPort(port, address="10.77.0.251/24").popen(
+            [PY, "-c", SLOW_CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert _readline(client) == "connected\n"
+        assert _readline(server) == "sent\n"  # CMD closed with most of the stream unsent
+        out, _ = client.communicate("go\n", timeout=60)
+        assert out == f"{256 * 4096} True\n"
+        assert client.returncode == 0 and server.wait(timeout=20) == 0
+    finally:
+        for p in (server, client):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
 @needs_lanport
 def test_exit_status_and_stdio_pass_through(tmp_path: Path) -> None:
     lan = lanport.LanPort(free_port(socket.SOCK_DGRAM))
@@ -186,6 +241,37 @@ def test_cmd_dies_with_a_killed_lan_port(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@needs_lanport
+def test_an_orphaned_lan_port_ends_its_cmd(tmp_path: Path) -> None:
+    """The parent that started the lan port dies (the controller, say): the lan port notices,
+    ends CMD and itself, and leaves nothing running."""
+    pidfile = tmp_path / "cmd.pid"
+    argv = lanport.LanPort(free_port(socket.SOCK_DGRAM)).command(
+        ["sh", "-c", f"echo $$ >{pidfile}; exec sleep 1000"])
+    quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in argv)
+    # the parent: starts the lan port, lives until its stdin closes
+    parent = subprocess.Popen(["sh", "-c", f"{quoted} </dev/null >/dev/null 2>&1 & "
+                               f"echo $!; read x"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    port_pid = int(_readline(parent))
+    try:
+        deadline = time.monotonic() + 20
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline, "CMD did not start"
+            time.sleep(0.02)
+        cmd = int(pidfile.read_text())
+        parent.stdin.close()
+        parent.wait(timeout=20)
+        assert _wait_gone(port_pid) and _wait_gone(cmd)
+    finally:
+        parent.kill()
+        parent.wait()
+        try:
+            os.kill(port_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # -- the real LAN: one guest ------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """nfqueue.Hold on this host's kernel, in a network namespace of the test's own (so the rule,
 the queue and the connections are nobody else's): packets to a TCP service are held (the
 client's data is not acknowledged, its retransmissions are held too), delivered in order after
-release(), and the rule never outlives the Hold."""
+release(), and the rule never outlives the Hold. And once in a guest (slow, vm), where the
+migration uses it: its own kernel's modules, a client on the lab LAN through a lan port."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _why_not() -> str | None:
 
 
 WHY = _why_not()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"nfqueue: {WHY or ''}")
+on_host = pytest.mark.skipif(WHY is not None, reason=f"nfqueue: {WHY or ''}")
 
 
 @pytest.fixture
@@ -109,6 +110,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(got)
 
 
+@on_host
 def test_held_packets_are_not_acknowledged_and_arrive_in_order_after_release(netns) -> None:
     lst, client, server = _pair(7077)
     chunks = [bytes([65 + i]) * (100 + i) for i in range(5)]
@@ -141,6 +143,7 @@ def test_held_packets_are_not_acknowledged_and_arrive_in_order_after_release(net
         assert _recv_exactly(server, 5) == b"after"
 
 
+@on_host
 def test_a_held_syn_meets_the_socket_that_appears_before_release(netns) -> None:
     """The migration's case: no socket for the service yet (the kernel would answer with a
     reset), the packet is held, the socket appears, release delivers the packet to it."""
@@ -165,6 +168,7 @@ def test_a_held_syn_meets_the_socket_that_appears_before_release(netns) -> None:
             assert _recv_exactly(server, 2) == b"hi"
 
 
+@on_host
 def test_the_rule_is_gone_even_when_the_holder_raises(netns) -> None:
     with pytest.raises(ZeroDivisionError):
         with nfqueue.Hold(ADDR, 7079):
@@ -178,6 +182,7 @@ def test_the_rule_is_gone_even_when_the_holder_raises(netns) -> None:
     assert not nfqueue.rule_present(ADDR, 7079)
 
 
+@on_host
 def test_a_taken_queue_fails_cleanly_without_a_rule(netns) -> None:
     with nfqueue.Hold(ADDR, 7080, queue_num=5):
         with pytest.raises(nfqueue.HoldError, match="queue 5: cannot bind"):
@@ -186,6 +191,7 @@ def test_a_taken_queue_fails_cleanly_without_a_rule(netns) -> None:
     assert not nfqueue.rule_present(ADDR, 7080, queue_num=5)
 
 
+@on_host
 def test_cli_holds_until_stdin_then_prints_its_stats(netns) -> None:
     lst, client, server = _pair(7082)
     with lst, client, server:
@@ -207,3 +213,67 @@ def test_cli_holds_until_stdin_then_prints_its_stats(netns) -> None:
         assert stats["released"] == stats["held"]
         assert _recv_exactly(server, 15) == b"held by the cli"
         assert not nfqueue.rule_present(ADDR, 7082)
+
+
+# -- in a guest, on the lab LAN ---------------------------------------------------------------
+
+CONNECT = r"""
+import json, socket, time
+t0 = time.monotonic()
+c = socket.create_connection(("10.77.0.1", 22), timeout=60)
+connect_ms = (time.monotonic() - t0) * 1000
+banner = c.makefile("rb").readline().decode(errors="replace").strip()
+print(json.dumps({"connect_ms": connect_ms, "banner": banner}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_a_guest_holds_a_lan_clients_syn_and_releases_it(tmp_path) -> None:
+    """The guest's kernel (its nfnetlink_queue/xt_NFQUEUE loaded on demand) holds a lan port
+    client's connection attempt to the guest's sshd on its LAN address; released, the client
+    connects (no reset, no refusal) and reads the banner."""
+    from labkit import lanport
+    from labkit.fake import vmimage
+    from labkit.fake.harness import start_fake_lab
+
+    for why in (vmimage.have_qemu(), lanport.why_not(),
+                None if os.geteuid() == 0 else "the guest's user must be root for iptables"):
+        if why:
+            pytest.skip(why)
+    hold_s = 8.0
+    lab = start_fake_lab(tmp_path / "lab", count=1, kind="vm", power_delay=(0.05, 0.1))
+    try:
+        run = [sys.executable, "-m", "labkit.cli"]
+        r = subprocess.run([*run, "power-on", "--wait", "ssh"], env=lab.env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        home = lab.state_dir / "nodes" / "node1" / "disk" / "home"  # the guest's /lab/home
+        shutil.copy(nfqueue.__file__, home / "nfqueue.py")
+        out = home / "hold.out"
+        guest = subprocess.Popen(
+            [*run, "run", "-n", "node1", "--json", "--",
+             f"python3 /lab/home/nfqueue.py hold --address 10.77.0.1 --port 22 "
+             f"--seconds {hold_s} >/lab/home/hold.out 2>&1"],
+            env=lab.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            _until(lambda: guest.poll() is not None or "holding" in (
+                out.read_text() if out.exists() else ""), timeout=120, what="the guest's hold")
+            assert guest.poll() is None, guest.stdout.read()
+            client = subprocess.run(lanport.LanPort.for_inventory(lab.inventory()).command(
+                [sys.executable, "-c", CONNECT]), capture_output=True, text=True, timeout=120)
+            report = guest.communicate(timeout=120)[0]
+        finally:
+            guest.kill()
+            guest.wait()
+        assert guest.returncode == 0, report
+        assert client.returncode == 0, client.stderr
+        got = json.loads(client.stdout)
+        assert got["banner"].startswith("SSH-2.0-"), got
+        stats = json.loads(out.read_text().splitlines()[-1])
+        assert stats["event"] == "released" and stats["held"] >= 1, stats
+        assert stats["released"] == stats["held"] and stats["verdict_errors"] == 0, stats
+        # the client waited for the release (it started after the hold was in place)
+        assert got["connect_ms"] > 1000, (got, stats)
+    finally:
+        lab.stop()

@@ -131,6 +131,9 @@ class TcpSession:
         line = self._next(run.timeout, "connected")
         self.connected_t = run.events.emit("tcp-connected", **{k: v for k, v in line.items()
                                                                  if k != "event"})
+        # the stream flows before the migration starts: a stall later is the migration's
+        line = self._next(run.timeout, "first_record")
+        run.events.emit("tcp-flowing", **{k: v for k, v in line.items() if k != "event"})
 
     def _read_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
