@@ -21,7 +21,10 @@ save, with the owner frozen so nothing reads or writes the queues meanwhile:
   RST), which is what the source's copy must do once the connection lives elsewhere;
   ``repair_off`` gives it back to the frozen owner when the move is abandoned.
 restore:
-  socket -> TCP_REPAIR on, IP_FREEBIND (the address may arrive a moment later), SO_REUSEADDR,
+  socket -> TCP_REPAIR on, IP_FREEBIND + IP_TRANSPARENT (the address arrives only after the
+  rebuild, so that no packet meets the address without the socket: FREEBIND lets bind take
+  it, and TRANSPARENT lets the route lookup of connect use it as a source — without it the
+  kernel answers ENETUNREACH for a source address that is not local), SO_REUSEADDR,
   the saved buffer sizes (SO_*BUFFORCE: we are root, and wmem_max must not cap them) -> each queue's starting sequence (its saved end minus its length) -> bind, connect (in
   repair mode: no SYN, the socket is simply ESTABLISHED) -> TCP_REPAIR_OPTIONS (MSS, window
   scales, SACK, timestamps) and TCP_TIMESTAMP (so the peer's PAWS check sees a clock that went
@@ -65,6 +68,7 @@ TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 TCP_ESTABLISHED = 1
 IP_FREEBIND = 15
+IP_TRANSPARENT = 19
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 UNSENT_TIMEOUT = 10.0  # the never-sent bytes go out within this, or the rebuild fails
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
@@ -295,6 +299,7 @@ def restore(state: dict) -> socket.socket:
     try:
         repair_on(sock)
         _set(sock, "IP_FREEBIND", socket.IPPROTO_IP, IP_FREEBIND, 1)
+        _set(sock, "IP_TRANSPARENT", socket.IPPROTO_IP, IP_TRANSPARENT, 1)
         _set(sock, "SO_REUSEADDR", socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # getsockopt reports the doubled size the kernel keeps; setsockopt doubles what it
         # gets. The send buffer must take the whole saved send queue at once (its accounting
