@@ -761,11 +761,15 @@ def _read_into(fd: int, view: memoryview) -> None:
 class LiveRestore(Restore):
     """Restore into the live region, then resume as the workload in this very process."""
 
-    def __init__(self, *a, hash_on_resume: bool = True, tcp: DestTcp | None = None, **kw):
+    def __init__(self, *a, hash_on_resume: bool = True, tcp: DestTcp | None = None,
+                 timed: bool = False, **kw):
         super().__init__(*a, **kw)
         self.wl = None
         self.hash_on_resume = hash_on_resume
         self.tcp = tcp
+        self.timed = timed
+        self.service = None  # the adopted connection (tcpstream.TcpService)
+        self.early: tuple[wlmod.Server, threading.Thread] | None = None
 
     def on_socket(self, info: dict) -> None:
         if self.tcp is None:
@@ -786,6 +790,26 @@ class LiveRestore(Restore):
             self.own_sha = self.wl.sha256()
             self.emit({"event": "restored", "sha256": self.own_sha, "step": self.wl.step,
                        "hash_s": time.perf_counter() - t0})
+        if self.tcp is not None and self.own_sha is not None:
+            # The client waits on the workload, not on the verification exchange: with the
+            # restored image hashed, the workload steps and serves (no commands: stdin is still
+            # the stream) until the stream ends and the commanded server takes over.
+            assert self.tcp.sock is not None
+            self.service = tcpstream.TcpService.adopt(self.tcp.sock, self.mem)
+            self.tcp.sock = None
+            if self.timed:
+                srv = wlmod.Server(self.wl, timed=True, in_fd=None, out_fd=self.out_fd,
+                                   tcp=self.service)
+                th = threading.Thread(target=srv.serve, name="early-serve", daemon=True)
+                th.start()
+                self.early = (srv, th)
+
+    def stop_early(self) -> None:
+        if self.early is not None:
+            srv, th = self.early
+            srv.quit = True
+            th.join()
+            self.early = None
 
     def on_verify(self) -> None:
         src = self.verify.get("sha256")
@@ -902,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.live:
             dtcp = DestTcp(*_addr_port(a.tcp), a.tcp_freeze) if a.tcp else None
-            rs = LiveRestore(tcp=dtcp)
+            rs = LiveRestore(tcp=dtcp, timed=a.timed)
         else:
             rs = ImageRestore(image=a.image)
         ok = rs.run()
@@ -914,10 +938,13 @@ def main(argv: list[str] | None = None) -> int:
             assert isinstance(rs, LiveRestore)
             service = None
             serving: dict = {"event": "serving", "pid": os.getpid()}
+            rs.stop_early()
             if rs.tcp is not None:
-                assert rs.tcp.sock is not None
-                service = tcpstream.TcpService.adopt(rs.tcp.sock, rs.mem)
-                rs.tcp.sock = None  # the workload's now
+                service = rs.service
+                if service is None:  # no hash on resume: adopted only now
+                    assert rs.tcp.sock is not None
+                    service = tcpstream.TcpService.adopt(rs.tcp.sock, rs.mem)
+                    rs.tcp.sock = None  # the workload's now
                 hold = rs.tcp.hold_stats()
                 if hold is not None:
                     serving["hold"] = hold
@@ -936,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e)
         _log(msg)
         if isinstance(rs, LiveRestore) and rs.tcp is not None:
+            rs.stop_early()
+            if rs.service is not None and rs.service.sock is not None:
+                rs.tcp.sock, rs.service.sock = rs.service.sock, None  # closed silently below
             rs.tcp.abort()
         if a.cmd == "restore":
             try:
