@@ -28,6 +28,28 @@ error -> an ``{"event": "error"}`` line, exit 1, nothing resumed.
 
 Test hook: LABKIT_AGENT_CORRUPT=round:N | truncate:N (N a round number or "final") makes the
 source corrupt a PAGES frame after its CRC was taken, or cut the stream mid-frame and exit.
+
+``--tcp ADDR:PORT`` (both sides; the workload serves its record stream there, tcpstream.py): the
+connection moves with the region. At ``final`` the source freezes the workload where its region
+and the kernel agree (tcpstream.quiescent), applies the freeze-time handling, saves the socket
+with TCP_REPAIR (tcp_repair.py) and sends it as a SOCKET frame before the final pages. The
+restore agent rebuilds it after the final round is applied, moves the address here (netmove.py:
+/32 + gratuitous ARP), and only then says "resumed": the downtime includes the socket. The
+resumed workload adopts the socket (TcpService.adopt).
+``--tcp-freeze``: what the peer's packets meet while the workload is frozen —
+  drop  the source gives the address up at the freeze: packets to it are dropped by src (an
+        address no host has is never answered, so never with a RST); the peer retransmits and
+        reaches dst once dst took the address, after the socket is rebuilt.
+  hold  the restore agent holds packets to ADDR:PORT in an NFQUEUE (nfqueue.py; the rule goes in
+        at start-up, outside the downtime) and takes the address as soon as the SOCKET frame
+        arrives; the held packets are released right after the socket is rebuilt, so the
+        peer's first retransmission is answered without waiting for its next timeout.
+The source's socket stays in repair mode: when the frozen source is killed it goes away silently
+(no FIN, no RST). If the move fails after the freeze, the source agent undoes it: repair off,
+the address back (announced), SIGCONT.
+Test hook: LABKIT_TCP_FAULT=keep-address (the address never moves) | no-freeze (the source keeps
+the address through the freeze and gives it up only at quit; dst takes it after the rebuild):
+each must make the client see a failure.
 """
 
 from __future__ import annotations
@@ -41,16 +63,22 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 import zlib
 from array import array
 
 if __package__:
+    from . import netmove, tcpstream
     from . import stream as st
+    from . import tcp_repair as tr
     from . import workload as wlmod
 else:  # run as a script: siblings live next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import netmove  # type: ignore[no-redef]
     import stream as st  # type: ignore[no-redef]
+    import tcp_repair as tr  # type: ignore[no-redef]
+    import tcpstream  # type: ignore[no-redef]
     import workload as wlmod  # type: ignore[no-redef]
 
 PAGE = mmap.PAGESIZE
@@ -134,6 +162,163 @@ def wait_stopped(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.00005)
 
 
+TCP_FAULTS = ("keep-address", "no-freeze")
+FREEZE_ATTEMPTS = 1000  # re-freezes to find the workload outside its busy window
+
+
+def _tcp_fault() -> str:
+    fault = os.environ.get("LABKIT_TCP_FAULT", "").strip()
+    if fault and fault not in TCP_FAULTS:
+        raise AgentError(f"LABKIT_TCP_FAULT={fault!r}: one of {', '.join(TCP_FAULTS)}")
+    return fault
+
+
+def _addr_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return host, int(port)
+    except ValueError:
+        raise AgentError(f"--tcp {text!r}: expected ADDR:PORT") from None
+
+
+class SourceTcp:
+    """The frozen workload's connection, on the source side of the move."""
+
+    def __init__(self, pid: int, addr: str, port: int, freeze: str):
+        self.pid, self.addr, self.port, self.freeze = pid, addr, port, freeze
+        self.fault = _tcp_fault()
+        self.sock = None
+        self.gave = False
+
+    def at_freeze(self) -> dict:
+        """With the workload frozen: the freeze-time handling, then the socket saved. -> the
+        SOCKET frame's payload."""
+        t0 = time.perf_counter()
+        if not self.fault:  # drop and hold alike: src must not own the address dst takes
+            self.gave = netmove.give(self.addr)
+        t1 = time.perf_counter()
+        try:
+            self.sock = tr.take_socket(self.pid, self.addr, self.port)
+            state = tr.save(self.sock)
+        except tr.RepairError as e:
+            raise AgentError(f"saving the TCP connection on {self.addr}:{self.port}: {e}") \
+                from None
+        t2 = time.perf_counter()
+        return {"state": state, "summary": tr.summary(state), "freeze": self.freeze,
+                "fault": self.fault, "give_s": t1 - t0, "save_s": t2 - t1,
+                "address_given": self.gave}
+
+    def undo(self) -> None:
+        """The move failed after the freeze: the connection carries on here."""
+        if self.sock is not None:
+            try:
+                tr.repair_off(self.sock)
+            except tr.RepairError as e:
+                _log(f"undo: {e}")
+            self.sock.close()
+            self.sock = None
+        if self.gave:
+            try:
+                netmove.take(self.addr)
+                self.gave = False
+            except (netmove.NetMoveError, OSError) as e:
+                _log(f"undo: taking {self.addr} back: {e}")
+
+    def done(self) -> None:
+        """The move succeeded: our reference goes (the frozen workload's stays, in repair
+        mode, so its end is silent); with no-freeze the address leaves only now."""
+        if self.fault == "no-freeze":
+            netmove.give(self.addr)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class DestTcp:
+    """The connection on the destination side: address, hold, rebuilt socket."""
+
+    def __init__(self, addr: str, port: int, freeze: str):
+        self.addr, self.port, self.freeze = addr, port, freeze
+        self.fault = _tcp_fault()
+        self.state: dict | None = None
+        self.sock = None
+        self.took = False
+        self.hold = None
+        self.releaser: threading.Thread | None = None
+        if freeze == "hold" and not self.fault:
+            if __package__:
+                from . import nfqueue
+            else:
+                import nfqueue  # type: ignore[no-redef]
+            try:
+                self.hold = nfqueue.Hold(addr, port)
+            except (nfqueue.HoldError, OSError) as e:
+                raise AgentError(f"holding packets to {addr}:{port}: {e}") from None
+
+    def _take(self) -> float:
+        t0 = time.perf_counter()
+        try:
+            netmove.take(self.addr)
+        except netmove.NetMoveError as e:
+            raise AgentError(str(e)) from None
+        self.took = True
+        return time.perf_counter() - t0
+
+    def on_socket(self, info: dict) -> dict:
+        """The SOCKET frame: the source is frozen now. Held packets need the address here."""
+        if not isinstance(info.get("state"), dict):
+            raise AgentError("SOCKET frame without a saved connection")
+        self.state = info["state"]
+        out = {"event": "socket", **info.get("summary", {}), "freeze": self.freeze}
+        if self.hold is not None:
+            out["take_s"] = self._take()
+        return out
+
+    def rebuild(self) -> dict:
+        """After the final round: the socket rebuilt, the address here, held packets let in."""
+        if self.state is None:
+            raise AgentError("the final round came without the TCP connection (no SOCKET "
+                             "frame: was the source started with --tcp?)")
+        t0 = time.perf_counter()
+        try:
+            self.sock = tr.restore(self.state)
+        except tr.RepairError as e:
+            raise AgentError(f"rebuilding the TCP connection: {e}") from None
+        out = {"restore_s": time.perf_counter() - t0}
+        if self.fault != "keep-address" and not self.took:
+            out["take_s"] = self._take()
+        if self.hold is not None:
+            out["held"] = self.hold.held()
+            # the verdicts go at once; the rule's removal (an iptables exec) overlaps the resume
+            self.releaser = threading.Thread(target=self.hold.close, name="nfqueue-release",
+                                             daemon=True)
+            self.releaser.start()
+        return out
+
+    def hold_stats(self) -> dict | None:
+        if self.hold is None:
+            return None
+        if self.releaser is not None:
+            self.releaser.join(30)
+        return self.hold.stats()
+
+    def abort(self) -> None:
+        """The restore failed: nothing of the connection may stay here."""
+        if self.sock is not None:
+            tr.close_silently(self.sock)
+            self.sock = None
+        if self.hold is not None:
+            try:
+                self.hold.close()
+            except Exception as e:  # noqa: BLE001 - keep undoing
+                _log(f"abort: {e}")
+        if self.took:
+            try:
+                netmove.give(self.addr)
+            except (netmove.NetMoveError, OSError) as e:
+                _log(f"abort: giving {self.addr} up: {e}")
+
+
 def _corrupt_hook() -> tuple[str, str] | None:
     spec = os.environ.get("LABKIT_AGENT_CORRUPT", "").strip()
     if not spec:
@@ -149,8 +334,10 @@ class Source:
     """Pre-copy dumper for one region of one process."""
 
     def __init__(self, pid: int, ranges: list[tuple[int, int]], *, backend: str = "auto",
-                 out_fd: int = 1, chunk_pages: int = DEFAULT_CHUNK_PAGES):
+                 out_fd: int = 1, chunk_pages: int = DEFAULT_CHUNK_PAGES,
+                 tcp: SourceTcp | None = None):
         self.pid = pid
+        self.tcp = tcp
         self.ranges = sorted(ranges)
         self.reader = PageReader(pid, chunk_pages)
         self.w = st.Writer(out_fd)
@@ -232,16 +419,29 @@ class Source:
                                                           **extra})
 
     def freeze(self) -> float:
+        """SIGSTOP and wait until stopped. With --tcp, stopped outside the workload's busy
+        window (tcpstream.quiescent): else let it run a moment and stop it again."""
         t0 = time.perf_counter()
-        if not self.frozen:
+        if self.frozen:
+            return 0.0
+        for _ in range(FREEZE_ATTEMPTS):
             os.kill(self.pid, signal.SIGSTOP)
             self.we_froze = True
             wait_stopped(self.pid)
             self.frozen = True
-        return time.perf_counter() - t0
+            if self.tcp is None or tcpstream.quiescent(self.reader.read([(self.ranges[0][0],
+                                                                          1)])):
+                return time.perf_counter() - t0
+            os.kill(self.pid, signal.SIGCONT)
+            self.frozen = False
+            time.sleep(0.0005)
+        raise AgentError(f"the workload was inside its send window at each of "
+                         f"{FREEZE_ATTEMPTS} freezes")
 
     def cmd_final(self, all_pages: bool) -> dict:
         freeze_s = self.freeze()
+        if self.tcp is not None:
+            self.w.json(st.SOCKET, self.tcp.at_freeze())
         t0 = time.perf_counter()
         if all_pages or self.round == 0 or self.tracker is None:
             runs = self.all_runs()
@@ -300,6 +500,8 @@ class Source:
                     self.cont()
                 elif cmd == "quit":
                     quit_cmd = True
+                    if self.tcp is not None:
+                        self.tcp.done()
                     break
                 else:
                     raise AgentError(f"unknown command {cmd!r}")
@@ -316,6 +518,8 @@ class Source:
             if not quit_cmd and self.we_froze and self.frozen:
                 # EOF/error, not an orderly quit: the controller may be gone, and a workload we
                 # froze must not stay stopped forever (continued, it sees its own EOF and exits)
+                if self.tcp is not None:
+                    self.tcp.undo()
                 self.cont()
             self.close()
 
@@ -419,6 +623,11 @@ class Restore:
                 h.update(crc.to_bytes(4, "little"))
                 if not live_direct:
                     staged.append((runs, data[0]))
+                continue
+            if ftype == st.SOCKET:
+                if self.final_done:
+                    raise st.StreamError("SOCKET frame after the final round")
+                self.on_socket(st.load_json(payload))
                 continue
             if ftype == st.ERROR:
                 err = st.load_json(payload).get("error", "?")
@@ -528,6 +737,10 @@ class Restore:
                 off_in += nb
 
     # hooks for the live / image variants
+    def on_socket(self, info: dict) -> None:
+        raise AgentError("the stream carries a TCP connection, but this restore was not "
+                         "started with --tcp")
+
     def on_final(self) -> None:
         pass
 
@@ -548,23 +761,55 @@ def _read_into(fd: int, view: memoryview) -> None:
 class LiveRestore(Restore):
     """Restore into the live region, then resume as the workload in this very process."""
 
-    def __init__(self, *a, hash_on_resume: bool = True, **kw):
+    def __init__(self, *a, hash_on_resume: bool = True, tcp: DestTcp | None = None,
+                 timed: bool = False, **kw):
         super().__init__(*a, **kw)
         self.wl = None
         self.hash_on_resume = hash_on_resume
+        self.tcp = tcp
+        self.timed = timed
+        self.service = None  # the adopted connection (tcpstream.TcpService)
+        self.early: tuple[wlmod.Server, threading.Thread] | None = None
+
+    def on_socket(self, info: dict) -> None:
+        if self.tcp is None:
+            super().on_socket(info)
+            return
+        self.emit(self.tcp.on_socket(info))
 
     def on_final(self) -> None:
         try:
             self.wl = wlmod.Workload(self.mem, self.addr)
         except wlmod.WorkloadError as e:
             raise AgentError(f"restored region is not a workload: {e}") from None
+        extra = {"tcp": self.tcp.rebuild()} if self.tcp is not None else {}
         self.emit({"event": "resumed", "pid": os.getpid(), "step": self.wl.step,
-                   "t": time.time()})
+                   "t": time.time(), **extra})
         if self.hash_on_resume:
             t0 = time.perf_counter()
             self.own_sha = self.wl.sha256()
             self.emit({"event": "restored", "sha256": self.own_sha, "step": self.wl.step,
                        "hash_s": time.perf_counter() - t0})
+        if self.tcp is not None and self.own_sha is not None:
+            # The client waits on the workload, not on the verification exchange: with the
+            # restored image hashed, the workload steps and serves (no commands: stdin is still
+            # the stream) until the stream ends and the commanded server takes over.
+            assert self.tcp.sock is not None
+            self.service = tcpstream.TcpService.adopt(self.tcp.sock, self.mem)
+            self.tcp.sock = None
+            if self.timed:
+                srv = wlmod.Server(self.wl, timed=True, in_fd=None, out_fd=self.out_fd,
+                                   tcp=self.service)
+                th = threading.Thread(target=srv.serve, name="early-serve", daemon=True)
+                th.start()
+                self.early = (srv, th)
+
+    def stop_early(self) -> None:
+        if self.early is not None:
+            srv, th = self.early
+            srv.quit = True
+            th.join()
+            self.early = None
 
     def on_verify(self) -> None:
         src = self.verify.get("sha256")
@@ -612,6 +857,13 @@ def _workload_range(pid: int) -> list[tuple[int, int]]:
     raise AgentError(f"pid {pid} has no workload region; pass --range")
 
 
+def _tcp_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tcp", metavar="ADDR:PORT",
+                   help="carry the workload's TCP connection on ADDR:PORT (and the address)")
+    p.add_argument("--tcp-freeze", choices=("drop", "hold"), default="drop",
+                   help="the peer's packets while frozen: dropped, or held (NFQUEUE)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="agent.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -624,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "source":
             p.add_argument("--tracker", default="auto",
                            choices=("auto", "uffd", "softdirty", "compare", "none"))
+            _tcp_args(p)
         else:
             p.add_argument("--pages", help="file of page addresses (hex or decimal), one a line; "
                            "default: every page of the ranges")
@@ -636,13 +889,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--start", action="store_true",
                    help="with --image: exec the workload in restore mode from the image")
     r.add_argument("--timed", action="store_true", help="resume the workload in timed mode")
+    _tcp_args(r)
     a = ap.parse_args(argv)
+    rs: Restore | None = None
     try:
         if a.cmd in ("source", "dump"):
             wlmod.allow_ptrace()
             ranges = _parse_ranges(a.range) if a.range else _workload_range(a.pid)
             if a.cmd == "source":
-                src = Source(a.pid, ranges, backend=a.tracker, chunk_pages=a.chunk_pages)
+                tcp = None
+                if a.tcp:
+                    tcp = SourceTcp(a.pid, *_addr_port(a.tcp), a.tcp_freeze)
+                src = Source(a.pid, ranges, backend=a.tracker, chunk_pages=a.chunk_pages,
+                             tcp=tcp)
                 src.hello()
                 src.serve(0)
                 return 0
@@ -665,15 +924,32 @@ def main(argv: list[str] | None = None) -> int:
             if a.freeze:
                 src.cont()
             return 0
-        rs: Restore = LiveRestore() if a.live else ImageRestore(image=a.image)
+        if a.live:
+            dtcp = DestTcp(*_addr_port(a.tcp), a.tcp_freeze) if a.tcp else None
+            rs = LiveRestore(tcp=dtcp, timed=a.timed)
+        else:
+            rs = ImageRestore(image=a.image)
         ok = rs.run()
         if not ok:
             raise AgentError("stream ended without a final round: nothing restored")
         if rs.verify is not None and rs.own_sha != rs.verify.get("sha256"):
             raise AgentError("restored image SHA-256 differs from the source's")
         if a.live:
-            rs.emit({"event": "serving", "pid": os.getpid()})
-            srv = wlmod.Server(rs.wl, timed=a.timed, in_fd=0, out_fd=1)
+            assert isinstance(rs, LiveRestore)
+            service = None
+            serving: dict = {"event": "serving", "pid": os.getpid()}
+            rs.stop_early()
+            if rs.tcp is not None:
+                service = rs.service
+                if service is None:  # no hash on resume: adopted only now
+                    assert rs.tcp.sock is not None
+                    service = tcpstream.TcpService.adopt(rs.tcp.sock, rs.mem)
+                    rs.tcp.sock = None  # the workload's now
+                hold = rs.tcp.hold_stats()
+                if hold is not None:
+                    serving["hold"] = hold
+            rs.emit(serving)
+            srv = wlmod.Server(rs.wl, timed=a.timed, in_fd=0, out_fd=1, tcp=service)
             srv.serve()
             return 0
         os.close(rs.fd)
@@ -686,6 +962,11 @@ def main(argv: list[str] | None = None) -> int:
     except (AgentError, st.StreamError, OSError) as e:
         msg = str(e)
         _log(msg)
+        if isinstance(rs, LiveRestore) and rs.tcp is not None:
+            rs.stop_early()
+            if rs.service is not None and rs.service.sock is not None:
+                rs.tcp.sock, rs.service.sock = rs.service.sock, None  # closed silently below
+            rs.tcp.abort()
         if a.cmd == "restore":
             try:
                 Restore(out_fd=1).emit({"event": "error", "error": msg})

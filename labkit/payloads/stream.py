@@ -13,7 +13,7 @@ Frame = 16-byte header + payload::
 
     magic  b"LK"   (2)
     version        (1)   = VERSION
-    type           (1)   HELLO | PAGES | ROUND_END | VERIFY | ERROR | BYE
+    type           (1)   HELLO | PAGES | ROUND_END | VERIFY | ERROR | BYE | SOCKET
     length   u32   (4)   payload bytes
     seq      u32   (4)   0, 1, 2, ... across the whole stream (a dropped frame is noticed)
     crc32    u32   (4)   zlib.crc32 of the payload
@@ -30,6 +30,10 @@ Payloads:
                trailer: the destination hashes its restored region and must match it
     ERROR      JSON: {"error": "..."} — the sender failed; the receiver must refuse the round
     BYE        JSON: {"frames": n} — clean end of stream
+    SOCKET     JSON: {"state": tcp_repair.save()'s dict, "summary": {...}, "freeze": "drop" |
+               "hold", "fault": ""} — the frozen workload's TCP connection (``--tcp``), sent
+               before the final round's pages so the destination can move the address while
+               the pages travel; rebuilt after the final round is applied
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size  # 16
 assert HEADER_SIZE == 16
 
-HELLO, PAGES, ROUND_END, VERIFY, ERROR, BYE = 1, 2, 3, 4, 5, 6
+HELLO, PAGES, ROUND_END, VERIFY, ERROR, BYE, SOCKET = 1, 2, 3, 4, 5, 6, 7
 TYPE_NAMES = {HELLO: "HELLO", PAGES: "PAGES", ROUND_END: "ROUND_END", VERIFY: "VERIFY",
-              ERROR: "ERROR", BYE: "BYE"}
+              ERROR: "ERROR", BYE: "BYE", SOCKET: "SOCKET"}
 MAX_PAYLOAD = 64 << 20      # a sane bound so a corrupted length cannot make us allocate 4 GiB
 RUNS_HEAD = struct.Struct("<II")
 

@@ -14,6 +14,10 @@ region, whose address is fixed, from src to dst.
             --verify-resume N: both copies run to the same step, their hashes must match.
   baseline  stop-and-copy: a second agent pair copies every page of the (still frozen) source
             into a fresh restore; its downtime is the comparison figure.
+  --tcp     the agents carry the workload's connection too (payloads/agent.py's docstring: the
+            SOCKET frame, the address move, --tcp-freeze drop|hold); the restored workload runs
+            timed so it goes on serving records, and the client's verdict is taken before it is
+            told to quit. The baseline's agents never touch the socket.
 """
 
 from __future__ import annotations
@@ -48,10 +52,18 @@ class LabkitMigration:
         run, cfg, r, ev, T = self.run, self.cfg, self.result, self.events, self.timeout
         src, dst = run.src_node, run.dst_node
         wl, wpid = run.start_workload()
-        env = {"LABKIT_AGENT_CORRUPT": cfg.corrupt} if cfg.corrupt else None
-        sa = run.start(src, "agent.py", f"source --pid {wpid} --tracker {cfg.tracker}",
-                       "source agent", env=env, raw=True)
-        da = run.start(dst, "agent.py", "restore --live", "restore agent")
+        env = {"LABKIT_AGENT_CORRUPT": cfg.corrupt} if cfg.corrupt else {}
+        tcp_args = dst_args = ""
+        if run.tcp is not None:
+            tcp_args = f" --tcp {run.tcp.address}:{run.tcp.port} --tcp-freeze {run.tcp.freeze}"
+            # the resumed copy must keep stepping: a record goes out after every timed step
+            dst_args = tcp_args + ("" if cfg.steps_per_round else " --timed")
+            if run.tcp.fault:
+                env["LABKIT_TCP_FAULT"] = run.tcp.fault
+        sa = run.start(src, "agent.py", f"source --pid {wpid} --tracker {cfg.tracker}{tcp_args}",
+                       "source agent", env=env or None, raw=True)
+        da = run.start(dst, "agent.py", f"restore --live{dst_args}", "restore agent",
+                       env=env or None)
         pump = Pump(sa, da, ev, "precopy")
         hello = pump.wait(T, "the restore agent's hello", dst_event="hello")
         r.backend = hello.get("backend")
@@ -95,6 +107,13 @@ class LabkitMigration:
         run.pids[dst.name].add(int(resumed["pid"]))
         r.downtime_s = t_resumed - t_freeze
         ev.emit("downtime", ms=r.downtime_s * 1000, step=resumed.get("step"))
+        if run.tcp is not None:
+            sock = pump.wait(T, "the saved TCP connection", src_type=st.SOCKET)
+            ev.emit("tcp-moved", **sock.get("summary", {}), freeze=sock.get("freeze"),
+                    fault=sock.get("fault"), give_ms=1000 * float(sock.get("give_s") or 0),
+                    save_ms=1000 * float(sock.get("save_s") or 0),
+                    **{f"dst_{k.removesuffix('_s')}_ms": 1000 * float(v)
+                       for k, v in (resumed.get("tcp") or {}).items() if k.endswith("_s")})
         restored = pump.wait(T, "the restored region's hash", dst_event="restored")
         sa.send("verify")
         ver = pump.wait(T, "the source region's hash", src_type=st.VERIFY)
@@ -114,6 +133,8 @@ class LabkitMigration:
             self._stop_and_copy(src, dst, wpid, ver["sha256"])
         if cfg.verify_resume:
             self._verify_resume(wl, pump, src, wpid, frozen_step)
+        if run.tcp is not None:
+            run.tcp.finish()  # the client's verdict while the restored workload still serves
         # orderly ends (cleanup kills whatever ignores them)
         for rem in (wl, da):
             try:
