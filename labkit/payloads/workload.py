@@ -49,6 +49,12 @@ import sys
 import time
 from pathlib import Path
 
+if __package__:
+    from . import tcpstream
+else:  # run as a script: siblings live next to this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tcpstream  # type: ignore[no-redef]
+
 PAGE = mmap.PAGESIZE
 BASE = 0x1000_0000_0000
 SLOT_SPAN = 0x100_0000_0000  # 1 TiB per slot: slots 0..63 stay below 0x5000_0000_0000
@@ -259,8 +265,9 @@ class Server:
     workload in-process, so resuming costs no image load)."""
 
     def __init__(self, wl: Workload, *, timed: bool, in_fd: int | None = 0, out_fd: int = 1,
-                 ctl: str | None = None):
+                 ctl: str | None = None, tcp: tcpstream.TcpService | None = None):
         self.wl = wl
+        self.tcp = tcp
         self.timed = timed
         self.in_fd = in_fd
         self.out_fd = out_fd
@@ -308,6 +315,7 @@ class Server:
                 distinct: set[int] = {0}
                 for _ in range(n):
                     distinct.update(wl.do_step())
+                self._pump()
                 return {"ok": True, "step": wl.step, "pages": len(distinct)}
             if cmd == "run-to":
                 target = int(args[0])
@@ -315,11 +323,12 @@ class Server:
                     raise WorkloadError(f"already at step {wl.step}, past {target}")
                 while wl.step < target:
                     wl.do_step()
+                self._pump()
                 return {"ok": True, "step": wl.step}
             if cmd == "hash":
                 return {"ok": True, "step": wl.step, "sha256": wl.sha256()}
             if cmd == "info":
-                return {"ok": True, **wl.info(), "timed": self.timed}
+                return {"ok": True, **self.info()}
             if cmd == "hold":
                 self.timed = False
                 return {"ok": True, "step": wl.step, "timed": False}
@@ -333,6 +342,17 @@ class Server:
             raise WorkloadError(f"unknown command {cmd!r}")
         except (WorkloadError, ValueError, IndexError) as e:
             return {"ok": False, "error": str(e)}
+
+    def info(self) -> dict:
+        out = {**self.wl.info(), "timed": self.timed}
+        if self.tcp is not None:
+            out["tcp"] = self.tcp.info()
+        return out
+
+    def _pump(self) -> None:
+        """One record out and the client's messages in, after a step (see tcpstream)."""
+        if self.tcp is not None:
+            self.tcp.pump(self.wl.step)
 
     def _handle_ctl(self) -> None:
         """One SIGUSR1 = one command from the ctl file; always one reply (the sender waits for
@@ -362,7 +382,8 @@ class Server:
         if self._ctl_pending:
             self._handle_ctl()
             return
-        fds = [fd for fd in (self.in_fd, self._wake_r) if fd is not None]
+        tcp_fd = self.tcp.fileno() if self.tcp is not None else None
+        fds = [fd for fd in (self.in_fd, self._wake_r, tcp_fd) if fd is not None]
         if not fds:
             if timeout is None:
                 signal.pause()
@@ -376,6 +397,8 @@ class Server:
                     pass
             except BlockingIOError:
                 pass
+        if tcp_fd is not None and tcp_fd in r:  # a client to accept, or whole messages
+            self.tcp.receive()
         if self._ctl_pending:
             self._handle_ctl()
         if self.in_fd is None or self.in_fd not in r:
@@ -401,6 +424,7 @@ class Server:
                     if self.quit or not self.timed:
                         continue
                     wl.do_step()
+                    self._pump()
                     self._next += interval
                     if now - self._next > 1.0:  # we were frozen/starved: do not burst to catch up
                         self._next = now
@@ -431,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--hot-prob", type=float, default=0.9)
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--slot", type=int, default=0)
+    r.add_argument("--tcp-serve", metavar="ADDR:PORT",
+                   help="serve the record stream (tcpstream) to one TCP client on ADDR:PORT")
     _common_args(r)
     s = sub.add_parser("restore", help="map the region at its address, load an image, resume")
     s.add_argument("--image", required=True, help="image file, or - for stdin")
@@ -451,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with open(a.image, "rb", buffering=0) as f:
                     wl = Workload.restore(f)
+        tcp = None
+        if getattr(a, "tcp_serve", None):
+            host, _, port = a.tcp_serve.rpartition(":")
+            try:
+                tcp = tcpstream.TcpService.listen(host, int(port), wl.mem, seed=wl.seed)
+            except (OSError, ValueError) as e:
+                raise WorkloadError(f"--tcp-serve {a.tcp_serve}: {e}") from None
     except WorkloadError as e:  # the reason on both streams, like the agent's
         print(f"workload[{os.getpid()}]: {e}", file=sys.stderr, flush=True)
         print(json.dumps({"event": "error", "error": str(e)}), flush=True)
@@ -458,10 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.log:
         wl.log = open(a.log, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     in_fd = 0 if a.stdin == "commands" else None  # an image on stdin was read exactly: no loss
-    srv = Server(wl, timed=a.timed, in_fd=in_fd, ctl=os.path.abspath(a.ctl) if a.ctl else None)
+    srv = Server(wl, timed=a.timed, in_fd=in_fd, ctl=os.path.abspath(a.ctl) if a.ctl else None,
+                 tcp=tcp)
     if a.ctl:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-    ready = {"event": "ready", **wl.info(), "timed": a.timed, "restored": a.cmd == "restore"}
+    ready = {"event": "ready", **srv.info(), "restored": a.cmd == "restore"}
     if a.cmd == "restore" and a.hash:
         ready["sha256"] = wl.sha256()
     srv.reply(ready)
