@@ -1289,9 +1289,9 @@ def _give(address: str, drv: Driver) -> bool:
     return gone
 
 
-def _take(address: str, drv: Driver) -> str:
+def _take(address: str, drv: Driver, announce: bool = True) -> str:
     try:
-        dev = netmove.take(address, announce=True)
+        dev = netmove.take(address, announce=announce)
     except (OSError, netmove.NetMoveError) as e:
         raise StepFailed(f"taking {address}: {e}") from None
     drv.took = address if drv.role == "dst" else None
@@ -1395,21 +1395,9 @@ def cmd_restore(a, drv: Driver) -> dict:
         tcp_lock(conns)
         drv.locked.update(conns)
     if a.take_address:
-        res["took"] = _take(a.take_address, drv)
+        res["took"] = _take(a.take_address, drv, announce=not a.no_announce)
     res["net_s"] = round(time.monotonic() - t_net, 3)
-    nonlocal_bind = "/proc/sys/net/ipv4/ip_nonlocal_bind"
-    before = None
-    if a.nonlocal_bind:  # test fault keep-address: the socket binds an address not here
-        with open(nonlocal_bind) as f:
-            before = f.read().strip()
-        with open(nonlocal_bind, "w") as f:
-            f.write("1")
-    try:
-        rc, out, secs = _run_criu(args, log, a.timeout)
-    finally:
-        if before is not None:
-            with open(nonlocal_bind, "w") as f:
-                f.write(before)
+    rc, out, secs = _run_criu(args, log, a.timeout)
     pids = [p["pid"] for p in procs]
     if rc != 0:
         _signal_all([p for p in pids if _pid_alive(p)], signal.SIGKILL)  # nothing half-done
@@ -1835,8 +1823,8 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
                    help="lock this connection (iptables, as CRIU's dump) before the restore")
     p.add_argument("--take-address", metavar="ADDR",
                    help="before the restore: add this service address here and announce it")
-    p.add_argument("--nonlocal-bind", action="store_true",
-                   help="test fault keep-address: let the restore bind an address not here")
+    p.add_argument("--no-announce", action="store_true",
+                   help="take the address without a gratuitous ARP (test fault keep-address)")
     p.add_argument("--verbose", action="store_true")
     p = common("verify", 300.0, with_base=True)
     p.add_argument("--round", type=int, required=True)

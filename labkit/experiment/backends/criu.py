@@ -321,8 +321,11 @@ class CriuMigration:
         otherwise) but its copy never runs: restored ``--tcp-close`` (no address needed on
         dst, and its killing sends the client nothing), while the source keeps the address
         and gets its connection back when it resumes (the driver's unlock). Test faults:
-        keep-address (the address stays on src; dst binds it non-locally, as the labkit
-        backend's IP_FREEBIND would), no-freeze (dst takes the address unlocked)."""
+        keep-address: src keeps the address and dst holds it unannounced (CRIU cannot
+        restore the socket without it local: neither a non-local bind nor IP_FREEBIND gets
+        its repair-mode connect a route), so the client's packets still go to src, which
+        answers them with a RST once its copy is gone; no-freeze: dst takes the address
+        without locking the connection first."""
         tcp = self.run.tcp
         if tcp is None:
             return "", ""
@@ -330,8 +333,8 @@ class CriuMigration:
             return " --tcp-established", " --tcp-close"
         keep = tcp.fault == "keep-address"
         return (" --tcp-established" + ("" if keep else f" --give-address {tcp.address}"),
-                " --tcp-established" + (" --nonlocal-bind" if keep
-                                        else f" --take-address {tcp.address}"))
+                f" --tcp-established --take-address {tcp.address}"
+                + (" --no-announce" if keep else ""))
 
     def freeze_and_restore(self, n: int, where: str, rnd: int, what: str, *,
                            final: bool = False) -> tuple[dict[str, float], dict[str, Any], int]:
