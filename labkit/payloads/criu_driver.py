@@ -15,6 +15,13 @@ labkit. Two ways to run it:
 * ``python3 criu_driver.py SUBCOMMAND --base BASE ...``: one step, one JSON line, exit 0 on
   success, 1 when the step failed, 2 on a usage error (by hand, and the tests).
 
+TCP (issue 12, migrate-test --tcp): ``dump --tcp-established [--give-address A]``, ``restore
+--tcp-established --tcp-conn L-P --take-address A`` (the connection locked as CRIU's dump locks
+it, then the address, then the restore) or ``restore --tcp-close`` (a copy that never runs),
+``resume`` unlocks a source dumped with its connections (CRIU leaves them in repair mode and
+locked under --leave-stopped), ``kill`` puts sockets in repair mode first (closed silently),
+``address take|give``; the safety net moves the address back. Facts: docs/criu-recipe.md.
+
 Image dirs are BASE/1, BASE/2, ...; round N names its parent ``../N-1``, relative to BASE/N, on
 both sides: CRIU makes the ``parent`` symlink in the images dir of whichever criu (dump or
 page-server) is given --prev-images-dir. Recipe, numbers and pitfalls: docs/criu-recipe.md.

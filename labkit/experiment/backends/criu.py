@@ -30,6 +30,9 @@ round trip). The protocol is the driver's docstring.
             verification included. Then the images' own bytes (the pre-dump chain) are
             hashed the same way and must match too (slow under TCG, so not in the downtime;
             the source is still frozen, so a mismatch is still undone).
+  tcp       (--tcp, built-in workload) the client connects after the spawn; the final dump
+            carries the connection and the service address moves in the downtime; the
+            baseline hands it back to the source (``tcp_flags``, docs/criu-recipe.md).
   after     success: the source tree is killed; a user's process runs on dst, the built-in
             workload is ended by the run's cleanup. Failure at any step: the restored tree on
             dst is killed, the source tree is SIGCONTed (it runs on src as before), and the
