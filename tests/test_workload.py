@@ -321,3 +321,75 @@ def test_ctl_missing_or_empty_command_file_is_an_error_reply(tmp_path):
         assert not [t for t in targets if "wl.ctl" in t], targets
     finally:
         p.close()
+
+
+# --- --tcp-serve: the record stream (issue 12; the protocol's own tests are test_tcpstream.py) ---
+def _tcp_client(port: int):
+    import socket
+
+    from labkit.payloads import tcpstream as ts
+    c = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return c, ts.RecordChecker(13)
+
+
+def _read_records(c, checker, n: int) -> list[dict]:
+    out = []
+    buf = b""
+    while len(out) < n:
+        data = c.recv(64 * (n - len(out)) - len(buf))
+        assert data, "workload closed the stream"
+        buf += data
+        while len(buf) >= 64:
+            out.append(checker.check(buf[:64]))
+            buf = buf[64:]
+    return out
+
+
+def test_tcp_serve_records_follow_steps_and_hold(tmp_path):
+    """A record after each commanded step command and each timed step, none while held; the
+    chain seed is the workload's --seed; the state lands in the image the agent dumps."""
+    from labkit.payloads import tcpstream as ts
+    p = Proc("workload.py", "run", *WL_ARGS, "--rate", "2000", "--tcp-serve", "127.0.0.1:0")
+    try:
+        tcp = p.ready["tcp"]
+        assert tcp["listening"] and not tcp["connected"] and tcp["records"] == 0
+        c, checker = _tcp_client(tcp["local"][1])
+        p.call("step 3")
+        p.call("run-to 10")
+        assert [(r["rec_no"], r["step"]) for r in _read_records(c, checker, 2)] == \
+            [(1, 3), (2, 10)]
+        info = p.call("info")["tcp"]
+        assert info["connected"] and not info["listening"] and info["records"] == 2
+        p.call("go")
+        _read_records(c, checker, 20)  # timed steps send records on their own
+        held = p.call("hold")
+        n = p.call("info")["tcp"]["records"]
+        _read_records(c, checker, n - checker.rec_no)  # what was sent before the hold
+        assert checker.rec_no == n
+        p.call("step 1")  # the next record comes from this step: nothing was sent while held
+        nxt = _read_records(c, checker, 1)[0]
+        assert nxt["rec_no"] == n + 1 and nxt["step"] == held["step"] + 1
+        dump = subprocess.run([sys.executable, str(PAYLOADS / "agent.py"), "dump", "--pid",
+                               str(p.ready["pid"])], capture_output=True, check=True)
+        image = tmp_path / "image.bin"
+        subprocess.run([sys.executable, str(PAYLOADS / "agent.py"), "restore", "--image",
+                        str(image)], input=dump.stdout, capture_output=True, check=True)
+        st = ts.read_state(image.read_bytes()[:PAGE])
+        assert st["rec_no"] == n + 1 and st["chain"] == checker.chain and ts.quiescent(
+            image.read_bytes()[:PAGE])
+        c.close()
+    finally:
+        p.close()
+
+
+def test_tcp_serve_on_a_busy_port_is_an_error_line():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, str(PAYLOADS / "workload.py"), "run", "--size", "1M",
+                            "--tcp-serve", f"127.0.0.1:{port}"], capture_output=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+    assert "--tcp-serve 127.0.0.1" in json.loads(r.stdout)["error"]

@@ -103,15 +103,25 @@ def encode_record(rec_no: int, step: int, rx_msgs: int, rx_digest: bytes, chain:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+def _bad_record(data: bytes) -> str | None:
+    """Why 64 bytes are not a record (magic, CRC), or None; no number: the field is untrusted."""
+    if len(data) != REC_SIZE:
+        return f"record is {len(data)} bytes, not {REC_SIZE}"
+    if data[:4] != REC_MAGIC:
+        return f"bad record magic {bytes(data[:4])!r}"
+    if zlib.crc32(data[:-4]) != struct.unpack_from("<I", data, REC_SIZE - 4)[0]:
+        return "crc mismatch"
+    return None
+
+
 def decode_record(data: bytes) -> dict:
     """Parse one 64-byte record, checking magic and CRC (not its place in the stream)."""
-    if len(data) != REC_SIZE:
-        raise TcpStreamError(f"record is {len(data)} bytes, not {REC_SIZE}")
-    magic, rec_no, step, rx_msgs, rx_digest, chain, crc = RECORD.unpack(data)
-    if magic != REC_MAGIC:
-        raise TcpStreamError(f"bad record magic {magic!r}")
-    if zlib.crc32(data[:-4]) != crc:
-        raise TcpStreamError(f"record {rec_no}: crc mismatch")
+    why = _bad_record(data)
+    if why is not None:
+        raise TcpStreamError(why if len(data) != REC_SIZE else
+                             f"record (rec_no field {struct.unpack_from('<Q', data, 4)[0]}): "
+                             f"{why}")
+    _, rec_no, step, rx_msgs, rx_digest, chain, _ = RECORD.unpack(data)
     return {"rec_no": rec_no, "step": step, "rx_msgs": rx_msgs, "rx_digest": rx_digest,
             "chain": chain}
 
@@ -121,18 +131,27 @@ def encode_message(msg_no: int) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def decode_message(data: bytes) -> int:
-    """Check one 32-byte client message whole (magic, CRC, payload); return its msg_no."""
+def _bad_message(data: bytes) -> str | None:
     if len(data) != MSG_SIZE:
-        raise TcpStreamError(f"message is {len(data)} bytes, not {MSG_SIZE}")
+        return f"message is {len(data)} bytes, not {MSG_SIZE}"
     magic, msg_no, payload, crc = MESSAGE.unpack(data)
     if magic != MSG_MAGIC:
-        raise TcpStreamError(f"bad message magic {magic!r}")
+        return f"bad message magic {magic!r}"
     if zlib.crc32(data[:-4]) != crc:
-        raise TcpStreamError(f"message {msg_no}: crc mismatch")
+        return "crc mismatch"
     if payload != msg_payload(msg_no):
-        raise TcpStreamError(f"message {msg_no}: payload mismatch")
-    return msg_no
+        return "payload mismatch"
+    return None
+
+
+def decode_message(data: bytes) -> int:
+    """Check one 32-byte client message whole (magic, CRC, payload); return its msg_no."""
+    why = _bad_message(data)
+    if why is not None:
+        raise TcpStreamError(why if len(data) != MSG_SIZE else
+                             f"message (msg_no field {struct.unpack_from('<Q', data, 4)[0]}): "
+                             f"{why}")
+    return struct.unpack_from("<Q", data, 4)[0]
 
 
 class RecordChecker:
@@ -150,10 +169,10 @@ class RecordChecker:
 
     def check(self, data: bytes) -> dict:
         want = self.rec_no + 1
-        try:
-            rec = decode_record(data)
-        except TcpStreamError as e:
-            raise TcpStreamError(f"record {want}: {e}") from None
+        why = _bad_record(data)
+        if why is not None:
+            raise TcpStreamError(f"record {want}: {why}")
+        rec = decode_record(data)
         if rec["rec_no"] != want:
             raise TcpStreamError(f"record {want}: expected rec_no {want}, got {rec['rec_no']}")
         chain = chain_next(self.chain, want)
@@ -355,27 +374,30 @@ class TcpService:
         if not whole:
             return
         rx_msgs, digest = self._rx_msgs, self._rx_digest
+        bad, used = None, 0
         for off in range(0, whole, MSG_SIZE):
             m = data[off:off + MSG_SIZE]
-            try:
-                msg_no = decode_message(m)
-            except TcpStreamError as e:
-                self._stop(f"message {rx_msgs + 1}: {e}", None)
-                return
+            why = _bad_message(m)
+            msg_no = struct.unpack_from("<Q", m, 4)[0]
+            if why is None and msg_no > rx_msgs + 1:
+                why = f"expected msg_no {rx_msgs + 1}, got {msg_no}"
+            if why is not None:
+                bad = f"message {rx_msgs + 1}: {why}"
+                break
+            used = off + MSG_SIZE
             if msg_no <= rx_msgs:  # counted before a freeze, still queued: drop it again
                 continue
-            if msg_no != rx_msgs + 1:
-                self._stop(f"message {rx_msgs + 1}: expected msg_no {rx_msgs + 1}, "
-                           f"got {msg_no}", None)
-                return
             rx_msgs, digest = msg_no, digest_next(digest, m)
-        self._rx_msgs, self._rx_digest = rx_msgs, digest
-        self._rx_bytes += whole
-        struct.pack_into("<I", self.mem, BUSY_OFF, 1)
-        struct.pack_into("<Q16sQQ", self.mem, _RX_OFF, rx_msgs, digest, self._tx_bytes,
-                         self._rx_bytes)
-        struct.pack_into("<I", self.mem, BUSY_OFF, 0)
-        self._discard(whole)  # outside the window: a freeze before it is undone by msg_no
+        if used:
+            self._rx_msgs, self._rx_digest = rx_msgs, digest
+            self._rx_bytes += used
+            struct.pack_into("<I", self.mem, BUSY_OFF, 1)
+            struct.pack_into("<Q16sQQ", self.mem, _RX_OFF, rx_msgs, digest, self._tx_bytes,
+                             self._rx_bytes)
+            struct.pack_into("<I", self.mem, BUSY_OFF, 0)
+            self._discard(used)  # outside the window: a freeze before it is undone by msg_no
+        if bad is not None and self.sock is not None:
+            self._stop(bad, None)
 
     def _discard(self, n: int) -> None:
         try:

@@ -1,0 +1,209 @@
+"""nfqueue.Hold on this host's kernel, in a network namespace of the test's own (so the rule,
+the queue and the connections are nobody else's): packets to a TCP service are held (the
+client's data is not acknowledged, its retransmissions are held too), delivered in order after
+release(), and the rule never outlives the Hold."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from labkit.payloads import nfqueue
+
+CLONE_NEWNET = 0x40000000
+SIOCOUTQ = 0x5411  # bytes in a TCP socket's send queue not yet acknowledged (or sent)
+ADDR = "127.0.0.1"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+PROBE = f"""
+import ctypes, sys
+sys.path.insert(0, {os.path.dirname(nfqueue.__file__)!r})
+import nfqueue
+if ctypes.CDLL(None, use_errno=True).unshare({CLONE_NEWNET}) != 0:
+    sys.exit("cannot make a network namespace")
+try:
+    nfqueue.Hold("127.0.0.1", 9).close()
+except Exception as e:
+    sys.exit(str(e))
+"""
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (a network namespace and iptables rules of the test's own)"
+    if not shutil.which("iptables"):
+        return "no iptables"
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                       timeout=60)
+    return None if r.returncode == 0 else f"NFQUEUE on this kernel: {r.stderr.strip()}"
+
+
+WHY = _why_not()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"nfqueue: {WHY or ''}")
+
+
+@pytest.fixture
+def netns() -> Iterator[None]:
+    """This thread (the test's; threads and processes it starts follow) in a fresh network
+    namespace with lo up; back in the original one afterwards."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        assert _libc.unshare(CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
+            yield
+        finally:
+            assert _libc.setns(home, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(home)
+
+
+def _unacked(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock, SIOCOUTQ, b"\0" * 4))[0]
+
+
+def _retransmissions(sock: socket.socket) -> int:
+    """tcp_info.tcpi_total_retrans: a segment the peer never acknowledged was sent again."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104),
+                              100)[0]
+
+
+def _until(cond, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
+        time.sleep(0.01)
+
+
+def _pair(port: int) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """listener, client, server end of one connection on lo (client: no Nagle, so every send
+    is its own segment, held one by one)."""
+    lst = socket.socket()
+    lst.bind((ADDR, port))
+    lst.listen(4)
+    client = socket.create_connection((ADDR, port), timeout=10)
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server, _ = lst.accept()
+    server.settimeout(10)
+    return lst, client, server
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+def test_held_packets_are_not_acknowledged_and_arrive_in_order_after_release(netns) -> None:
+    lst, client, server = _pair(7077)
+    chunks = [bytes([65 + i]) * (100 + i) for i in range(5)]
+    with lst, client, server:
+        with nfqueue.Hold(ADDR, 7077) as hold:
+            assert nfqueue.rule_present(ADDR, 7077)
+            for c in chunks:
+                client.send(c)
+            _until(lambda: hold.held() >= len(chunks), what="the segments to be held")
+            # the client retransmits what was never acknowledged, and that is held as well
+            _until(lambda: _retransmissions(client) >= 1 and hold.held() > len(chunks),
+                   what="a held retransmission")
+            assert _unacked(client) == sum(map(len, chunks))
+            server.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                server.recv(1)
+            server.setblocking(True)
+            server.settimeout(10)
+            held = hold.held()
+            hold.release()
+            assert not nfqueue.rule_present(ADDR, 7077)
+            assert _recv_exactly(server, sum(map(len, chunks))) == b"".join(chunks)
+            _until(lambda: _unacked(client) == 0, what="the client's data to be acknowledged")
+        stats = hold.stats()
+        assert stats["held"] >= held and stats["released"] == stats["held"]
+        assert stats["lost"] == 0 and stats["verdict_errors"] == 0
+        assert stats["max_hold_ms"] > 0
+        # not held any more: new data goes straight through
+        client.send(b"after")
+        assert _recv_exactly(server, 5) == b"after"
+
+
+def test_a_held_syn_meets_the_socket_that_appears_before_release(netns) -> None:
+    """The migration's case: no socket for the service yet (the kernel would answer with a
+    reset), the packet is held, the socket appears, release delivers the packet to it."""
+    with nfqueue.Hold(ADDR, 7078) as hold:
+        client = socket.socket()
+        client.setblocking(False)
+        assert client.connect_ex((ADDR, 7078)) == errno.EINPROGRESS
+        _until(lambda: hold.held() >= 1, what="the SYN to be held")
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind((ADDR, 7078))
+        lst.listen(1)
+        hold.release()
+    with client, lst:
+        lst.settimeout(10)
+        server, _ = lst.accept()
+        with server:
+            assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # no reset
+            client.settimeout(10)
+            client.sendall(b"hi")
+            server.settimeout(10)
+            assert _recv_exactly(server, 2) == b"hi"
+
+
+def test_the_rule_is_gone_even_when_the_holder_raises(netns) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with nfqueue.Hold(ADDR, 7079):
+            assert nfqueue.rule_present(ADDR, 7079)
+            1 / 0  # noqa: B018
+    assert not nfqueue.rule_present(ADDR, 7079)
+    # and the queue was let go: the next Hold binds it again
+    with nfqueue.Hold(ADDR, 7079) as again:
+        again.release()
+        again.release()  # idempotent
+    assert not nfqueue.rule_present(ADDR, 7079)
+
+
+def test_a_taken_queue_fails_cleanly_without_a_rule(netns) -> None:
+    with nfqueue.Hold(ADDR, 7080, queue_num=5):
+        with pytest.raises(nfqueue.HoldError, match="queue 5: cannot bind"):
+            nfqueue.Hold(ADDR, 7081, queue_num=5)
+        assert not nfqueue.rule_present(ADDR, 7081, queue_num=5)
+    assert not nfqueue.rule_present(ADDR, 7080, queue_num=5)
+
+
+def test_cli_holds_until_stdin_then_prints_its_stats(netns) -> None:
+    lst, client, server = _pair(7082)
+    with lst, client, server:
+        proc = subprocess.Popen([sys.executable, nfqueue.__file__, "hold", "--address", ADDR,
+                                 "--port", "7082"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert json.loads(proc.stdout.readline())["event"] == "holding"
+            client.send(b"held by the cli")
+            _until(lambda: _retransmissions(client) >= 1, what="a retransmission (held)")
+            assert _unacked(client) == 15
+            out, _ = proc.communicate("release\n", timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == 0
+        stats = json.loads(out)
+        assert stats["event"] == "released" and stats["held"] >= 1
+        assert stats["released"] == stats["held"]
+        assert _recv_exactly(server, 15) == b"held by the cli"
+        assert not nfqueue.rule_present(ADDR, 7082)
