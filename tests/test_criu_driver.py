@@ -16,6 +16,7 @@ import selectors
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -512,6 +513,100 @@ def test_sigterm_runs_the_safety_net(tmp_path) -> None:
     assert not (tmp_path / "b").exists()
     assert b"session ended without quit (signal 15)" in s.p.stderr.read()
     s.close()
+
+
+# ------------------------------------------------------------------ TCP (issue 12; here, real sockets)
+
+def test_lock_rules_are_criu_s_own() -> None:
+    """The match spec of criu/netfilter.c IPTABLES_CONN_CMD: a restore deletes what the driver
+    inserted on dst only if they are the same rule."""
+    assert cd.lock_rules("10.77.0.200:7077", "10.77.0.250:40000") == [
+        ["INPUT", "--protocol", "tcp", "-m", "mark", "!", "--mark", "0xc114",
+         "--source", "10.77.0.250", "--sport", "40000", "--destination", "10.77.0.200",
+         "--dport", "7077", "-j", "DROP"],
+        ["OUTPUT", "--protocol", "tcp", "-m", "mark", "!", "--mark", "0xc114",
+         "--source", "10.77.0.200", "--sport", "7077", "--destination", "10.77.0.250",
+         "--dport", "40000", "-j", "DROP"]]
+    with pytest.raises(cd.StepFailed):
+        cd._split_conn("10.77.0.200:7077")
+
+
+CONNECTOR = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(s.getsockname()[1], flush=True)
+time.sleep(600)
+"""
+
+
+def _repair_allowed() -> str | None:
+    if os.geteuid() != 0:
+        return "TCP_REPAIR and pidfd_getfd of another process need root"
+    return None
+
+
+@pytest.fixture
+def connected():
+    """(peer process, its port, our accepted socket): an established connection whose one end
+    lives in another process, as the workload's does for the driver."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    p = subprocess.Popen([sys.executable, "-c", CONNECTOR, str(ls.getsockname()[1])],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(p.stdout.readline())
+        conn, _ = ls.accept()
+        conn.settimeout(1.5)
+        yield p, port, conn, ls.getsockname()[1]
+        conn.close()
+    finally:
+        ls.close()
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.skipif(_repair_allowed() is not None, reason=str(_repair_allowed()))
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_killed_copy_is_silent_only_in_repair_mode(connected, quiet: bool) -> None:
+    """kill's reason to quiet the sockets: the same process killed with its socket in repair
+    mode sends nothing (the peer's read times out), without it the peer sees the close."""
+    p, port, conn, lport = connected
+    (c,) = cd.tcp_connections([p.pid])
+    assert (c["local"], c["peer"]) == (f"127.0.0.1:{port}", f"127.0.0.1:{lport}")
+    assert cd.sock_state(p.pid, c["fd"]) == {"repair": False, "reuseaddr": 0}
+    if quiet:
+        assert cd.quiet_sockets([p.pid]) == []
+        assert cd.sock_state(p.pid, c["fd"])["repair"] is True
+    p.kill()
+    p.wait()
+    if quiet:
+        with pytest.raises(TimeoutError):
+            conn.recv(1)
+    else:
+        try:
+            assert conn.recv(1) == b""  # FIN
+        except ConnectionResetError:
+            pass  # or a RST: either way the peer was told
+
+
+@pytest.mark.skipif(_repair_allowed() is not None, reason=str(_repair_allowed()))
+def test_unlock_turns_repair_off_and_puts_reuseaddr_back(connected) -> None:
+    """What CRIU's dump leaves with --leave-stopped (repair on, SO_REUSEADDR forced) undone by
+    the driver before the source runs again; the connection carries data afterwards."""
+    p, port, conn, lport = connected
+    (c,) = cd.tcp_connections([p.pid])
+    cd._repair(p.pid, c["fd"], True)
+    assert cd.sock_state(p.pid, c["fd"])["repair"] is True
+    drv = cd.Driver(None, "src")
+    drv.tcp[p.pid] = [{**c, "reuseaddr": 1}]
+    drv.locked.add((c["local"], c["peer"]))
+    done = drv.unlock(p.pid)
+    assert f"repair off {c['local']}-{c['peer']}" in done
+    assert cd.sock_state(p.pid, c["fd"]) == {"repair": False, "reuseaddr": 1}
+    assert drv.tcp == {} and drv.locked == set()
+    conn.sendall(b"x")  # the connection works: the peer's kernel acks it
+    with socket.socket(fileno=cd._pidfd_getfd(p.pid, c["fd"])) as theirs:
+        theirs.settimeout(2)
+        assert theirs.recv(1) == b"x"
 
 
 # ------------------------------------------------------------------ two guests (slow)

@@ -15,6 +15,13 @@ labkit. Two ways to run it:
 * ``python3 criu_driver.py SUBCOMMAND --base BASE ...``: one step, one JSON line, exit 0 on
   success, 1 when the step failed, 2 on a usage error (by hand, and the tests).
 
+TCP (issue 12, migrate-test --tcp): ``dump --tcp-established [--give-address A]``, ``restore
+--tcp-established --tcp-conn L-P --take-address A`` (the connection locked as CRIU's dump locks
+it, then the address, then the restore) or ``restore --tcp-close`` (a copy that never runs),
+``resume`` unlocks a source dumped with its connections (CRIU leaves them in repair mode and
+locked under --leave-stopped), ``kill`` puts sockets in repair mode first (closed silently),
+``address take|give``; the safety net moves the address back. Facts: docs/criu-recipe.md.
+
 Image dirs are BASE/1, BASE/2, ...; round N names its parent ``../N-1``, relative to BASE/N, on
 both sides: CRIU makes the ``parent`` symlink in the images dir of whichever criu (dump or
 page-server) is given --prev-images-dir. Recipe, numbers and pitfalls: docs/criu-recipe.md.
@@ -45,6 +52,12 @@ import sys
 import tarfile
 import time
 import traceback
+
+if __package__:
+    from . import netmove
+else:  # run as a script: siblings live next to this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import netmove  # type: ignore[no-redef]
 
 PAGE = 4096
 IMG_COMMON = 0x54564319  # every image but the service ones (stats, inventory...) starts with it
@@ -726,6 +739,173 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+# ---------------------------------------------------------------- TCP connections (issue 12)
+# What CRIU 3.17.1 does with an established connection, verified in guests (docs/criu-recipe.md,
+# "A live TCP connection"): ``dump --tcp-established`` puts the socket in repair mode and adds
+# two iptables rules per connection (DROP, except packets marked SOCCR_MARK); with
+# ``--leave-stopped`` it leaves both as they are. ``restore --tcp-established`` binds the
+# socket to its address (which must be local), turns repair off, and deletes the same two
+# rules at its end. The driver does the rest: the rules on dst before the address arrives there,
+# the source's unlock when it resumes, a silent kill.
+
+SOCCR_MARK = "0xc114"  # CRIU's (libsoccr) packets carry it: its lock rules let them through
+SOL_TCP = socket.IPPROTO_TCP
+TCP_REPAIR = 19
+TCP_REPAIR_WINDOW = 29
+
+
+def _pidfd_getfd(pid: int, fd: int) -> int:
+    """A duplicate of another process's fd (pidfd_getfd, Linux 5.6; root): how the driver
+    reaches a stopped tree's sockets to turn repair mode on or off."""
+    import ctypes  # noqa: PLC0415 - only on the TCP path
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else libc.syscall(434, pid, 0)
+    if pidfd < 0:
+        raise OSError(ctypes.get_errno(), f"pidfd_open({pid}): {os.strerror(ctypes.get_errno())}")
+    try:
+        mine = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd: the same number on every arch
+        if mine < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
+        return mine
+    finally:
+        os.close(pidfd)
+
+
+def _hexaddr(text: str) -> str:
+    """/proc/net/tcp's "0100007F:1F90" -> "127.0.0.1:8080" (address in host byte order)."""
+    ip, _, port = text.partition(":")
+    return f"{socket.inet_ntoa(struct.pack('<I', int(ip, 16)))}:{int(port, 16)}"
+
+
+def tcp_connections(pids: list[int]) -> list[dict]:
+    """The established IPv4 TCP connections the tree holds: {"pid", "fd", "local", "peer"},
+    one per socket (the first fd that holds it)."""
+    out: list[dict] = []
+    seen: set[int] = set()
+    for pid in pids:
+        inodes: dict[int, int] = {}
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.setdefault(int(link[8:-1]), int(fd))
+            with open(f"/proc/{pid}/net/tcp") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) < 10 or cols[3] != "01":  # 01: TCP_ESTABLISHED
+                continue
+            inode = int(cols[9])
+            if inode in inodes and inode not in seen:
+                seen.add(inode)
+                out.append({"pid": pid, "fd": inodes[inode], "local": _hexaddr(cols[1]),
+                            "peer": _hexaddr(cols[2])})
+    return out
+
+
+def _split_conn(spec: str) -> tuple[str, str]:
+    local, sep, peer = spec.partition("-")
+    if not sep or ":" not in local or ":" not in peer:
+        raise StepFailed(f"--tcp-conn {spec!r}: want LOCAL:PORT-PEER:PORT")
+    return local, peer
+
+
+def lock_rules(local: str, peer: str) -> list[list[str]]:
+    """CRIU's own lock rules for one connection (criu/netfilter.c IPTABLES_CONN_CMD), without
+    the -I/-D: in, then out. The same match spec, so a ``criu restore`` deletes what the
+    driver inserted, and the driver deletes what ``criu dump`` inserted."""
+    (lip, lport), (pip, pport) = local.rsplit(":", 1), peer.rsplit(":", 1)
+    rule = ["--protocol", "tcp", "-m", "mark", "!", "--mark", SOCCR_MARK]
+    return [["INPUT", *rule, "--source", pip, "--sport", pport, "--destination", lip,
+             "--dport", lport, "-j", "DROP"],
+            ["OUTPUT", *rule, "--source", lip, "--sport", lport, "--destination", pip,
+             "--dport", pport, "-j", "DROP"]]
+
+
+def _iptables(verb: str, rule: list[str], timeout: float = 30.0) -> tuple[bool, str]:
+    try:
+        p = subprocess.run(["iptables", "-w", "-t", "filter", verb, *rule], capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return False, "iptables not installed"
+    except subprocess.TimeoutExpired:
+        return False, f"iptables {verb} took over {timeout:g} s"
+    return p.returncode == 0, (p.stderr or p.stdout).strip()
+
+
+def tcp_lock(conns: list[tuple[str, str]]) -> None:
+    """Drop the connections' packets here (both ways) as CRIU's dump does on src: on dst before
+    the address arrives, so the peer's retransmissions are dropped, not answered with a RST
+    by a node that has the address but not yet the socket. One iptables-restore: one exec,
+    inside the downtime."""
+    lines = ["*filter"]
+    for local, peer in conns:
+        lines += ["-I " + " ".join(r) for r in lock_rules(local, peer)]
+    lines.append("COMMIT\n")
+    try:
+        p = subprocess.run(["iptables-restore", "-w", "--noflush"], input="\n".join(lines),
+                           capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise StepFailed("iptables-restore not installed: the connection cannot be locked "
+                         "(CRIU's network lock needs iptables too)") from None
+    if p.returncode != 0:
+        raise StepFailed(f"locking the connection(s): iptables-restore: "
+                         f"{(p.stderr or p.stdout).strip()}")
+
+
+def tcp_unlock_rules(conns: list[tuple[str, str]]) -> list[str]:
+    """Delete the lock rules (CRIU's or the driver's) of these connections; a rule that is
+    not there is no error (a restore deletes its own). -> the rules deleted."""
+    gone = []
+    for local, peer in conns:
+        for rule in lock_rules(local, peer):
+            while _iptables("-D", rule)[0]:  # twice inserted, twice deleted
+                gone.append(f"{rule[0]} {local}-{peer}")
+    return gone
+
+
+def _repair(pid: int, fd: int, on: bool, reuse: int | None = None) -> None:
+    """TCP_REPAIR on or off for a socket of another process; off restores SO_REUSEADDR too
+    (the kernel forces it while in repair and leaves it 0 after: CRIU puts it back; without
+    that a later bind of the port failed here against the old connection's TIME-WAIT)."""
+    with socket.socket(fileno=_pidfd_getfd(pid, fd)) as s:  # closes our duplicate only
+        s.setsockopt(SOL_TCP, TCP_REPAIR, 1 if on else 0)  # off (0): and a window probe
+        if not on and reuse is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+
+
+def sock_state(pid: int, fd: int) -> dict:
+    """{"repair": bool, "reuseaddr": int} of another process's TCP socket. TCP_REPAIR_WINDOW
+    can be read only in repair mode (EPERM otherwise): the one probe for it."""
+    with socket.socket(fileno=_pidfd_getfd(pid, fd)) as s:
+        try:
+            s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20)
+            repair = True
+        except OSError:
+            repair = False
+        return {"repair": repair,
+                "reuseaddr": s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)}
+
+
+def quiet_sockets(pids: list[int]) -> list[str]:
+    """Put the tree's established TCP sockets in repair mode before it is killed: a socket
+    closed in repair mode goes without a FIN or RST (tcp_disconnect). A copy that is killed
+    must not speak for a connection that lives on elsewhere with the same addresses (the
+    source after the move, dst after an undo). -> what could not be quieted."""
+    failed = []
+    for c in tcp_connections(pids):
+        try:
+            _repair(c["pid"], c["fd"], True)
+        except OSError as e:
+            failed.append(f"{c['local']}-{c['peer']}: {e.strerror or e}")
+    return failed
+
+
 # ---------------------------------------------------------------- the driver's state
 
 class Driver:
@@ -739,22 +919,63 @@ class Driver:
         self.restored: dict[int, list[int]] = {}  # dst: restored, not resumed/killed
         self.page_servers: dict[int, str] = {}    # dst: pid -> images dir
         self.cwd = os.getcwd()
+        # TCP (dump/restore --tcp-established): per dumped root, its connections as they were
+        # before the dump (SO_REUSEADDR included); every connection whose lock rules may be
+        # here; the service address this driver gave up (src) or took (dst) and not yet
+        # settled (the safety net moves it back)
+        self.tcp: dict[int, list[dict]] = {}
+        self.locked: set[tuple[str, str]] = set()
+        self.gave: str | None = None
+        self.took: str | None = None
 
     def forget(self, pid: int) -> None:
         self.frozen.pop(pid, None)
         self.restored.pop(pid, None)
 
+    def unlock(self, pid: int) -> list[str]:
+        """The source's connections back to life before it runs again (what CRIU's dump does
+        when the task lives on, and skips with --leave-stopped): lock rules deleted, repair
+        off, SO_REUSEADDR as it was. -> what was done."""
+        done = []
+        for c in self.tcp.pop(pid, []):
+            conn = (c["local"], c["peer"])
+            done += tcp_unlock_rules([conn])
+            self.locked.discard(conn)
+            try:
+                _repair(c["pid"], c["fd"], False, c.get("reuseaddr"))
+                done.append(f"repair off {c['local']}-{c['peer']}")
+            except OSError as e:
+                raise StepFailed(f"turning repair off for {c['local']}-{c['peer']} (pid "
+                                 f"{c['pid']} fd {c['fd']}): {e.strerror or e}") from None
+        return done
+
     def safety_net(self) -> list[str]:
         """Undo what is half done; returns what it did (for stderr: stdout may be gone)."""
         done = []
-        for pid, pids in list(self.frozen.items()):
-            _signal_all(sorted(set(pids) | set(_tree(pid))), signal.SIGCONT)
-            done.append(f"SIGCONT {pid}")
-        self.frozen.clear()
-        for pid, pids in list(self.restored.items()):
+        for pid, pids in list(self.restored.items()):  # dst first: it must not answer
+            done += [f"not quiet: {m}" for m in quiet_sockets(pids)]
             _signal_all(sorted(set(pids) | set(_tree(pid))), signal.SIGKILL)
             done.append(f"SIGKILL {pid}")
         self.restored.clear()
+        if self.took:
+            with contextlib.suppress(OSError, netmove.NetMoveError):
+                netmove.give(self.took)
+                done.append(f"gave {self.took}")
+            self.took = None
+        if self.gave:
+            with contextlib.suppress(OSError, netmove.NetMoveError):
+                netmove.take(self.gave)
+                done.append(f"took {self.gave} back")
+            self.gave = None
+        for pid, pids in list(self.frozen.items()):
+            with contextlib.suppress(StepFailed):
+                done += self.unlock(pid)
+            _signal_all(sorted(set(pids) | set(_tree(pid))), signal.SIGCONT)
+            done.append(f"SIGCONT {pid}")
+        self.frozen.clear()
+        if self.locked:
+            done += tcp_unlock_rules(sorted(self.locked))
+            self.locked.clear()
         for pid in list(self.page_servers):
             if _pid_alive(pid) and "page-server" in _cmdline(pid):
                 _signal_all([pid], signal.SIGKILL)
@@ -1028,6 +1249,13 @@ def cmd_predump(a, drv: Driver, final: bool = False) -> dict:
                  *(["--tcp-established"] if a.tcp_established else [])]
     if a.shell_job:
         args.append("--shell-job")
+    conns: list[dict] = []
+    if final and a.tcp_established:
+        # as they are before CRIU forces SO_REUSEADDR: the unlock puts it back
+        conns = tcp_connections(_tree(a.pid))
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c["reuseaddr"] = sock_state(c["pid"], c["fd"])["reuseaddr"]
     rc, out, secs = _run_criu(args, log, a.timeout)
     if rc != 0:
         if final and not a.kill and _pid_alive(a.pid) and proc_state(a.pid) in ("T", "t"):
@@ -1047,7 +1275,36 @@ def cmd_predump(a, drv: Driver, final: bool = False) -> dict:
             res["files"] = _open_for_writing(tree)
         else:
             res["files"] = []
+        if a.tcp_established:
+            # CRIU left the sockets in repair mode and its lock rules in place (both verified)
+            drv.tcp[a.pid] = conns
+            drv.locked.update((c["local"], c["peer"]) for c in conns)
+            res["tcp"] = conns
+        if a.give_address:
+            res["gave"] = _give(a.give_address, drv)
     return res
+
+
+def _give(address: str, drv: Driver) -> bool:
+    try:
+        gone = netmove.give(address)
+    except (OSError, netmove.NetMoveError) as e:
+        raise StepFailed(f"giving up {address}: {e}") from None
+    drv.gave = address if drv.role == "src" else None
+    if drv.role == "dst":
+        drv.took = None
+    return gone
+
+
+def _take(address: str, drv: Driver, announce: bool = True) -> str:
+    try:
+        dev = netmove.take(address, announce=announce)
+    except (OSError, netmove.NetMoveError) as e:
+        raise StepFailed(f"taking {address}: {e}") from None
+    drv.took = address if drv.role == "dst" else None
+    if drv.role == "src":
+        drv.gave = None
+    return dev
 
 
 def _free_port(address: str) -> int:
@@ -1126,25 +1383,54 @@ def cmd_restore(a, drv: Driver) -> dict:
         raise StepFailed("pid(s) needed by the restore are in use on this node: "
                          + ", ".join(taken) + " (CRIU restores every task with its own pid)",
                          extra={"taken": taken})
+    if a.tcp_established and a.tcp_close:
+        raise StepFailed("restore: --tcp-established or --tcp-close, not both")
     log = os.path.join(d, LOG_NAMES["restore"])
     pidfile = os.path.join(d, "restore.pid")
     args = ["restore", "-D", d, "-d", "--pidfile", pidfile, "--file-locks", "--link-remap",
             "--leave-stopped",  # verified before it runs; the driver's safety net kills it
             *(["--shell-job"] if a.shell_job else []),
             *(["--tcp-established"] if a.tcp_established else []),
+            # the baseline's copy: its sockets come back closed (no address needed, and
+            # killing it later sends nothing to the peer the source still serves)
+            *(["--tcp-close"] if a.tcp_close else []),
             *(["-v4"] if a.verbose else [])]
+    conns = [_split_conn(c) for c in a.tcp_conn]
+    res: dict = {}
+    t_net = time.monotonic()
+    if conns:  # locked before the address arrives: no RST from here before the socket is
+        tcp_lock(conns)
+        drv.locked.update(conns)
+    if a.take_address:
+        res["took"] = _take(a.take_address, drv, announce=not a.no_announce)
+    res["net_s"] = round(time.monotonic() - t_net, 3)
     rc, out, secs = _run_criu(args, log, a.timeout)
     pids = [p["pid"] for p in procs]
     if rc != 0:
         _signal_all([p for p in pids if _pid_alive(p)], signal.SIGKILL)  # nothing half-done
+        if conns:
+            tcp_unlock_rules(conns)
+            drv.locked.difference_update(conns)
         raise _fail_from_log("restore", log, rc, out)
     drv.restored[root] = pids
+    if conns:  # CRIU's restore deleted the rules itself (its network unlock): check
+        res["tcp"] = {f"{lo}-{pe}": sock_state_of(pids, lo, pe) for lo, pe in conns}
     st = _read_stats(d, "stats-restore").get("restore", {})
     state = proc_state(root)
     return {"round": a.round, "dir": d, "pid": root, "pids": pids,
             "state": state, "stopped": state in ("T", "t"), "seconds": round(secs, 3),
             "pages_restored": st.get("pages_restored"),
-            "restore_s": st.get("restore_time", 0) / 1e6, "stats": st, "log": log}
+            "restore_s": st.get("restore_time", 0) / 1e6, "stats": st, "log": log, **res}
+
+
+def sock_state_of(pids: list[int], local: str, peer: str) -> dict:
+    """The restored socket of one connection: found, and its repair/SO_REUSEADDR state."""
+    for c in tcp_connections(pids):
+        if (c["local"], c["peer"]) == (local, peer):
+            with contextlib.suppress(OSError):
+                return {"found": True, **sock_state(c["pid"], c["fd"])}
+            return {"found": True}
+    return {"found": False}
 
 
 def cmd_verify(a, drv: Driver) -> dict:
@@ -1327,13 +1613,18 @@ def cmd_unpack(a, drv: Driver) -> dict:
 def cmd_resume(a, drv: Driver) -> dict:
     if not _pid_alive(a.pid):
         raise StepFailed(f"pid {a.pid} does not exist")
+    took = _take(a.take_address, drv) if a.take_address else None
+    unlocked = drv.unlock(a.pid)  # a source dumped with its connections: them first
     pids = _tree(a.pid)
     _signal_all(pids, signal.SIGCONT)
     if not _wait(lambda: all(proc_state(p) not in ("T", "t") for p in pids), a.timeout):
         still = [p for p in pids if proc_state(p) in ("T", "t")]
         raise StepFailed(f"pid(s) {', '.join(map(str, still))} still stopped after SIGCONT")
+    if a.pid in drv.restored:
+        drv.took = None  # the restored tree runs: the address is its own now
     drv.forget(a.pid)
-    return {"pid": a.pid, "pids": pids, "state": proc_state(a.pid)}
+    return {"pid": a.pid, "pids": pids, "state": proc_state(a.pid),
+            **({"unlocked": unlocked} if unlocked else {}), **({"took": took} if took else {})}
 
 
 def cmd_kill(a, drv: Driver) -> dict:
@@ -1342,13 +1633,18 @@ def cmd_kill(a, drv: Driver) -> dict:
     pids = _tree(a.pid)
     _signal_all(pids, signal.SIGSTOP)  # no new children between the listing and the kill
     pids = sorted(set(pids) | set(t for p in pids for t in _tree(p)))
+    loud = quiet_sockets(pids)  # its connections may live on elsewhere: no FIN, no RST
     _signal_all(pids, signal.SIGKILL)
     drv.forget(a.pid)
+    conns = [(c["local"], c["peer"]) for c in drv.tcp.pop(a.pid, [])]
     if not _wait(lambda: all(proc_state(p) is None for p in pids), a.timeout):
         left = [f"{p} ({proc_state(p)})" for p in pids if proc_state(p) is not None]
         raise StepFailed(f"pid(s) {', '.join(left)} not gone {a.timeout:g} s after SIGKILL "
                          "(a zombie its parent does not reap?)")
-    return {"pid": a.pid, "killed": pids}
+    if conns:  # a dumped source: CRIU's lock rules go once its sockets are gone
+        tcp_unlock_rules(conns)
+        drv.locked.difference_update(conns)
+    return {"pid": a.pid, "killed": pids, **({"not_quiet": loud} if loud else {})}
 
 
 def _ctl_write(path: str, line: str) -> None:
@@ -1427,7 +1723,17 @@ def cmd_cleanup(a, drv: Driver) -> dict:
                 freed += os.lstat(path).st_blocks * 512
             os.unlink(path)
         removed.append(path)
-    return {"base": a.base, "bytes": freed, "removed": removed}
+    rules = tcp_unlock_rules(sorted(drv.locked)) if drv.locked else []
+    drv.locked.clear()
+    return {"base": a.base, "bytes": freed, "removed": removed,
+            **({"rules_removed": rules} if rules else {})}
+
+
+def cmd_address(a, drv: Driver) -> dict:
+    """The service address here (take: added as a /32 and announced) or not (give)."""
+    if a.action == "take":
+        return {"address": a.address, "took": _take(a.address, drv)}
+    return {"address": a.address, "gave": _give(a.address, drv)}
 
 
 def cmd_quit(a, drv: Driver) -> dict:
@@ -1507,6 +1813,8 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--kill", action="store_true",
                            help="let criu kill the tasks (default: leave them stopped)")
             p.add_argument("--tcp-established", action="store_true")
+            p.add_argument("--give-address", metavar="ADDR",
+                           help="after the dump: remove this service address from here")
     p = common("page-server", 60.0, with_base=True)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--port", type=int, default=0, help="0: pick a free one")
@@ -1516,6 +1824,14 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--leave-stopped", action="store_true", help="(always: kept for old callers)")
     p.add_argument("--shell-job", action="store_true")
     p.add_argument("--tcp-established", action="store_true")
+    p.add_argument("--tcp-close", action="store_true",
+                   help="restore established connections closed (a copy that never runs)")
+    p.add_argument("--tcp-conn", action="append", default=[], metavar="LOCAL:P-PEER:P",
+                   help="lock this connection (iptables, as CRIU's dump) before the restore")
+    p.add_argument("--take-address", metavar="ADDR",
+                   help="before the restore: add this service address here and announce it")
+    p.add_argument("--no-announce", action="store_true",
+                   help="take the address without a gratuitous ARP (test fault keep-address)")
     p.add_argument("--verbose", action="store_true")
     p = common("verify", 300.0, with_base=True)
     p.add_argument("--round", type=int, required=True)
@@ -1536,6 +1852,12 @@ def build_parser(base: str | None = None) -> argparse.ArgumentParser:
     for name in ("resume", "kill"):
         p = common(name, 10.0)
         p.add_argument("--pid", type=int, required=True)
+        if name == "resume":
+            p.add_argument("--take-address", metavar="ADDR",
+                           help="first: the service address back here, announced (undo)")
+    p = common("address", 30.0, help="the service address: take (add + announce) or give")
+    p.add_argument("action", choices=("take", "give"))
+    p.add_argument("--address", required=True)
     p = common("wlctl", 120.0)
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--ctl", required=True)
@@ -1562,6 +1884,7 @@ COMMANDS = {"hello": cmd_hello, "check": cmd_check, "spawn": cmd_spawn,
             "ranges": cmd_ranges, "memhash": cmd_memhash, "imagehash": cmd_imagehash, "pack": cmd_pack, "unpack": cmd_unpack,
             "resume": cmd_resume, "kill": cmd_kill, "wlctl": cmd_wlctl,
             "wlctl-wait": cmd_wlctl_wait, "logs": cmd_logs, "cleanup": cmd_cleanup,
+            "address": cmd_address,
             "quit": cmd_quit, "stats": cmd_stats, "show": cmd_show}
 
 

@@ -30,6 +30,9 @@ round trip). The protocol is the driver's docstring.
             verification included. Then the images' own bytes (the pre-dump chain) are
             hashed the same way and must match too (slow under TCG, so not in the downtime;
             the source is still frozen, so a mismatch is still undone).
+  tcp       (--tcp, built-in workload) the client connects after the spawn; the final dump
+            carries the connection and the service address moves in the downtime; the
+            baseline hands it back to the source (``tcp_flags``, docs/criu-recipe.md).
   after     success: the source tree is killed; a user's process runs on dst, the built-in
             workload is ended by the run's cleanup. Failure at any step: the restored tree on
             dst is killed, the source tree is SIGCONTed (it runs on src as before), and the
@@ -96,6 +99,7 @@ class CriuMigration:
         self.output: str | None = None  # the migrated program's output file (--command)
         self.ranges_b64 = ""  # the last final image's pages, for check_image
         self.work: str | None = None  # the payload folder's copy the process runs in
+        self.moving = False  # --tcp: the final dump was sent: the address may have moved
 
     # -- the driver protocol ------------------------------------------------------------------
     def call(self, rem: Remote, line: str, step: str) -> dict[str, Any]:
@@ -161,8 +165,11 @@ class CriuMigration:
             if cfg.verify_resume:
                 self.verify_resume()
             self.finish()
+            if run.tcp is not None:  # the client's verdict while the workload still serves it
+                run.tcp.finish()
         except BaseException:
             self.undo()
+            self.tcp_verdict()
             raise
         finally:
             self.collect()
@@ -239,6 +246,8 @@ class CriuMigration:
                                       f"ready: {ready!r}")
         self.info["source"] = {"pid": self.pid, "output": self.output}
         ev.emit("criu-spawned", pid=self.pid, output=self.output)
+        if run.tcp is not None:  # workload_args() made it serve: the client connects now
+            run.tcp.connect()
 
     # -- pre-copy -----------------------------------------------------------------------------
     def round_row(self, rnd: int, kind: str, rep: dict[str, Any], t0: float,
@@ -289,7 +298,7 @@ class CriuMigration:
         n = rnd + 1
         where = self.page_server(n)  # before the freeze: not downtime
         t_freeze = ev.emit("freeze")
-        parts, rep, root = self.freeze_and_restore(n, where, rnd, "the final dump")
+        parts, rep, root = self.freeze_and_restore(n, where, rnd, "the final dump", final=True)
         rows.append(self.round_row(rnd, "final", rep, t_freeze, t_freeze + parts["dump_s"]))
         assert self.dd is not None
         t = time.monotonic()
@@ -305,17 +314,47 @@ class CriuMigration:
         r.set_rounds(rows, t_freeze, t_resumed)
         self.dst_pid = root
 
-    def freeze_and_restore(self, n: int, where: str, rnd: int,
-                           what: str) -> tuple[dict[str, float], dict[str, Any], int]:
+    def tcp_flags(self, final: bool) -> tuple[str, str]:
+        """--tcp: the dump's and the restore's extra flags. The final dump carries the
+        connection (``--tcp-established``) and gives the address up right after; dst locks
+        the connection (CRIU's own rules: the peer's retransmissions are dropped, not reset,
+        until the socket is there), takes the address and announces it, then restores (CRIU
+        binds the socket to the address, which must be local, and deletes the rules). The
+        baseline's dump must carry the connection too (CRIU refuses an established socket
+        otherwise) but its copy never runs: restored ``--tcp-close`` (no address needed on
+        dst, and its killing sends the client nothing), while the source keeps the address
+        and gets its connection back when it resumes (the driver's unlock). Test faults:
+        keep-address: src keeps the address and dst holds it unannounced (CRIU cannot
+        restore the socket without it local: neither a non-local bind nor IP_FREEBIND gets
+        its repair-mode connect a route), so the client's packets still go to src, which
+        answers them with a RST once its copy is gone; no-freeze: dst takes the address
+        without locking the connection first."""
+        tcp = self.run.tcp
+        if tcp is None:
+            return "", ""
+        if not final:
+            return " --tcp-established", " --tcp-close"
+        keep = tcp.fault == "keep-address"
+        return (" --tcp-established" + ("" if keep else f" --give-address {tcp.address}"),
+                f" --tcp-established --take-address {tcp.address}"
+                + (" --no-announce" if keep else ""))
+
+    def freeze_and_restore(self, n: int, where: str, rnd: int, what: str, *,
+                           final: bool = False) -> tuple[dict[str, float], dict[str, Any], int]:
         """Dump the tree (left stopped) into dst's page server, move the rest, restore it held
         stopped on dst and verify it: the downtime's parts, the dump's reply, the restored
         root pid."""
         assert self.ds is not None and self.dd is not None
         parts: dict[str, float] = {}
+        dump_x, restore_x = self.tcp_flags(final)
         t = time.monotonic()
         self.frozen = True  # from here the source may be stopped: undo() resumes it
-        dump = self.call(self.ds, f"dump --pid {self.pid} --round {n} --page-server {where}",
-                         what)
+        self.moving = final and bool(dump_x)
+        dump = self.call(self.ds, f"dump --pid {self.pid} --round {n} --page-server {where}"
+                         f"{dump_x}", what)
+        if final and self.run.tcp is not None and self.run.tcp.fault != "no-freeze":
+            restore_x += "".join(f" --tcp-conn {c['local']}-{c['peer']}"
+                                 for c in dump.get("tcp") or [])
         parts["dump_s"] = time.monotonic() - t
         t = time.monotonic()
         files = [f["path"] for f in dump.get("files") or []]
@@ -333,7 +372,7 @@ class CriuMigration:
         memhash = f"memhash --ranges-b64 {rg['ranges_b64']}"
         self.send(self.ds, memhash, "hashing the frozen source")
         try:
-            rs = self.call(self.dd, f"restore --round {n}", "the restore")
+            rs = self.call(self.dd, f"restore --round {n}{restore_x}", "the restore")
             self.restored = [int(p) for p in rs.get("pids") or [rs["pid"]]]
             self.run.pids[self.dst.name].update(self.restored)  # a failure kills them
             parts["restore_s"] = time.monotonic() - t
@@ -348,6 +387,13 @@ class CriuMigration:
             "round": rnd, "pids": self.restored, "pages_restored": rs.get("pages_restored"),
             "restore_s": rs.get("restore_s"), "stats": rs.get("stats"),
             "files_copied": up.get("files"), "final_bytes": pack.get("bytes")})
+        if dump_x:
+            self.info.setdefault("tcp", []).append({
+                "round": rnd, "final": final, "connections": dump.get("tcp"),
+                "gave": dump.get("gave"), "took": rs.get("took"), "net_ms": (
+                    None if rs.get("net_s") is None else round(1000 * rs["net_s"], 3)),
+                "restored": rs.get("tcp"), "restore_flags": restore_x.strip()})
+            self.events.emit("criu-tcp", **self.info["tcp"][-1])
         return parts, dump, int(rs["pid"])
 
     def check_hashes(self, ms: dict[str, Any], md: dict[str, Any]) -> None:
@@ -403,7 +449,9 @@ class CriuMigration:
         self.call(self.dd, f"kill --pid {root}", "ending the stop-and-copy copy")
         self.run.pids[self.dst.name].difference_update(self.restored)
         self.restored = []
-        self.call(self.ds, f"resume --pid {self.pid}", "resuming the source")
+        rs = self.call(self.ds, f"resume --pid {self.pid}", "resuming the source")
+        if rs.get("unlocked"):  # --tcp: its connection unlocked before it runs
+            self.info["stop_and_copy"]["tcp_unlocked"] = rs["unlocked"]
         self.frozen = False
         self.both("cleanup", "removing the stop-and-copy images")
         self.result.verified = False
@@ -453,19 +501,36 @@ class CriuMigration:
     def undo(self) -> None:
         """After a failure at any step: nothing restored stays on dst, and the source runs
         again. Best effort (a dead node cannot be asked); the drivers do the same on their
-        own when their channel ends."""
-        for rem, line, cond in ((self.dd, "kill --pid {}", bool(self.restored)),
-                                (self.ds, "resume --pid {}", self.frozen)):
+        own when their channel ends. --tcp after the final dump: dst's copy is killed
+        without a word to the client (the driver's kill), dst gives the address up, src
+        takes it back and announces it, and its connection is unlocked before it runs."""
+        tcp = self.run.tcp
+        moved = tcp is not None and self.moving and self.frozen
+        give = f"address give --address {tcp.address}" if tcp is not None else ""
+        take = f" --take-address {tcp.address}" if moved and tcp is not None else ""
+        steps = ((self.dd, f"kill --pid {self.restored[0] if self.restored else 0}",
+                  bool(self.restored)),
+                 (self.dd, give, moved),
+                 (self.ds, f"resume --pid {self.pid}{take}", self.frozen))
+        for rem, line, cond in steps:
             if rem is None or not cond or rem.ended.is_set():
                 continue
-            target = self.restored[0] if rem is self.dd else self.pid
             try:
-                rem.call(line.format(target), min(self.timeout, 30.0))
-                self.events.emit("criu-undo", node=rem.node, cmd=line.format(target))
+                rem.call(line, min(self.timeout, 30.0))
+                self.events.emit("criu-undo", node=rem.node, cmd=line)
             except Exception as e:  # noqa: BLE001 - undo all we can
                 self.events.emit("criu-undo-failed", node=rem.node, error=str(e))
         self.restored = []
         self.frozen = False
+        self.moving = False
+
+    def tcp_verdict(self) -> None:
+        """After a failure: the client's verdict before collect() ends the workload (after
+        an undo the source serves the connection again: kept says whether it survived)."""
+        if self.run.tcp is None or self.run.tcp.proc is None:
+            return
+        with contextlib.suppress(Exception):
+            self.run.tcp.finish()
 
     def collect(self) -> None:
         """The program's output, CRIU's logs into the results folder; the built-in workload
