@@ -78,7 +78,8 @@ def main() -> int:
     per: dict[str, list[dict[str, Any]]] = {name(c): [] for c in VARIANTS}
     for cell, row in zip(cells, rows, strict=True):
         tcp = row.get("tcp") or {}
-        down, gap = row.get("downtime_ms"), tcp.get("max_gap_ms")
+        down = row.get("downtime_ms")
+        gap = tcp.get("freeze_gap_ms", tcp.get("max_gap_ms"))  # the migration's own stall
         ratio = gap / down if down and gap is not None else None
         per[name(cell)].append({"ok": row.get("ok"), "kept": tcp.get("kept"), "down": down,
                                 "gap": gap, "echo": tcp.get("max_echo_ms"), "ratio": ratio})

@@ -16,7 +16,8 @@ from labkit.inventory import Inventory
 
 COLUMNS = ["label", "backend", "size", "rate", "pattern", "ok", "rounds", "stop_reason", "downtime_ms",
            "stop_copy_downtime_ms", "throughput_mib_s", "total_s", "tracker_backend",
-           "verified", "tcp_freeze", "tcp_kept", "tcp_max_gap_ms", "error", "folder"]
+           "verified", "tcp_freeze", "tcp_kept", "tcp_max_gap_ms",
+           "tcp_freeze_gap_ms", "error", "folder"]
 
 
 def run_matrix(inventory: Inventory, settings: Settings, base: MigrateConfig,
@@ -52,7 +53,8 @@ def run_matrix(inventory: Inventory, settings: Settings, base: MigrateConfig,
             if cfg.tcp:
                 tcp = row.get("tcp") or {}
                 row.update(tcp_freeze=cfg.tcp_freeze, tcp_kept=tcp.get("kept", False),
-                           tcp_max_gap_ms=tcp.get("max_gap_ms"))
+                           tcp_max_gap_ms=tcp.get("max_gap_ms"),
+                           tcp_freeze_gap_ms=tcp.get("freeze_gap_ms"))
             rows.append(row)
             if out:
                 out(f"[{i + 1}/{len(configs)}] {row['label']}: "

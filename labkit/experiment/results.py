@@ -113,8 +113,10 @@ class Result:
             t = self.tcp
             out.append(f"TCP connection {'kept' if t.get('kept') else 'NOT kept'}: "
                        f"{t.get('records', 0)} records, {t.get('bytes', 0)} bytes, "
-                       f"longest client stall {t.get('max_gap_ms', '-')} ms, "
-                       f"resets {t.get('resets', 0)}, freeze-time packets {t.get('freeze')}")
+                       f"longest client stall {t.get('max_gap_ms', '-')} ms"
+                       + (f" ({t['freeze_gap_ms']} ms across the migration's freeze), "
+                          if t.get("freeze_gap_ms") is not None else ", ")
+                       + f"resets {t.get('resets', 0)}, freeze-time packets {t.get('freeze')}")
         out.append(f"results: {self.folder}")
         return "\n".join(out)
 

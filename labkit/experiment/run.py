@@ -310,7 +310,8 @@ class MigrateRun:
                 tl = r.info.get("timeline", {})
                 plots.plot_timeline(self.folder / "timeline.png", r.rounds, tl.get("freeze_t"),
                                     tl.get("resumed_t"), title,
-                                    stall=(r.tcp or {}).get("gap_t"))
+                                    stall=(r.tcp or {}).get("freeze_gap_t")
+                                    or (r.tcp or {}).get("gap_t"))
         finally:
             self.events.close()
 

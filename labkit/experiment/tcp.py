@@ -200,12 +200,7 @@ class TcpSession:
         out = {k: v for k, v in line.items() if k != "event"}
         out.update(address=self.address, port=self.port, freeze=self.freeze,
                    **({"fault": self.fault} if self.fault else {}))
-        gap = out.get("gap")
-        if isinstance(gap, list) and len(gap) == 2 and all(isinstance(g, (int, float))
-                                                           for g in gap):
-            # wall clock -> run seconds, for the timeline beside the downtime
-            offset = time.time() - run.events.now()
-            out["gap_t"] = [round(g - offset, 6) for g in gap]
+        self._place_gaps(out)
         self.result = out
         run.result.tcp = out
         run.events.emit("tcp", **out)
@@ -215,6 +210,36 @@ class TcpSession:
             raise MigrationFailed(f"the TCP connection was not kept: {why}",
                                   value={"step": "tcp client"})
         return out
+
+    def _place_gaps(self, out: dict[str, Any]) -> None:
+        """The client's stalls (wall clock) in run seconds, for the timeline beside the
+        downtime; and ``freeze_gap_ms``, the longest stall that overlaps the migration's own
+        freeze (the criu backend's stop-and-copy baseline freezes the source too, earlier,
+        and may be the longest stall of all)."""
+        offset = time.time() - self.run.events.now()
+
+        def placed(gap: Any) -> list[float] | None:
+            if (isinstance(gap, list) and len(gap) == 2
+                    and all(isinstance(g, (int, float)) for g in gap)):
+                return [round(g - offset, 6) for g in gap]
+            return None
+
+        if (gap_t := placed(out.get("gap"))) is not None:
+            out["gap_t"] = gap_t
+        gaps = out.pop("gaps", None) or []  # raw: run.json keeps the two that matter
+        tl = self.run.result.info.get("timeline") or {}
+        freeze, resumed = tl.get("freeze_t"), tl.get("resumed_t")
+        if freeze is None or resumed is None:
+            return
+        best: list[float] | None = None
+        for gap in gaps:
+            g = placed(gap)
+            if g and g[0] <= resumed and g[1] >= freeze and (
+                    best is None or g[1] - g[0] > best[1] - best[0]):
+                best = g
+        if best is not None:
+            out["freeze_gap_t"] = best
+            out["freeze_gap_ms"] = round(1000 * (best[1] - best[0]), 3)
 
     def close(self) -> None:
         """Cleanup: the client (and its lan port) ended, the address given up everywhere."""

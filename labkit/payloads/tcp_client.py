@@ -12,8 +12,8 @@ stdout, one JSON object a line, flushed each:
     {"event": "first_record", "t": wall}               the stream is flowing
     {"event": "error", "error": ..., "t": wall}         as soon as a check fails (once per error)
     {"event": "status", ...}                            on a "status" line on stdin
-    {"event": "result", "kept", "bytes", "records", "max_gap_ms", "gap": [t0, t1], "resets",
-     "errors": [...], "msgs_sent", "msgs_echoed", "max_echo_ms", "t_first", "t_last"}
+    {"event": "result", "kept", "bytes", "records", "max_gap_ms", "gap": [t0, t1],
+     "gaps": [[t0, t1], ...] (every stall >= 50 ms), "resets", "errors": [...], "msgs_sent", "msgs_echoed", "max_echo_ms", "t_first", "t_last"}
 stdin: "stop" or EOF -> stop sending, drain up to --drain s for the echo to cover every sent
 message, print the result, exit 0 if kept else 1. "status" -> a status line.
 
@@ -48,6 +48,8 @@ else:  # run as a script: siblings live next to this file
     import tcpstream as ts  # type: ignore[no-redef]
 
 MAX_ERRORS = 20
+GAP_LOGGED = 0.05  # s: a stall this long is listed in "gaps" (records come every ~10 ms)
+GAPS_KEPT = 200
 
 
 class Client:
@@ -75,6 +77,7 @@ class Client:
         self.last_mono: float | None = None
         self.max_gap = 0.0
         self.gap: list[float] | None = None
+        self.gaps: list[list[float]] = []
         self.buf = bytearray()  # a partial record carried between reads
 
     # -- output ---------------------------------------------------------------------------
@@ -133,9 +136,15 @@ class Client:
         if self.t_first is None:
             self.t_first = now
             self.emit({"event": "first_record", "t": now})
-        elif self.last_mono is not None and now_m - self.last_mono > self.max_gap:
-            self.max_gap = now_m - self.last_mono
-            self.gap = [self.t_last, now]
+        elif self.last_mono is not None:
+            gap = now_m - self.last_mono
+            if gap > self.max_gap:
+                self.max_gap = gap
+                self.gap = [self.t_last, now]
+            if gap >= GAP_LOGGED and len(self.gaps) < GAPS_KEPT:
+                # every stall, not just the longest: a run freezes its source more than once
+                # (the criu backend's stop-and-copy baseline), and each freeze has its own
+                self.gaps.append([self.t_last, now])
         self.last_mono, self.t_last = now_m, now
         for i in range(n):
             rec = bytes(buf[i * ts.REC_SIZE:(i + 1) * ts.REC_SIZE])
@@ -185,7 +194,7 @@ class Client:
         with self.lock:
             return {"bytes": self.bytes, "records": self.records,
                     "max_gap_ms": round(self.max_gap * 1000, 3), "gap": self.gap,
-                    "resets": self.resets, "errors": list(self.errors),
+                    "gaps": list(self.gaps), "resets": self.resets, "errors": list(self.errors),
                     "msgs_sent": self.msgs_sent, "msgs_echoed": self.echoed,
                     "max_echo_ms": round(self.max_echo * 1000, 3), "t_first": self.t_first,
                     "t_last": self.t_last}
