@@ -130,6 +130,12 @@ def test_connection_survives_baseline_and_move(vmlab, tmp_path) -> None:
     a, b = owner[0]
     frozen_ms = data["downtime_ms"] if (a, b) == windows[-1] else 1000 * (b - a)
     assert tcp["max_gap_ms"] <= 3 * frozen_ms + 1000 * RTO_S, (tcp, windows, frozen_ms)
+    # and the stall across the move itself, the one the timeline marks, is bounded by its own
+    # downtime
+    fg0, fg1 = tcp["freeze_gap_t"]
+    assert fg0 <= windows[-1][1] and fg1 >= windows[-1][0], (tcp["freeze_gap_t"], windows)
+    assert tcp["freeze_gap_ms"] <= 3 * data["downtime_ms"] + 1000 * RTO_S, tcp
+
 
 def test_keep_address_fault_the_client_sees_it(vmlab, tmp_path) -> None:
     data = migrate(vmlab, tmp_path, "--no-stop-and-copy", "--max-rounds", "2",

@@ -103,6 +103,9 @@ def test_connection_survives(vmlab: FakeLabHandle, tmp_path: Path, freeze: str) 
     # both ways: the client sent throughout and the echo covers every message
     assert tcp["msgs_sent"] > 0 and tcp["msgs_echoed"] == tcp["msgs_sent"], tcp
     assert tcp["max_gap_ms"] <= 3 * downtime_s * 1000 + RTO_S * 1000, (tcp, downtime_s)
+    # the stall the timeline marks is the one across the freeze, and the client did stall
+    # there (a gap no longer than the records' own pace would mean no freeze was seen)
+    assert 0.5 * downtime_s * 1000 <= tcp["freeze_gap_ms"] <= tcp["max_gap_ms"], tcp
     ev = events(tmp_path)
     moved = [e for e in ev if e.get("event") == "tcp-moved"]
     assert moved and moved[0]["freeze"] == freeze, moved
