@@ -16,19 +16,15 @@ python3 start costs ~1 s); the ratios are what to read.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from labkit.config import Settings
-from labkit.experiment import build_config, run_matrix
-from labkit.fake import vmimage
-from labkit.fake.harness import start_fake_lab
+import guests
+
+from labkit.experiment import build_config
 
 BACKENDS = ("labkit", "criu")
 
@@ -39,30 +35,14 @@ def bytes_sent(folder: Path) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="64M")
-    ap.add_argument("--rate", default="1000")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--memory", type=int, default=1024, help="MiB per guest")
-    ap.add_argument("--results", default="results")
-    a = ap.parse_args()
-    why = vmimage.have_qemu()
-    if why:
-        print(f"cannot run: guest nodes need {why}", file=sys.stderr)
+    a = guests.parser(__doc__.split("\n\n")[0], repeat=3).parse_args()
+    if guests.cannot_run():
         return 2
     cfg = build_config(src="node1", dst="node2", size=a.size, rate=a.rate)
     cells = [{"backend": b} for _ in range(a.repeat) for b in BACKENDS]
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="labkit-bench-criu-") as tmp:
-        lab = start_fake_lab(Path(tmp), count=2, kind="vm",  # the run powers them on
-                             vm={"memory": a.memory})
-        try:
-            settings = Settings(results_dir=a.results)
-            folder, rows = run_matrix(lab.inventory(), settings, cfg, cells)
-        finally:
-            lab.stop()
+    folder, rows, took = guests.matrix(a, cfg, cells, "labkit-bench-criu-")
     print(f"{a.size} built-in workload, {a.rate} pages/s, two TCG guests; "
-          f"{a.repeat} run(s) per backend, {time.monotonic() - t0:.0f} s in all; "
+          f"{a.repeat} run(s) per backend, {took:.0f} s in all; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"results: {folder}")
     print()

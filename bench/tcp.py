@@ -20,19 +20,14 @@ and differences are what to read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
-from labkit.config import Settings
-from labkit.experiment import build_config, run_matrix
-from labkit.fake import vmimage
-from labkit.fake.harness import start_fake_lab
+import guests
+
+from labkit.experiment import build_config
 
 VARIANTS = ({"backend": "labkit", "tcp_freeze": "drop"},
             {"backend": "labkit", "tcp_freeze": "hold"},
@@ -44,32 +39,17 @@ def name(cell: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="64M")
-    ap.add_argument("--rate", default="1000")
-    ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--memory", type=int, default=1024, help="MiB per guest")
-    ap.add_argument("--results", default="results")
-    a = ap.parse_args()
-    why = vmimage.have_qemu()
-    if why:
-        print(f"cannot run: guest nodes need {why}", file=sys.stderr)
+    a = guests.parser(__doc__.split("\n\n")[0], repeat=1).parse_args()
+    if guests.cannot_run():
         return 2
     # no stop-and-copy baseline: the criu backend's runs first, from the live source, and its
     # freeze would be the client's longest stall; the figure here is the migration's
     cfg = build_config(src="node1", dst="node2", size=a.size, rate=a.rate, tcp=True,
                        stop_and_copy=False)
     cells = [dict(c) for _ in range(a.repeat) for c in VARIANTS]
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="labkit-bench-tcp-") as tmp:
-        lab = start_fake_lab(Path(tmp), count=2, kind="vm", vm={"memory": a.memory})
-        try:
-            folder, rows = run_matrix(lab.inventory(), Settings(results_dir=a.results), cfg,
-                                      cells)
-        finally:
-            lab.stop()
+    folder, rows, took = guests.matrix(a, cfg, cells, "labkit-bench-tcp-")
     print(f"{a.size} built-in workload, {a.rate} pages/s, --tcp, two TCG guests; "
-          f"{a.repeat} run(s) per variant, {time.monotonic() - t0:.0f} s in all; "
+          f"{a.repeat} run(s) per variant, {took:.0f} s in all; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"results: {folder}")
     print()
