@@ -111,6 +111,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("tcp-address-multicast", ["migrate-test", "--tcp", "--tcp-address", "230.0.77.1"],
      ["--tcp-address", "230.0.77.1"]),
     ("tcp-process-nodes", ["migrate-test", "--tcp"], ["--tcp", "process-kind"]),
+    ("tcp-stepped", ["migrate-test", "--tcp", "--steps-per-round", "5"],
+     ["--tcp", "--steps-per-round"]),
     ("criu-verify-resume-of-pid", ["migrate-test", "--backend", "criu", "--pid", "42",
                                    "--verify-resume", "5"], ["--verify-resume"]),
     # console

@@ -169,6 +169,9 @@ class MigrateConfig:
         if self.verify_resume:
             raise UserError("--tcp and --verify-resume: the resumed source cannot serve the "
                             "connection that moved to --dst, so the two copies would differ")
+        if self.steps_per_round:
+            raise UserError("--tcp and --steps-per-round: a stepped workload sends records only "
+                            "when stepped, so the client would see none after the move")
         if self.backend == "criu" and self.tcp_freeze == "hold":
             raise UserError("--tcp-freeze hold is the labkit backend's: CRIU's network lock "
                             "drops the packets of a frozen connection")
