@@ -604,7 +604,7 @@ def test_unlock_turns_repair_off_and_puts_reuseaddr_back(connected) -> None:
     assert cd.sock_state(p.pid, c["fd"]) == {"repair": False, "reuseaddr": 1}
     assert drv.tcp == {} and drv.locked == set()
     conn.sendall(b"x")  # the connection works: the peer's kernel acks it
-    with socket.socket(fileno=cd._pidfd_getfd(p.pid, c["fd"])) as theirs:
+    with socket.socket(fileno=cd._dup(p.pid, c["fd"])) as theirs:
         theirs.settimeout(2)
         assert theirs.recv(1) == b"x"
 

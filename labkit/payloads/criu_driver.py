@@ -54,10 +54,11 @@ import time
 import traceback
 
 if __package__:
-    from . import netmove
+    from . import netmove, tcp_repair
 else:  # run as a script: siblings live next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import netmove  # type: ignore[no-redef]
+    import tcp_repair  # type: ignore[no-redef]
 
 PAGE = 4096
 IMG_COMMON = 0x54564319  # every image but the service ones (stats, inventory...) starts with it
@@ -750,27 +751,8 @@ def _cmdline(pid: int) -> str:
 
 SOCCR_MARK = "0xc114"  # CRIU's (libsoccr) packets carry it: its lock rules let them through
 SOL_TCP = socket.IPPROTO_TCP
-TCP_REPAIR = 19
-TCP_REPAIR_WINDOW = 29
-
-
-def _pidfd_getfd(pid: int, fd: int) -> int:
-    """A duplicate of another process's fd (pidfd_getfd, Linux 5.6; root): how the driver
-    reaches a stopped tree's sockets to turn repair mode on or off."""
-    import ctypes  # noqa: PLC0415 - only on the TCP path
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else libc.syscall(434, pid, 0)
-    if pidfd < 0:
-        raise OSError(ctypes.get_errno(), f"pidfd_open({pid}): {os.strerror(ctypes.get_errno())}")
-    try:
-        mine = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd: the same number on every arch
-        if mine < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
-        return mine
-    finally:
-        os.close(pidfd)
+TCP_REPAIR = tcp_repair.TCP_REPAIR
+TCP_REPAIR_WINDOW = tcp_repair.TCP_REPAIR_WINDOW
 
 
 def _hexaddr(text: str) -> str:
@@ -869,11 +851,20 @@ def tcp_unlock_rules(conns: list[tuple[str, str]]) -> list[str]:
     return gone
 
 
+def _dup(pid: int, fd: int) -> int:
+    """Another process's socket, duplicated here (tcp_repair's pidfd_getfd); its failure as
+    the OSError the driver's steps catch."""
+    try:
+        return tcp_repair.pidfd_getfd(pid, fd)
+    except tcp_repair.RepairError as e:
+        raise OSError(str(e)) from None
+
+
 def _repair(pid: int, fd: int, on: bool, reuse: int | None = None) -> None:
     """TCP_REPAIR on or off for a socket of another process; off restores SO_REUSEADDR too
     (the kernel forces it while in repair and leaves it 0 after: CRIU puts it back; without
     that a later bind of the port failed here against the old connection's TIME-WAIT)."""
-    with socket.socket(fileno=_pidfd_getfd(pid, fd)) as s:  # closes our duplicate only
+    with socket.socket(fileno=_dup(pid, fd)) as s:  # closes our duplicate only
         s.setsockopt(SOL_TCP, TCP_REPAIR, 1 if on else 0)  # off (0): and a window probe
         if not on and reuse is not None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
@@ -882,7 +873,7 @@ def _repair(pid: int, fd: int, on: bool, reuse: int | None = None) -> None:
 def sock_state(pid: int, fd: int) -> dict:
     """{"repair": bool, "reuseaddr": int} of another process's TCP socket. TCP_REPAIR_WINDOW
     can be read only in repair mode (EPERM otherwise): the one probe for it."""
-    with socket.socket(fileno=_pidfd_getfd(pid, fd)) as s:
+    with socket.socket(fileno=_dup(pid, fd)) as s:
         try:
             s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20)
             repair = True

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import array
 import base64
-import ctypes
 import errno
 import fcntl
 import json
@@ -53,6 +52,12 @@ import os
 import socket
 import struct
 import sys
+
+if __package__:
+    from . import ptrace_inject as pi
+else:  # run as a script: siblings live next to this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ptrace_inject as pi  # type: ignore[no-redef]
 
 # include/uapi/linux/tcp.h
 TCP_MAXSEG = 2
@@ -72,15 +77,11 @@ IP_TRANSPARENT = 19
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 UNSENT_TIMEOUT = 10.0  # the never-sent bytes go out within this, or the rebuild fails
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
-SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438  # x86_64 and every arch with the generic table
 
 WINDOW = struct.Struct("=IIIII")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 REPAIR_OPT = struct.Struct("=II")  # opt_code, opt_val
 QUEUE_NAMES = {TCP_RECV_QUEUE: "receive", TCP_SEND_QUEUE: "send"}
 STATE_VERSION = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class RepairError(Exception):
@@ -120,27 +121,13 @@ def find_socket(pid: int, addr: str, port: int) -> int:
     raise RepairError(f"process {pid} holds no fd of its connection on {addr}:{port}")
 
 
-def _syscall(nr: int, *args: int) -> int:
-    ret = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return ret
-
-
 def pidfd_getfd(pid: int, fd: int) -> int:
     """A duplicate, in this process, of fd in process pid (the same open socket, not a copy):
-    pidfd_open + pidfd_getfd (Linux 5.6; needs ptrace rights over pid)."""
+    ptrace_inject's pidfd_getfd (Linux 5.6; needs ptrace rights over pid), its failure named."""
     try:
-        pidfd = _syscall(SYS_PIDFD_OPEN, pid, 0)
-    except OSError as e:
-        raise RepairError(f"pidfd_open({pid}): {e.strerror}") from None
-    try:
-        return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        return pi.pidfd_getfd(pid, fd)
     except OSError as e:
         raise RepairError(f"pidfd_getfd(pid {pid}, fd {fd}): {e.strerror}") from None
-    finally:
-        os.close(pidfd)
 
 
 def take_socket(pid: int, addr: str, port: int) -> socket.socket:
