@@ -114,13 +114,16 @@ def _bad_record(data: bytes) -> str | None:
     return None
 
 
+def _refuse(data: bytes, size: int, what: str, why: str | None) -> None:
+    """Raise ``why`` about a record or message, quoting its number field as untrusted."""
+    if why is not None:
+        raise TcpStreamError(why if len(data) != size else
+                             f"{what} field {struct.unpack_from('<Q', data, 4)[0]}): {why}")
+
+
 def decode_record(data: bytes) -> dict:
     """Parse one 64-byte record, checking magic and CRC (not its place in the stream)."""
-    why = _bad_record(data)
-    if why is not None:
-        raise TcpStreamError(why if len(data) != REC_SIZE else
-                             f"record (rec_no field {struct.unpack_from('<Q', data, 4)[0]}): "
-                             f"{why}")
+    _refuse(data, REC_SIZE, "record (rec_no", _bad_record(data))
     _, rec_no, step, rx_msgs, rx_digest, chain, _ = RECORD.unpack(data)
     return {"rec_no": rec_no, "step": step, "rx_msgs": rx_msgs, "rx_digest": rx_digest,
             "chain": chain}
@@ -146,11 +149,7 @@ def _bad_message(data: bytes) -> str | None:
 
 def decode_message(data: bytes) -> int:
     """Check one 32-byte client message whole (magic, CRC, payload); return its msg_no."""
-    why = _bad_message(data)
-    if why is not None:
-        raise TcpStreamError(why if len(data) != MSG_SIZE else
-                             f"message (msg_no field {struct.unpack_from('<Q', data, 4)[0]}): "
-                             f"{why}")
+    _refuse(data, MSG_SIZE, "message (msg_no", _bad_message(data))
     return struct.unpack_from("<Q", data, 4)[0]
 
 
