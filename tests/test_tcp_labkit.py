@@ -125,3 +125,32 @@ def test_fault_is_seen_by_the_client(vmlab: FakeLabHandle, tmp_path: Path, fault
     assert run["tcp"]["kept"] is False, run["tcp"]
     assert run["tcp"]["fault"] == fault
     assert "TCP connection was not kept" in run["error"]["message"], run["error"]
+
+
+def test_the_freeze_gap_is_the_clients_own_reading_and_never_exceeds_its_longest() -> None:
+    """Without guests: run.json's freeze_gap_ms comes from the client's raw clock readings, as
+    max_gap_ms does, so the two compare exactly. (Computed from the shifted, rounded copy it
+    once came out 0.001 ms longer than max_gap_ms, and a CI run failed on that.)"""
+    import random
+
+    from labkit.experiment.tcp import place_gaps
+
+    rng = random.Random(1)
+    wall = 1_764_566_400.123457  # clock readings like a client's: their fractions round
+    for _ in range(200):         # differently once shifted into run seconds
+        t0 = wall + rng.uniform(1.0, 100.0)
+        raw = [[wall, wall + 0.05], [t0, t0 + rng.uniform(0.06, 3.0)]]
+        longest = max(g[1] - g[0] for g in raw)
+        out = {"max_gap_ms": round(longest * 1000, 3), "gap": raw[1], "gaps": raw}
+        shift = rng.uniform(0.0, 10.0)
+        place_gaps(out, wall - shift, freeze=t0 - wall + shift + 0.01, resumed=t0 - wall + shift + 0.02)
+        assert out["freeze_gap_ms"] == out["max_gap_ms"], (raw, shift, out)
+        assert out["freeze_gap_t"] == out["gap_t"] and "gaps" not in out
+    # a stall that ends before the freeze is not the freeze's
+    out = {"gap": [wall, wall + 2.0], "gaps": [[wall, wall + 2.0], [wall + 5.0, wall + 5.1]]}
+    place_gaps(out, wall, freeze=4.9, resumed=5.05)
+    assert out["freeze_gap_ms"] == 100.0 and out["freeze_gap_t"] == [5.0, 5.1]
+    # no timeline (the run stopped before the freeze): nothing placed beyond the longest gap
+    out = {"gap": [wall, wall + 2.0], "gaps": [[wall, wall + 2.0]]}
+    place_gaps(out, wall, freeze=None, resumed=None)
+    assert "freeze_gap_ms" not in out and out["gap_t"] == [0.0, 2.0]

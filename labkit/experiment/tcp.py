@@ -212,34 +212,9 @@ class TcpSession:
         return out
 
     def _place_gaps(self, out: dict[str, Any]) -> None:
-        """The client's stalls (wall clock) in run seconds, for the timeline beside the
-        downtime; and ``freeze_gap_ms``, the longest stall that overlaps the migration's own
-        freeze (the criu backend's stop-and-copy baseline freezes the source too, earlier,
-        and may be the longest stall of all)."""
-        offset = time.time() - self.run.events.now()
-
-        def placed(gap: Any) -> list[float] | None:
-            if (isinstance(gap, list) and len(gap) == 2
-                    and all(isinstance(g, (int, float)) for g in gap)):
-                return [round(g - offset, 6) for g in gap]
-            return None
-
-        if (gap_t := placed(out.get("gap"))) is not None:
-            out["gap_t"] = gap_t
-        gaps = out.pop("gaps", None) or []  # raw: run.json keeps the two that matter
         tl = self.run.result.info.get("timeline") or {}
-        freeze, resumed = tl.get("freeze_t"), tl.get("resumed_t")
-        if freeze is None or resumed is None:
-            return
-        best: list[float] | None = None
-        for gap in gaps:
-            g = placed(gap)
-            if g and g[0] <= resumed and g[1] >= freeze and (
-                    best is None or g[1] - g[0] > best[1] - best[0]):
-                best = g
-        if best is not None:
-            out["freeze_gap_t"] = best
-            out["freeze_gap_ms"] = round(1000 * (best[1] - best[0]), 3)
+        place_gaps(out, time.time() - self.run.events.now(),
+                   tl.get("freeze_t"), tl.get("resumed_t"))
 
     def close(self) -> None:
         """Cleanup: the client (and its lan port) ended, the address given up everywhere."""
@@ -254,3 +229,34 @@ class TcpSession:
                 self._netmove(self.run.inv.node(name), "give")
             except Exception as e:  # noqa: BLE001 - keep cleaning up
                 self.run.events.emit("cleanup-error", node=name, error=str(e))
+
+
+def place_gaps(out: dict[str, Any], offset: float,
+               freeze: float | None, resumed: float | None) -> None:
+    """The client's stalls (its wall clock, less ``offset``) in run seconds, for the timeline
+    beside the downtime; and ``freeze_gap_ms``, the longest stall that overlaps the migration's
+    own freeze (the criu backend's stop-and-copy baseline freezes the source too, earlier, and
+    may be the longest stall of all). ``out`` is the client's result, changed in place."""
+
+    def placed(gap: Any) -> list[float] | None:
+        if (isinstance(gap, list) and len(gap) == 2
+                and all(isinstance(g, (int, float)) for g in gap)):
+            return [round(g - offset, 6) for g in gap]
+        return None
+
+    if (gap_t := placed(out.get("gap"))) is not None:
+        out["gap_t"] = gap_t
+    gaps = out.pop("gaps", None) or []  # raw: run.json keeps the two that matter
+    if freeze is None or resumed is None:
+        return
+    best: tuple[list[float], list[float]] | None = None  # (placed, raw)
+    for gap in gaps:
+        g = placed(gap)
+        if g and g[0] <= resumed and g[1] >= freeze and (
+                best is None or gap[1] - gap[0] > best[1][1] - best[1][0]):
+            best = (g, gap)
+    if best is not None:
+        out["freeze_gap_t"] = best[0]
+        # from the client's own clock readings, as its max_gap_ms is, so the two compare
+        # exactly (the placed copy is shifted and rounded)
+        out["freeze_gap_ms"] = round(1000 * (best[1][1] - best[1][0]), 3)
