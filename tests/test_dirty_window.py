@@ -182,12 +182,23 @@ def test_dirty_rate_with_munmap_churn_says_it_is_a_lower_bound(writer):
     churned = [e for e in log["events"] if e[2] in ("replace", "unmap")
                and wn["start_ns"] < e[0] < wn["end_ns"]]
     assert churned, "no churn inside the window"
-    assert rep["method"] == "lower-bound"
     assert any("unmapped, replaced" in n for n in rep["method_notes"])
     truth = written(log, wn["start_ns"], wn["end_ns"])
     moved = set()
     for _, _, _, a, n in churned:
         moved |= set(range(a, a + n * PAGE, PAGE))
+    # A piece replaced or unmapped between a scan's first look at it and its reading of the
+    # pages' content leaves pages that held data and then read as zero (or not at all): the
+    # tracker cannot tell those from pages populated without a write, so it counts them as
+    # maybe-written and the figure is "approximate". That happens on a loaded machine; only
+    # churned pages may be such, and without them the figure is a lower bound.
+    maybe = {int(a, 16) for a in rep["populated_addresses"]}
+    assert maybe <= moved, f"{len(maybe - moved)} maybe-written pages outside churned pieces"
+    if maybe:
+        assert rep["method"] == "approximate"
+        assert any("may have been put there without a write" in n for n in rep["method_notes"])
+    else:
+        assert rep["method"] == "lower-bound"
     got = {int(a, 16) for a in rep["addresses"]}
     assert got <= truth, f"{len(got - truth)} pages counted that were not written in the window"
     assert truth - moved <= got
