@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from labkit.experiment.tcp import place_gaps
 from labkit.payloads import tcpstream as ts
 from labkit.payloads import workload as wlmod
 
@@ -275,6 +276,12 @@ def test_a_silent_stall_grows_the_gap_and_the_stream_continues(procs):
     g0, g1 = res["gap"]
     assert t0 - 0.5 <= g0 <= t0 + 0.1 and t1 - 0.1 <= g1, (t0, t1, res["gap"])
     assert res["msgs_echoed"] == res["msgs_sent"]
+    # every stall is listed with the length max_gap_ms measures, so the stall run.json picks
+    # as the freeze's compares with max_gap_ms exactly
+    assert max(g[2] for g in res["gaps"]) == res["max_gap_ms"], res["gaps"]
+    out = dict(res)
+    place_gaps(out, 0.0, freeze=t0 + 0.05, resumed=t1 - 0.05)
+    assert out["freeze_gap_ms"] == res["max_gap_ms"], out
 
 
 def test_kill_9_of_the_workload_is_a_failure(procs):

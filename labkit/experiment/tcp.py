@@ -239,9 +239,9 @@ def place_gaps(out: dict[str, Any], offset: float,
     may be the longest stall of all). ``out`` is the client's result, changed in place."""
 
     def placed(gap: Any) -> list[float] | None:
-        if (isinstance(gap, list) and len(gap) == 2
+        if (isinstance(gap, list) and len(gap) in (2, 3)
                 and all(isinstance(g, (int, float)) for g in gap)):
-            return [round(g - offset, 6) for g in gap]
+            return [round(g - offset, 6) for g in gap[:2]]
         return None
 
     if (gap_t := placed(out.get("gap"))) is not None:
@@ -249,14 +249,15 @@ def place_gaps(out: dict[str, Any], offset: float,
     gaps = out.pop("gaps", None) or []  # raw: run.json keeps the two that matter
     if freeze is None or resumed is None:
         return
-    best: tuple[list[float], list[float]] | None = None  # (placed, raw)
+    best: tuple[list[float], float] | None = None  # (placed, length in ms)
     for gap in gaps:
         g = placed(gap)
-        if g and g[0] <= resumed and g[1] >= freeze and (
-                best is None or gap[1] - gap[0] > best[1][1] - best[1][0]):
-            best = (g, gap)
+        if g is None or not (g[0] <= resumed and g[1] >= freeze):
+            continue
+        # the client's own length (monotonic, rounded as its max_gap_ms is), so the two
+        # compare exactly; the wall-clock ends only place the stall on the timeline
+        ms = gap[2] if len(gap) == 3 else round(1000 * (gap[1] - gap[0]), 3)
+        if best is None or ms > best[1]:
+            best = (g, ms)
     if best is not None:
-        out["freeze_gap_t"] = best[0]
-        # from the client's own clock readings, as its max_gap_ms is, so the two compare
-        # exactly (the placed copy is shifted and rounded)
-        out["freeze_gap_ms"] = round(1000 * (best[1][1] - best[1][0]), 3)
+        out["freeze_gap_t"], out["freeze_gap_ms"] = best

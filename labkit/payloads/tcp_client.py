@@ -13,7 +13,8 @@ stdout, one JSON object a line, flushed each:
     {"event": "error", "error": ..., "t": wall}         as soon as a check fails (once per error)
     {"event": "status", ...}                            on a "status" line on stdin
     {"event": "result", "kept", "bytes", "records", "max_gap_ms", "gap": [t0, t1],
-     "gaps": [[t0, t1], ...] (every stall >= 50 ms), "resets", "errors": [...], "msgs_sent", "msgs_echoed", "max_echo_ms", "t_first", "t_last"}
+     "gaps": [[t0, t1, ms], ...] (every stall >= 50 ms; ms is its length as
+     max_gap_ms measures it, on the monotonic clock), "resets", "errors": [...], "msgs_sent", "msgs_echoed", "max_echo_ms", "t_first", "t_last"}
 stdin: "stop" or EOF -> stop sending, drain up to --drain s for the echo to cover every sent
 message, print the result, exit 0 if kept else 1. "status" -> a status line.
 
@@ -144,7 +145,7 @@ class Client:
             if gap >= GAP_LOGGED and len(self.gaps) < GAPS_KEPT:
                 # every stall, not just the longest: a run freezes its source more than once
                 # (the criu backend's stop-and-copy baseline), and each freeze has its own
-                self.gaps.append([self.t_last, now])
+                self.gaps.append([self.t_last, now, round(gap * 1000, 3)])
         self.last_mono, self.t_last = now_m, now
         for i in range(n):
             rec = bytes(buf[i * ts.REC_SIZE:(i + 1) * ts.REC_SIZE])
