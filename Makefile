@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check labkit tests tasks.py bench
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python tests/suite.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check labkit tests tasks.py bench
