@@ -215,6 +215,39 @@ def test_cli_holds_until_stdin_then_prints_its_stats(netns) -> None:
         assert not nfqueue.rule_present(ADDR, 7082)
 
 
+@on_host
+def test_a_hold_left_by_a_killed_holder_is_cleared_when_the_address_is_given_up(netns) -> None:
+    """A restore agent SIGKILLed while holding leaves its rule: the service's packets then go
+    to a queue nobody reads, and the kernel drops them. ``netmove.py give --port`` (what the
+    run's cleanup runs on both nodes) removes it, and packets flow again."""
+    from labkit.payloads import netmove
+
+    lst, client, server = _pair(7083)
+    with lst, client, server:
+        proc = subprocess.Popen([sys.executable, nfqueue.__file__, "hold", "--address", ADDR,
+                                 "--port", "7083"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert json.loads(proc.stdout.readline())["event"] == "holding"
+        finally:
+            proc.kill()
+            proc.wait()
+        assert nfqueue.rule_present(ADDR, 7083)  # left behind
+        client.send(b"after the kill")
+        _until(lambda: _retransmissions(client) >= 1, what="a retransmission (dropped)")
+        assert _unacked(client) == 14
+        r = subprocess.run([sys.executable, netmove.__file__, "give", "--address", ADDR,
+                            "--port", "7083"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == f"removed 1 packet hold rule(s) on {ADDR}:7083"
+        assert not nfqueue.rule_present(ADDR, 7083)
+        assert _recv_exactly(server, 14) == b"after the kill"  # the retransmission got through
+        # nothing left: giving it up again says nothing of holds
+        r = subprocess.run([sys.executable, netmove.__file__, "give", "--address", ADDR,
+                            "--port", "7083"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "hold" not in r.stdout, r
+
+
 # -- in a guest, on the lab LAN ---------------------------------------------------------------
 
 CONNECT = r"""

@@ -102,6 +102,24 @@ def rule_present(address: str, port: int, queue_num: int = 77) -> bool:
     return r.returncode == 0
 
 
+def clear(address: str, port: int, queue_num: int = 77) -> int:
+    """Remove every copy of the hold's rule left in INPUT (a restore agent killed while holding
+    cannot remove its own; the rule would then queue the service's packets to no listener,
+    and the kernel drops those). -> how many were removed; 0 where iptables is absent."""
+    removed = 0
+    try:
+        while rule_present(address, port, queue_num):
+            r = subprocess.run(_iptables("-D", address, port, queue_num), capture_output=True,
+                               text=True, timeout=IPTABLES_TIMEOUT)
+            if r.returncode != 0:
+                raise HoldError(f"iptables -D INPUT ... NFQUEUE: "
+                                f"{(r.stderr or r.stdout).strip() or r.returncode}")
+            removed += 1
+    except FileNotFoundError:  # no iptables here: no rule of ours either
+        return removed
+    return removed
+
+
 class Hold:
     """Packets to ``address``:``port`` (TCP, INPUT) held from construction until ``release()``;
     ``close()`` (or leaving the ``with``) releases what is still held and takes everything
