@@ -191,15 +191,26 @@ def test_a_taken_queue_fails_cleanly_without_a_rule(netns) -> None:
     assert not nfqueue.rule_present(ADDR, 7080, queue_num=5)
 
 
+def _cli_hold(port: int) -> subprocess.Popen:
+    """``nfqueue.py hold`` on ADDR:port, holding by the time this returns."""
+    proc = subprocess.Popen([sys.executable, nfqueue.__file__, "hold", "--address", ADDR,
+                             "--port", str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "holding"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 @on_host
 def test_cli_holds_until_stdin_then_prints_its_stats(netns) -> None:
     lst, client, server = _pair(7082)
     with lst, client, server:
-        proc = subprocess.Popen([sys.executable, nfqueue.__file__, "hold", "--address", ADDR,
-                                 "--port", "7082"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+        proc = _cli_hold(7082)
         try:
-            assert json.loads(proc.stdout.readline())["event"] == "holding"
             client.send(b"held by the cli")
             _until(lambda: _retransmissions(client) >= 1, what="a retransmission (held)")
             assert _unacked(client) == 15
@@ -224,14 +235,9 @@ def test_a_hold_left_by_a_killed_holder_is_cleared_when_the_address_is_given_up(
 
     lst, client, server = _pair(7083)
     with lst, client, server:
-        proc = subprocess.Popen([sys.executable, nfqueue.__file__, "hold", "--address", ADDR,
-                                 "--port", "7083"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            assert json.loads(proc.stdout.readline())["event"] == "holding"
-        finally:
-            proc.kill()
-            proc.wait()
+        proc = _cli_hold(7083)
+        proc.kill()
+        proc.wait()
         assert nfqueue.rule_present(ADDR, 7083)  # left behind
         client.send(b"after the kill")
         _until(lambda: _retransmissions(client) >= 1, what="a retransmission (dropped)")
