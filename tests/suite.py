@@ -5,13 +5,20 @@ Why two processes rather than pytest-xdist: the guest tests are about half the s
 and mostly wait on TCG guests, the rest mostly wait on fake BMCs and sockets, so the two
 halves overlap well on two cores; but the guest tests must keep their order (a module boots
 one lab and its tests build on each other), and xdist's ``loadgroup`` no longer keeps a group
-on one worker under pytest 9. Two plain pytest runs keep each half exactly as it runs alone.
+on one worker under pytest 9. Two plain pytest runs keep each half's order and fixtures as
+they are when run alone (not its CPU: the other half shares the machine).
 
     python tests/suite.py [PYTEST ARGS...]
 
-A ``-m EXPR`` among the arguments narrows both halves. The rest's output streams; the guest
-half's is written to a file and printed whole at the end. The exit status is the rest's, or
-the guest half's when the rest passed; a half that selected no test counts as passed."""
+Each half is told which it is by ``LABKIT_SUITE_HALF`` (``vm`` or ``rest``) and deselects the
+other's tests itself (``tests/conftest.py``), so ``-m``, ``-k``, paths and ``PYTEST_ADDOPTS``
+narrow both halves as they narrow one pytest run; ``-x`` and ``--maxfail`` apply per half.
+The rest's output streams; the guest half's goes to a file, printed whole at the end (and kept
+when it failed). The exit status is the rest's, or the guest half's when the rest passed; a
+half that selected no test counts as passed.
+
+A signal (^C, or a CI job's SIGTERM) is passed to each half once, as SIGINT, which pytest
+answers by tearing its fixtures down (labs stopped, guests ended); a second one kills them."""
 
 from __future__ import annotations
 
@@ -23,33 +30,31 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+HALF_VAR = "LABKIT_SUITE_HALF"
 NO_TESTS = 5  # pytest's exit status when nothing was selected
+USAGE = 4  # pytest's exit status for a usage error
+# options that name one output for the whole run: two halves would overwrite each other's
+SHARED_OUTPUT = ("--junitxml", "--junit-xml", "--report-log", "--resultlog", "--basetemp",
+                 "--cov", "--pdb", "--trace")
 
 
-def split_marker(args: list[str]) -> tuple[str | None, list[str]]:
-    """The ``-m`` expression among pytest arguments (the last one wins, as in pytest), and the
-    arguments without it."""
-    expr, rest, i = None, [], 0
-    while i < len(args):
-        a = args[i]
-        if a == "-m" and i + 1 < len(args):
-            expr, i = args[i + 1], i + 2
-            continue
-        if a.startswith("-m") and not a.startswith("--") and len(a) > 2:
-            expr = a[2:].removeprefix("=")
-        else:
-            rest.append(a)
-        i += 1
-    return expr, rest
+def shared_output(args: list[str]) -> str | None:
+    """The first option among ``args`` that two concurrent halves cannot share."""
+    for a in args:
+        name = a.split("=", 1)[0]
+        if name in SHARED_OUTPUT:
+            return name
+    return None
 
 
-def half(expr: str | None, mine: str) -> str:
-    return mine if expr is None else f"({expr}) and {mine}"
+def status(rc: int) -> int:
+    """A child's exit status as a shell shows it (killed by signal N: 128 + N)."""
+    return rc if rc >= 0 else 128 - rc
 
 
 def combined(rest_rc: int, guests_rc: int) -> int:
-    """One exit status for the two halves (a half killed by signal N counts as 128 + N)."""
-    rest_rc, guests_rc = (rc if rc >= 0 else 128 - rc for rc in (rest_rc, guests_rc))
+    """One exit status for the two halves."""
+    rest_rc, guests_rc = status(rest_rc), status(guests_rc)
     if rest_rc == guests_rc == NO_TESTS:
         return NO_TESTS
     for rc in (rest_rc, guests_rc):
@@ -58,36 +63,76 @@ def combined(rest_rc: int, guests_rc: int) -> int:
     return 0
 
 
+class Halves:
+    """The two pytest processes, each in a process group of its own (a terminal's ^C reaches
+    only this process, which passes it on once), and the signals they were sent."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.sent: dict[int, int] = {}  # pid -> how many of our signals it has had
+        self.signalled = 0
+
+    def start(self, argv: list[str], **popen: object) -> subprocess.Popen | None:
+        if self.signalled:
+            return None
+        p = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, process_group=0,
+                             **popen)
+        self.procs.append(p)
+        self.deliver()  # a signal that came while it started
+        return p
+
+    def on_signal(self, _signum: int, _frame: object) -> None:
+        self.signalled += 1
+        self.deliver()
+
+    def deliver(self) -> None:
+        """First signal: SIGINT (pytest tears its fixtures down); any later one: SIGKILL."""
+        for p in list(self.procs):
+            while self.sent.get(p.pid, 0) < self.signalled and p.poll() is None:
+                self.sent[p.pid] = n = self.sent.get(p.pid, 0) + 1
+                try:
+                    os.killpg(p.pid, signal.SIGINT if n == 1 else signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+
+
 def main(argv: list[str]) -> int:
-    expr, args = split_marker(argv)
-    pytest = [sys.executable, "-m", "pytest"]
-    with tempfile.NamedTemporaryFile("w+b", prefix="labkit-guest-tests-", suffix=".log") as log:
+    if (opt := shared_output(argv)) is not None:
+        print(f"suite: {opt} names one output for the whole run, and the two halves would "
+              f"overwrite it: run `.venv/bin/python -m pytest {opt} ...` instead",
+              file=sys.stderr)
+        return USAGE
+    halves = Halves()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, halves.on_signal)
+    pytest = [sys.executable, "-m", "pytest", "-q"]
+    # its own cache folder: the two halves would overwrite each other's lastfailed
+    cache = [] if any("no:cacheprovider" in a for a in argv) else [
+        "-o", "cache_dir=.pytest_cache/guests"]
+    log = tempfile.NamedTemporaryFile("w+b", prefix="labkit-guest-tests-", suffix=".log",
+                                      delete=False)
+    with log:
         print(f"suite: the guest tests run alongside; their output follows the rest's "
               f"(live in {log.name})", flush=True)
-        # its own cache folder: the two halves would overwrite each other's lastfailed
-        cache = [] if "no:cacheprovider" in args else ["-o", "cache_dir=.pytest_cache/guests"]
-        guests = subprocess.Popen([*pytest, "-q", "-m", half(expr, "vm"), *cache, *args],
-                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)
-        rest = subprocess.Popen([*pytest, "-q", "-m", half(expr, "not vm"), *args], cwd=ROOT)
-        children = (rest, guests)
-
-        def forward(signum: int, _frame: object) -> None:
-            for p in children:  # a terminal's ^C reaches them itself; a kill of us does not
-                if p.poll() is None:
-                    os.kill(p.pid, signum)
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, forward)
-        rest_rc = rest.wait()
-        guests_rc = guests.wait()
-        sys.stdout.flush()
+        guests = halves.start([*pytest, *cache, *argv], env={**os.environ, HALF_VAR: "vm"},
+                              stdout=log, stderr=subprocess.STDOUT)
+        rest = halves.start([*pytest, *argv], env={**os.environ, HALF_VAR: "rest"})
+        rest_rc = rest.wait() if rest is not None else -signal.SIGINT
+        if guests is not None and guests.poll() is None:
+            print(f"\nsuite: the rest is done; waiting for the guest tests (log: {log.name})",
+                  flush=True)
+        guests_rc = guests.wait() if guests is not None else -signal.SIGINT
         print("\n=== the guest tests (marker vm), run alongside ===", flush=True)
         log.seek(0)
         sys.stdout.buffer.write(log.read())
         sys.stdout.flush()
+    keep_log = status(guests_rc) not in (0, NO_TESTS)
+    if not keep_log:
+        os.unlink(log.name)
     rc = combined(rest_rc, guests_rc)
-    print(f"suite: rest exit {rest_rc}, guest tests exit {guests_rc}: exit {rc}", flush=True)
+    kept = f"; the guest tests' log is kept in {log.name}" if keep_log else ""
+    print(f"suite: exit {rc} (the rest: {status(rest_rc)}, the guest tests: "
+          f"{status(guests_rc)}){kept}", flush=True)
     return rc
 
 
