@@ -191,6 +191,18 @@ def test_a_taken_queue_fails_cleanly_without_a_rule(netns) -> None:
     assert not nfqueue.rule_present(ADDR, 7080, queue_num=5)
 
 
+@on_host
+def test_an_iptables_error_is_not_taken_for_an_absent_rule(netns) -> None:
+    """Only iptables' "no such rule" (exit 1) means absent; anything else (here a bad address,
+    exit 2; on a node a lock timeout) is an error, so cleanup never reports a hold cleared
+    that is still there."""
+    assert nfqueue.rule_present(ADDR, 7084) is False
+    with pytest.raises(nfqueue.HoldError, match="exit 2"):
+        nfqueue.rule_present("300.1.1.1", 7084)
+    with pytest.raises(nfqueue.HoldError, match="exit 2"):
+        nfqueue.clear("300.1.1.1", 7084)
+
+
 def _cli_hold(port: int) -> subprocess.Popen:
     """``nfqueue.py hold`` on ADDR:port, holding by the time this returns."""
     proc = subprocess.Popen([sys.executable, nfqueue.__file__, "hold", "--address", ADDR,
@@ -245,7 +257,7 @@ def test_a_hold_left_by_a_killed_holder_is_cleared_when_the_address_is_given_up(
         r = subprocess.run([sys.executable, netmove.__file__, "give", "--address", ADDR,
                             "--port", "7083"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.splitlines()[-1] == f"removed 1 packet hold rule(s) on {ADDR}:7083"
+        assert r.stdout.splitlines() == [f"removed 1 packet hold rule(s) on {ADDR}:7083", "absent"]
         assert not nfqueue.rule_present(ADDR, 7083)
         assert _recv_exactly(server, 14) == b"after the kill"  # the retransmission got through
         # nothing left: giving it up again says nothing of holds

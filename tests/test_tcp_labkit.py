@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from labkit.experiment.tcp import VM_SERVICE_ADDRESS
 from labkit.fake import vmimage
 from labkit.fake.harness import FakeLabHandle, start_fake_lab
 
@@ -86,6 +87,22 @@ def migrate(lab: FakeLabHandle, results: Path, *args: str, fault: str = "",
     return json.loads(run_json.read_text())
 
 
+def hold_rule(lab: FakeLabHandle, action: str, nodes: str) -> dict[str, int]:
+    """iptables ACTION of the hold's rule (labkit/payloads/nfqueue.py) on each of NODES (a
+    node named twice: twice) -> each node's last exit code."""
+    from labkit.payloads import nfqueue
+
+    argv = " ".join(nfqueue._iptables(action, VM_SERVICE_ADDRESS, 7077, 77))
+    codes: dict[str, int] = {}
+    for node in nodes.split(","):
+        r = labkit(lab, "run", "-n", node, "--json", "--", argv)
+        (row,) = json.loads(r.stdout)
+        codes[node] = row["exit_code"]
+        if action == "-I":
+            assert row["ok"], row
+    return codes
+
+
 def events(results: Path) -> list[dict[str, Any]]:
     (path,) = results.glob("*/events.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -94,7 +111,13 @@ def events(results: Path) -> list[dict[str, Any]]:
 @on_guests
 @pytest.mark.parametrize("freeze", ["drop", "hold"])
 def test_connection_survives(vmlab: FakeLabHandle, tmp_path: Path, freeze: str) -> None:
+    """Before each run, both nodes get the packet hold a restore agent killed mid-hold would
+    leave (its NFQUEUE rule, twice on dst): the run's setup clears them (a rule left on src
+    would drop the client's SYN; on dst, the moved connection's packets), and none is left
+    after the run, hold mode's own included."""
+    hold_rule(vmlab, "-I", "node1,node2,node2")
     run = migrate(vmlab, tmp_path, "--tcp-freeze", freeze)
+    assert hold_rule(vmlab, "-C", "node1,node2") == {"node1": 1, "node2": 1}  # 1: no such rule
     tcp = run["tcp"]
     downtime_s = run["result"]["downtime_ms"] / 1000
     assert tcp["kept"] is True, tcp

@@ -91,10 +91,10 @@ class TcpSession:
     # -- the address ------------------------------------------------------------------------
     def _netmove(self, node: Node, verb: str) -> None:
         run = self.run
-        # giving it up also clears a packet hold a killed restore agent left (hold mode), which
+        # --port: first clear a packet hold a killed restore agent left (hold mode), which
         # would drop the service's packets on that node from then on
-        port = f" --port {self.port}" if verb == "give" else ""
-        cmd = payload_command(node, "netmove.py", f"{verb} --address {self.address}{port}")
+        cmd = payload_command(node, "netmove.py",
+                              f"{verb} --address {self.address} --port {self.port}")
         r = run.pool.get(node).run(cmd, timeout=3 * run.settings.ssh_timeout)
         if r.exit_code != 0:
             why = (r.stderr or r.stdout or b"").decode(errors="replace").strip().splitlines()

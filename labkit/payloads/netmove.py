@@ -4,7 +4,7 @@
 
 Node-side payload: python3 stdlib only, never imports labkit. Imported by the checkpoint agent
 and the CRIU driver; the controller runs ``python3 netmove.py take|give --address A`` at setup
-and cleanup (``give --port P`` also removes a packet hold that a killed agent left).
+and cleanup (with ``--port P`` it first removes a packet hold that a killed agent left).
 
 Why rtnetlink and not ``ip addr``: the move sits inside a migration's downtime, and on a slow
 (TCG) guest exec'ing ``ip`` costs tens of milliseconds where one netlink message costs well
@@ -192,39 +192,52 @@ def announce(addr: str, dev: str | None = None) -> None:
 _announce = announce  # take()'s flag of the same name hides it there
 
 
-def _nfqueue():  # noqa: ANN202 - the sibling module, imported as a package or a script
-    try:
-        from . import nfqueue
-    except ImportError:
-        import nfqueue  # type: ignore[no-redef]
-    return nfqueue
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="netmove.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("take", "give", "announce", "device"))
     ap.add_argument("--address", required=True)
     ap.add_argument("--no-announce", action="store_true", help="take without gratuitous ARP")
-    ap.add_argument("--port", type=int, help="give: also remove packet holds on ADDRESS:PORT "
-                                              "left by a killed restore agent (nfqueue.py)")
+    ap.add_argument("--port", type=int, help="take, give: first remove packet holds on "
+                                              "ADDRESS:PORT left by a killed restore agent "
+                                              "(nfqueue.py)")
     a = ap.parse_args(argv)
+    failed = False
+    if a.port is not None and a.action in ("take", "give"):
+        failed = not _clear_holds(a.address, a.port)  # and still move the address
     try:
         if a.action == "take":
             print(take(a.address, announce=not a.no_announce))
         elif a.action == "give":
             print("removed" if give(a.address) else "absent")
-            if a.port is not None:
-                cleared = _nfqueue().clear(a.address, a.port)
-                if cleared:
-                    print(f"removed {cleared} packet hold rule(s) on {a.address}:{a.port}")
         elif a.action == "announce":
             announce(a.address)
         else:
             print(lan_device(a.address))
-    except (NetMoveError, OSError, ValueError, RuntimeError) as e:  # HoldError: a RuntimeError
+    except (NetMoveError, OSError, ValueError) as e:
         print(f"netmove: {a.action} {a.address}: {e}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if failed else 0
+
+
+def _clear_holds(address: str, port: int) -> bool:
+    """Remove packet holds on address:port that a killed restore agent left (they would drop
+    the service's packets here); say what was done. -> False if that failed."""
+    try:
+        from . import nfqueue
+    except ImportError:
+        try:
+            import nfqueue  # type: ignore[no-redef]
+        except ImportError:
+            print("no nfqueue.py beside netmove.py: packet holds not checked")
+            return True
+    try:
+        cleared = nfqueue.clear(address, port)
+    except (nfqueue.HoldError, OSError) as e:
+        print(f"netmove: clearing packet holds on {address}:{port}: {e}", file=sys.stderr)
+        return False
+    if cleared:
+        print(f"removed {cleared} packet hold rule(s) on {address}:{port}")
+    return True
 
 
 if __name__ == "__main__":

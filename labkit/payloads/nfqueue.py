@@ -96,10 +96,21 @@ def _iptables(action: str, address: str, port: int, queue_num: int) -> list[str]
 
 
 def rule_present(address: str, port: int, queue_num: int = 77) -> bool:
-    """Whether the hold's rule is in INPUT (tests, and a sweep after a crash)."""
-    r = subprocess.run(_iptables("-C", address, port, queue_num), capture_output=True,
-                       timeout=IPTABLES_TIMEOUT)
-    return r.returncode == 0
+    """Whether the hold's rule is in INPUT (tests, and cleanup after a crash). Only iptables'
+    "no such rule" (exit 1) means absent: a lock timeout or a refusal is an error, not a
+    reason to believe the rule gone."""
+    try:
+        r = subprocess.run(_iptables("-C", address, port, queue_num), capture_output=True,
+                           text=True, timeout=IPTABLES_TIMEOUT)
+    except subprocess.SubprocessError as e:
+        raise HoldError(f"iptables -C: {e}") from None
+    if r.returncode in (0, 1):
+        return r.returncode == 0
+    raise HoldError(f"iptables -C INPUT ... NFQUEUE: exit {r.returncode}: "
+                    f"{(r.stderr or r.stdout).strip()}")
+
+
+CLEAR_MAX = 64  # copies of the rule clear() removes at most (one per killed agent is usual)
 
 
 def clear(address: str, port: int, queue_num: int = 77) -> int:
@@ -109,8 +120,13 @@ def clear(address: str, port: int, queue_num: int = 77) -> int:
     removed = 0
     try:
         while rule_present(address, port, queue_num):
-            r = subprocess.run(_iptables("-D", address, port, queue_num), capture_output=True,
-                               text=True, timeout=IPTABLES_TIMEOUT)
+            if removed >= CLEAR_MAX:
+                raise HoldError(f"more than {CLEAR_MAX} NFQUEUE rules for {address}:{port}")
+            try:
+                r = subprocess.run(_iptables("-D", address, port, queue_num),
+                                   capture_output=True, text=True, timeout=IPTABLES_TIMEOUT)
+            except subprocess.SubprocessError as e:
+                raise HoldError(f"iptables -D: {e}") from None
             if r.returncode != 0:
                 raise HoldError(f"iptables -D INPUT ... NFQUEUE: "
                                 f"{(r.stderr or r.stdout).strip() or r.returncode}")
