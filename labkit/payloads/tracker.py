@@ -480,6 +480,11 @@ class UffdTracker(Tracker):
             if self._reader is None:
                 self._reader = pm.VmReader(self.pid)
             sure, unsure = pm.split_by_content(self._reader, pm.union(first_a, then_a))
+            if len(unsure) and (gone := self._gone(s, e)):
+                # replaced or unmapped between the first look and the read: what such a page
+                # held is gone, so nothing says it was written; like any page of a mapping
+                # that went in the window it is not counted (the churn note: a lower bound)
+                unsure = pm.difference(unsure, pm.pages_of(gone))
         else:
             sure, unsure = pm.difference(then_a, first_a), first_a
         written.extend((sure, unsure))
@@ -488,6 +493,18 @@ class UffdTracker(Tracker):
         return True
 
     _reader: pm.VmReader | None = None
+
+    def _gone(self, s: int, e: int) -> list[tuple[int, int]]:
+        """Parts of [s, e), registered just now, that are no longer a registered mapping (a new
+        mapping over a range carries no registration). Read only when zero-filled pages make
+        it matter: smaps is slow."""
+        try:
+            vflags = pm.vma_flags_list(self.pid)
+        except FileNotFoundError:
+            return [(s, e)]
+        kept = [(max(v.start, s), min(v.end, e)) for v, flags in vflags
+                if "uw" in flags and v.start < e and v.end > s]
+        return pm.subtract([(s, e)], pm.merge(kept))
 
     def _add(self, pieces, written: list | None = None, maybe: list | None = None,
              vmas: list[pm.Vma] | None = None) -> list:
