@@ -27,9 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 HALF_VAR = "LABKIT_SUITE_HALF"
 NO_TESTS = 5  # pytest's exit status when nothing was selected
 USAGE = 4  # pytest's exit status for a usage error
@@ -75,8 +73,7 @@ class Halves:
     def start(self, argv: list[str], **popen: object) -> subprocess.Popen | None:
         if self.signalled:
             return None
-        p = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, process_group=0,
-                             **popen)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, process_group=0, **popen)
         self.procs.append(p)
         self.deliver()  # a signal that came while it started
         return p

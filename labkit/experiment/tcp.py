@@ -243,7 +243,8 @@ def place_gaps(out: dict[str, Any], offset: float,
 
     def placed(gap: Any) -> list[float] | None:
         if (isinstance(gap, list) and len(gap) in (2, 3)
-                and all(isinstance(g, (int, float)) for g in gap)):
+                and all(isinstance(g, (int, float)) and not isinstance(g, bool)
+                        for g in gap)):
             return [round(g - offset, 6) for g in gap[:2]]
         return None
 
