@@ -92,7 +92,7 @@ def hold_rule(lab: FakeLabHandle, action: str, nodes: str) -> dict[str, int]:
     node named twice: twice) -> each node's last exit code."""
     from labkit.payloads import nfqueue
 
-    argv = " ".join(nfqueue._iptables(action, VM_SERVICE_ADDRESS, 7077, 77))
+    argv = " ".join(nfqueue.iptables_argv(action, VM_SERVICE_ADDRESS, 7077, 77))
     codes: dict[str, int] = {}
     for node in nodes.split(","):
         r = labkit(lab, "run", "-n", node, "--json", "--", argv)

@@ -90,7 +90,7 @@ def _attrs(data: bytes) -> dict[int, bytes]:
     return out
 
 
-def _iptables(action: str, address: str, port: int, queue_num: int) -> list[str]:
+def iptables_argv(action: str, address: str, port: int, queue_num: int) -> list[str]:
     return ["iptables", "-w", str(int(IPTABLES_TIMEOUT)), action, "INPUT", "-d", address,
             "-p", "tcp", "--dport", str(port), "-j", "NFQUEUE", "--queue-num", str(queue_num)]
 
@@ -100,7 +100,7 @@ def rule_present(address: str, port: int, queue_num: int = 77) -> bool:
     "no such rule" (exit 1) means absent: a lock timeout or a refusal is an error, not a
     reason to believe the rule gone."""
     try:
-        r = subprocess.run(_iptables("-C", address, port, queue_num), capture_output=True,
+        r = subprocess.run(iptables_argv("-C", address, port, queue_num), capture_output=True,
                            text=True, timeout=IPTABLES_TIMEOUT)
     except subprocess.SubprocessError as e:
         raise HoldError(f"iptables -C: {e}") from None
@@ -123,7 +123,7 @@ def clear(address: str, port: int, queue_num: int = 77) -> int:
             if removed >= CLEAR_MAX:
                 raise HoldError(f"more than {CLEAR_MAX} NFQUEUE rules for {address}:{port}")
             try:
-                r = subprocess.run(_iptables("-D", address, port, queue_num),
+                r = subprocess.run(iptables_argv("-D", address, port, queue_num),
                                    capture_output=True, text=True, timeout=IPTABLES_TIMEOUT)
             except subprocess.SubprocessError as e:
                 raise HoldError(f"iptables -D: {e}") from None
@@ -348,7 +348,7 @@ class Hold:
         self._sock.close()
 
     def _run_iptables(self, action: str) -> None:
-        argv = _iptables(action, self.address, self.port, self.queue_num)
+        argv = iptables_argv(action, self.address, self.port, self.queue_num)
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=IPTABLES_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as e:
