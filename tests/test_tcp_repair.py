@@ -197,6 +197,37 @@ def test_connection_moves_between_processes() -> None:
                 p.wait(10)
 
 
+def test_the_rebuilt_connection_sends_full_segments() -> None:
+    """The segment size is fixed at connect: a rebuild that left it to the options (which come
+    after connect) sent 524-byte segments (the 536 default) where the connection had used
+    65483 on loopback, and bulk data after a move crawled. It starts from the saved clamp
+    (capped at 32767, what TCP_MAXSEG accepts), less at most 40 bytes of options."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    client = socket.create_connection(lst.getsockname())
+    server, _ = lst.accept()
+    lst.close()
+    rebuilt = None
+    try:
+        server.sendall(b"x" * 100_000)  # the path is used: the kernel knows its segment size
+        got = 0
+        while got < 100_000:
+            got += len(client.recv(1 << 20))
+        state = tr.save(server)
+        tr.close_silently(server)
+        rebuilt = tr.restore(state)
+        mss = rebuilt.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+        assert mss >= min(state["mss"], tr.USER_MSS_RANGE[1]) - 40 > 536, (mss, state["mss"])
+        rebuilt.sendall(b"after the move")  # and it is still the same connection
+        assert client.recv(100) == b"after the move"
+    finally:
+        client.close()
+        for sock in (server, rebuilt):
+            if sock is not None:
+                sock.close()
+
+
 def test_find_socket_names_what_is_missing() -> None:
     with pytest.raises(tr.RepairError, match=r"no established TCP connection on "
                                              r"127\.0\.0\.1:1"):

@@ -25,7 +25,9 @@ restore:
   rebuild, so that no packet meets the address without the socket: FREEBIND lets bind take
   it, and TRANSPARENT lets the route lookup of connect use it as a source — without it the
   kernel answers ENETUNREACH for a source address that is not local), SO_REUSEADDR,
-  the saved buffer sizes (SO_*BUFFORCE: we are root, and wmem_max must not cap them) -> each queue's starting sequence (its saved end minus its length) -> bind, connect (in
+  the saved buffer sizes (SO_*BUFFORCE: we are root, and wmem_max must not cap them) -> each
+  queue's starting sequence (its saved end minus its length) -> bind, TCP_MAXSEG (the saved
+  clamp, capped at 32767: the segment size is set at connect, see restore) -> connect (in
   repair mode: no SYN, the socket is simply ESTABLISHED) -> TCP_REPAIR_OPTIONS (MSS, window
   scales, SACK, timestamps) and TCP_TIMESTAMP (so the peer's PAWS check sees a clock that went
   on, whatever this kernel's own clock says) -> the queues' bytes written in repair mode (they
@@ -61,6 +63,7 @@ else:  # run as a script: siblings live next to this file
 
 # include/uapi/linux/tcp.h
 TCP_MAXSEG = 2
+USER_MSS_RANGE = (88, 32767)  # what setsockopt(TCP_MAXSEG) accepts: TCP_MIN_MSS, MAX_TCP_WINDOW
 TCP_INFO = 11
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
@@ -307,6 +310,14 @@ def restore(state: dict) -> socket.socket:
             sock.bind(local)
         except OSError as e:
             raise RepairError(f"bind {local[0]}:{local[1]}: {e.strerror}") from None
+        # The segment size the connection sends with is fixed at connect, from the MSS clamp
+        # it has then: without this, the default 536 (the saved clamp arrives with the options,
+        # after connect), and the rebuilt connection sends 524-byte segments until some later
+        # path event makes the kernel look again. Bulk data after a move then crawls (a
+        # loopback heir took over 20 s for 4 MB under load). The user MSS is that clamp.
+        lo, hi = USER_MSS_RANGE
+        if int(state["mss"]) >= lo:
+            _set(sock, "TCP_MAXSEG", socket.IPPROTO_TCP, TCP_MAXSEG, min(int(state["mss"]), hi))
         try:
             sock.connect(peer)
         except OSError as e:
