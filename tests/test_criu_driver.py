@@ -520,7 +520,7 @@ def test_sigterm_runs_the_safety_net(tmp_path) -> None:
 def test_lock_rules_are_criu_s_own() -> None:
     """The match spec of criu/netfilter.c IPTABLES_CONN_CMD: a restore deletes what the driver
     inserted on dst only if they are the same rule."""
-    assert cd.lock_rules("10.77.0.200:7077", "10.77.0.250:40000") == [
+    assert cd.netlock.lock_rules("10.77.0.200:7077", "10.77.0.250:40000") == [
         ["INPUT", "--protocol", "tcp", "-m", "mark", "!", "--mark", "0xc114",
          "--source", "10.77.0.250", "--sport", "40000", "--destination", "10.77.0.200",
          "--dport", "7077", "-j", "DROP"],

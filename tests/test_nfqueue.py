@@ -266,6 +266,42 @@ def test_a_hold_left_by_a_killed_holder_is_cleared_when_the_address_is_given_up(
         assert r.returncode == 0 and "hold" not in r.stdout, r
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("iptables"),
+                    reason="needs root and iptables (rules in a network namespace of its own)")
+def test_criu_locks_left_behind_are_swept_when_the_address_is_given_up(netns) -> None:
+    """CRIU's lock rules (netlock, CRIU's own spec) left by a killed driver or criu drop a
+    later connection that reuses the client's port. ``netmove.py give --port`` sweeps every
+    lock of that service, whatever its peer, and leaves other services' locks alone."""
+    from labkit.payloads import netlock, netmove
+
+    port, reused = 7084, 47001
+    netlock.lock([(f"{ADDR}:{port}", f"{ADDR}:{reused}"), (f"{ADDR}:{port}", f"{ADDR}:47002")])
+    netlock.lock([(f"{ADDR}:7085", f"{ADDR}:{reused}")])  # another service: not ours to touch
+    assert len(netlock.stale(ADDR, port)) == 4
+    with socket.socket() as lst:
+        lst.bind((ADDR, port))
+        lst.listen(4)
+
+        def connect() -> None:
+            with socket.socket() as c:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                c.bind((ADDR, reused))
+                c.settimeout(1.5)
+                c.connect((ADDR, port))
+                lst.accept()[0].close()
+
+        with pytest.raises(TimeoutError):
+            connect()  # the stale lock drops the SYN
+        r = subprocess.run([sys.executable, netmove.__file__, "give", "--address", ADDR,
+                            "--port", str(port)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == [f"removed 4 CRIU lock rule(s) on {ADDR}:{port}",
+                                         "absent"]
+        assert netlock.stale(ADDR, port) == []
+        assert len(netlock.stale(ADDR, 7085)) == 2
+        connect()  # the same client port gets through now
+
+
 # -- in a guest, on the lab LAN ---------------------------------------------------------------
 
 CONNECT = r"""

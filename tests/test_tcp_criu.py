@@ -26,8 +26,10 @@ from typing import Any
 
 import pytest
 
+from labkit.experiment.tcp import VM_SERVICE_ADDRESS
 from labkit.fake import vmimage
 from labkit.fake.harness import FakeLabHandle, start_fake_lab
+from labkit.payloads import netlock
 
 LABKIT = [sys.executable, "-m", "labkit.cli"]
 BOOT = 150.0  # a loaded 2-core machine boots two TCG guests slowly
@@ -100,8 +102,25 @@ def freezes(evs: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return out
 
 
+def on_nodes(lab: FakeLabHandle, argv: list[str]) -> dict[str, dict[str, Any]]:
+    """ARGV on both guests (labkit run) -> each node's row (exit_code, stdout, ...)."""
+    r = subprocess.run([*LABKIT, "run", "-n", "node1,node2", "--json", "--", " ".join(argv)],
+                       env=lab.env, capture_output=True, text=True, timeout=120)
+    return {row["node"]: row for row in json.loads(r.stdout)}
+
+
 def test_connection_survives_baseline_and_move(vmlab, tmp_path) -> None:
+    """Both nodes first get the lock a criu or driver killed mid-move would leave (CRIU's two
+    rules for a connection of the service, to a client port long gone): the run sweeps them,
+    and no lock of the service is left after it."""
+    stale = [f"{VM_SERVICE_ADDRESS}:7077", "10.77.0.250:40000"]
+    for rule in netlock.lock_rules(*stale):
+        rows = on_nodes(vmlab, ["iptables", "-w", "-I", *rule])
+        assert all(row["exit_code"] == 0 for row in rows.values()), rows
     data = migrate(vmlab, tmp_path, "--max-rounds", "3")
+    rows = on_nodes(vmlab, ["iptables", "-w", "-S"])
+    assert all(row["exit_code"] == 0 and netlock.SOCCR_MARK not in row["stdout"]
+               for row in rows.values()), rows
     tcp = data["tcp"]
     assert data["ok"] and data["verified"], data.get("error")
     assert tcp["kept"] is True and tcp["resets"] == 0 and tcp["errors"] == [], tcp

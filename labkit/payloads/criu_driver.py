@@ -54,9 +54,10 @@ import time
 import traceback
 
 if __package__:
-    from . import netmove, tcp_repair
+    from . import netlock, netmove, tcp_repair
 else:  # run as a script: siblings live next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import netlock  # type: ignore[no-redef]
     import netmove  # type: ignore[no-redef]
     import tcp_repair  # type: ignore[no-redef]
 
@@ -749,7 +750,6 @@ def _cmdline(pid: int) -> str:
 # rules at its end. The driver does the rest: the rules on dst before the address arrives there,
 # the source's unlock when it resumes, a silent kill.
 
-SOCCR_MARK = "0xc114"  # CRIU's (libsoccr) packets carry it: its lock rules let them through
 SOL_TCP = socket.IPPROTO_TCP
 TCP_REPAIR = tcp_repair.TCP_REPAIR
 TCP_REPAIR_WINDOW = tcp_repair.TCP_REPAIR_WINDOW
@@ -797,58 +797,14 @@ def _split_conn(spec: str) -> tuple[str, str]:
     return local, peer
 
 
-def lock_rules(local: str, peer: str) -> list[list[str]]:
-    """CRIU's own lock rules for one connection (criu/netfilter.c IPTABLES_CONN_CMD), without
-    the -I/-D: in, then out. The same match spec, so a ``criu restore`` deletes what the
-    driver inserted, and the driver deletes what ``criu dump`` inserted."""
-    (lip, lport), (pip, pport) = local.rsplit(":", 1), peer.rsplit(":", 1)
-    rule = ["--protocol", "tcp", "-m", "mark", "!", "--mark", SOCCR_MARK]
-    return [["INPUT", *rule, "--source", pip, "--sport", pport, "--destination", lip,
-             "--dport", lport, "-j", "DROP"],
-            ["OUTPUT", *rule, "--source", lip, "--sport", lport, "--destination", pip,
-             "--dport", pport, "-j", "DROP"]]
-
-
-def _iptables(verb: str, rule: list[str], timeout: float = 30.0) -> tuple[bool, str]:
-    try:
-        p = subprocess.run(["iptables", "-w", "-t", "filter", verb, *rule], capture_output=True,
-                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        return False, "iptables not installed"
-    except subprocess.TimeoutExpired:
-        return False, f"iptables {verb} took over {timeout:g} s"
-    return p.returncode == 0, (p.stderr or p.stdout).strip()
-
-
 def tcp_lock(conns: list[tuple[str, str]]) -> None:
-    """Drop the connections' packets here (both ways) as CRIU's dump does on src: on dst before
-    the address arrives, so the peer's retransmissions are dropped, not answered with a RST
-    by a node that has the address but not yet the socket. One iptables-restore: one exec,
-    inside the downtime."""
-    lines = ["*filter"]
-    for local, peer in conns:
-        lines += ["-I " + " ".join(r) for r in lock_rules(local, peer)]
-    lines.append("COMMIT\n")
+    """Lock the connections here (netlock) as CRIU's dump does on src: on dst before the
+    address arrives, so the peer's retransmissions are dropped, not answered with a RST by a
+    node that has the address but not yet the socket."""
     try:
-        p = subprocess.run(["iptables-restore", "-w", "--noflush"], input="\n".join(lines),
-                           capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise StepFailed("iptables-restore not installed: the connection cannot be locked "
-                         "(CRIU's network lock needs iptables too)") from None
-    if p.returncode != 0:
-        raise StepFailed(f"locking the connection(s): iptables-restore: "
-                         f"{(p.stderr or p.stdout).strip()}")
-
-
-def tcp_unlock_rules(conns: list[tuple[str, str]]) -> list[str]:
-    """Delete the lock rules (CRIU's or the driver's) of these connections; a rule that is
-    not there is no error (a restore deletes its own). -> the rules deleted."""
-    gone = []
-    for local, peer in conns:
-        for rule in lock_rules(local, peer):
-            while _iptables("-D", rule)[0]:  # twice inserted, twice deleted
-                gone.append(f"{rule[0]} {local}-{peer}")
-    return gone
+        netlock.lock(conns)
+    except netlock.LockError as e:
+        raise StepFailed(str(e)) from None
 
 
 def _dup(pid: int, fd: int) -> int:
@@ -930,7 +886,7 @@ class Driver:
         done = []
         for c in self.tcp.pop(pid, []):
             conn = (c["local"], c["peer"])
-            done += tcp_unlock_rules([conn])
+            done += netlock.unlock([conn])
             self.locked.discard(conn)
             try:
                 _repair(c["pid"], c["fd"], False, c.get("reuseaddr"))
@@ -965,7 +921,7 @@ class Driver:
             done.append(f"SIGCONT {pid}")
         self.frozen.clear()
         if self.locked:
-            done += tcp_unlock_rules(sorted(self.locked))
+            done += netlock.unlock(sorted(self.locked))
             self.locked.clear()
         for pid in list(self.page_servers):
             if _pid_alive(pid) and "page-server" in _cmdline(pid):
@@ -1400,7 +1356,7 @@ def cmd_restore(a, drv: Driver) -> dict:
     if rc != 0:
         _signal_all([p for p in pids if _pid_alive(p)], signal.SIGKILL)  # nothing half-done
         if conns:
-            tcp_unlock_rules(conns)
+            netlock.unlock(conns)
             drv.locked.difference_update(conns)
         raise _fail_from_log("restore", log, rc, out)
     drv.restored[root] = pids
@@ -1633,7 +1589,7 @@ def cmd_kill(a, drv: Driver) -> dict:
         raise StepFailed(f"pid(s) {', '.join(left)} not gone {a.timeout:g} s after SIGKILL "
                          "(a zombie its parent does not reap?)")
     if conns:  # a dumped source: CRIU's lock rules go once its sockets are gone
-        tcp_unlock_rules(conns)
+        netlock.unlock(conns)
         drv.locked.difference_update(conns)
     return {"pid": a.pid, "killed": pids, **({"not_quiet": loud} if loud else {})}
 
@@ -1714,7 +1670,7 @@ def cmd_cleanup(a, drv: Driver) -> dict:
                 freed += os.lstat(path).st_blocks * 512
             os.unlink(path)
         removed.append(path)
-    rules = tcp_unlock_rules(sorted(drv.locked)) if drv.locked else []
+    rules = netlock.unlock(sorted(drv.locked)) if drv.locked else []
     drv.locked.clear()
     return {"base": a.base, "bytes": freed, "removed": removed,
             **({"rules_removed": rules} if rules else {})}

@@ -4,7 +4,8 @@
 
 Node-side payload: python3 stdlib only, never imports labkit. Imported by the checkpoint agent
 and the CRIU driver; the controller runs ``python3 netmove.py take|give --address A`` at setup
-and cleanup (with ``--port P`` it first removes a packet hold that a killed agent left).
+and cleanup (with ``--port P`` it first removes the packet holds and CRIU connection locks
+that a killed agent, driver or ``criu`` left).
 
 Why rtnetlink and not ``ip addr``: the move sits inside a migration's downtime, and on a slow
 (TCG) guest exec'ing ``ip`` costs tens of milliseconds where one netlink message costs well
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import importlib
 import ipaddress
 import os
 import socket
@@ -197,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("action", choices=("take", "give", "announce", "device"))
     ap.add_argument("--address", required=True)
     ap.add_argument("--no-announce", action="store_true", help="take without gratuitous ARP")
-    ap.add_argument("--port", type=int, help="take, give: first remove packet holds on "
-                                              "ADDRESS:PORT left by a killed restore agent "
-                                              "(nfqueue.py)")
+    ap.add_argument("--port", type=int, help="take, give: first remove the packet holds "
+                                              "(nfqueue.py) and CRIU connection locks "
+                                              "(netlock.py) on ADDRESS:PORT that a killed "
+                                              "agent, driver or criu left")
     a = ap.parse_args(argv)
     failed = False
     if a.port is not None and a.action in ("take", "give"):
-        failed = not _clear_holds(a.address, a.port)  # and still move the address
+        failed = not _clear_stale(a.address, a.port)  # and still move the address
     try:
         if a.action == "take":
             print(take(a.address, announce=not a.no_announce))
@@ -219,25 +222,36 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _clear_holds(address: str, port: int) -> bool:
-    """Remove packet holds on address:port that a killed restore agent left (they would drop
-    the service's packets here); say what was done. -> False if that failed."""
-    try:
-        from . import nfqueue
-    except ImportError:
+def _clear_stale(address: str, port: int) -> bool:
+    """Remove what a killed restore agent, driver or ``criu`` left on address:port: packet
+    holds (nfqueue: they would queue the service's packets to nobody) and CRIU's connection
+    locks (netlock: they would drop a later connection that reuses the client's port). Say
+    what was done. -> False if that failed."""
+    failed = False
+    for module, error, what in (("nfqueue", "HoldError", "packet hold"),
+                                ("netlock", "LockError", "CRIU lock")):
         try:
-            import nfqueue  # type: ignore[no-redef]
+            mod = _sibling(module)
         except ImportError:
-            print("no nfqueue.py beside netmove.py: packet holds not checked")
-            return True
-    try:
-        cleared = nfqueue.clear(address, port)
-    except (nfqueue.HoldError, OSError) as e:
-        print(f"netmove: clearing packet holds on {address}:{port}: {e}", file=sys.stderr)
-        return False
-    if cleared:
-        print(f"removed {cleared} packet hold rule(s) on {address}:{port}")
-    return True
+            print(f"no {module}.py beside netmove.py: {what} rules not checked")
+            continue
+        try:
+            cleared = mod.clear(address, port)
+        except (getattr(mod, error), OSError) as e:
+            print(f"netmove: clearing {what} rules on {address}:{port}: {e}", file=sys.stderr)
+            failed = True
+            continue
+        if cleared:
+            print(f"removed {cleared} {what} rule(s) on {address}:{port}")
+    return not failed
+
+
+def _sibling(name: str):
+    """A payload module beside this one, whether we are labkit.payloads.netmove or a script
+    (or a sibling a script imported)."""
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    return importlib.import_module(name)
 
 
 if __name__ == "__main__":
