@@ -279,6 +279,45 @@ def test_a_peer_flooding_stderr_neither_stalls_nor_fills_the_controller(lab, set
             rem.kill()
 
 
+def test_its_end_waits_for_a_stderr_reader_that_is_behind(lab, settings, monkeypatch):
+    """A busy controller's stderr reader can be seconds behind when the peer ends (CI: a
+    window's backlog read in 64 KiB pieces took over the 2 s grace, and the lines a failure
+    quotes were 40 MB old). Once the channel's EOF is in, ``ended`` waits for the reader to
+    finish what paramiko holds. Here the reader is held back past the grace on purpose."""
+    from labkit.experiment import remote
+    from labkit.ssh import SshClient
+
+    release = threading.Event()
+    read = remote.Remote._read_stderr
+
+    def behind(self) -> None:
+        assert release.wait(60)
+        read(self)
+
+    monkeypatch.setattr(remote.Remote, "_read_stderr", behind)
+    n = 4000  # 4 MB: within the window, so the peer is never blocked by the held reader
+    code = ("import sys\n"
+            f"for i in range({n}):\n"
+            "    sys.stderr.write(f'line {i} ' + 'y' * 990 + '\\n')\n"
+            "sys.stderr.write('the last words\\n')\n"
+            "sys.stderr.flush()\n"
+            "print('{\"event\": \"ready\"}', flush=True)\n"
+            "sys.stdin.readline()\n")
+    with SshClient.connect(lab.inventory().node("node1"), settings) as c:
+        rem = remote.Remote(c, "node1", f"python3 -u -c {shlex.quote(code)}", "chatty peer")
+        try:
+            assert rem.next(30, "its ready line") == {"event": "ready"}
+            rem.quit()
+            timer = threading.Timer(remote.EXIT_STATUS_GRACE + 1.0, release.set)
+            timer.start()
+            assert rem.ended.wait(30) and rem.exit_status == 0
+            assert release.is_set()  # it did wait for the reader
+            assert rem.stderr_lines(2) == [f"line {n - 1} " + "y" * 990, "the last words"]
+        finally:
+            release.set()
+            rem.kill()
+
+
 def test_a_run_whose_source_agent_floods_stderr_still_migrates(lab, settings):
     """The whole run: the source agent writes FLOOD bytes to stderr before it starts its
     work; the migration completes and verifies (its stderr read and dropped on the way)."""

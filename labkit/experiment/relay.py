@@ -3,8 +3,9 @@ stream (``payloads/stream.py``) is read here and written into the restore agent'
 the control frames it carries (round ends, the source hash, errors) are peeked at on the way
 through, so the run can wait on them and on the destination's answers in one queue.
 
-Specific to the labkit backend's stream format (FrameScanner). ``RELAY_CHUNK`` is shared with
-the channel benchmark (``channel.py``), which measures the same path with raw bytes."""
+Specific to the labkit backend's stream format (FrameScanner). It reads as the channel
+benchmark (``channel.py``) does, which measures the same path with raw bytes: everything
+buffered at once (``READ_ALL``)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from labkit.experiment import results as res
 from labkit.experiment.remote import WAKE, MigrationFailed, Peers, Remote, watch_peers
 from labkit.payloads import stream as st
+from labkit.ssh.shell import READ_ALL
 
 if TYPE_CHECKING:
     import paramiko
 
-RELAY_CHUNK = 1 << 20
 
 # One arrival: ("src", frame type, frame) | ("src-eof" | "src-bad" | "relay-error", 0, info)
 # | ("dst", 0, line) | ("peer", 0, {}): some process of the run ended unasked
@@ -70,7 +71,7 @@ class Pump:
         src, dst = self.src.ch, self.dst.ch
         try:
             while True:
-                data = src.recv(RELAY_CHUNK)
+                data = src.recv(READ_ALL)
                 if not data:
                     break
                 # Queue the control frames *before* the destination can see them, so that its

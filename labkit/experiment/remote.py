@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.errors import LabkitError
 from labkit.inventory import Node
+from labkit.ssh.shell import READ_ALL
 
 if TYPE_CHECKING:
     import paramiko
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 # After a peer's stdout ends, how long its exit status may take to arrive (OpenSSH sends it
 # after the EOF; the fake lab before it). A channel that closes without one sets it at once.
 EXIT_STATUS_GRACE = 2.0
+# Reading what paramiko holds of a peer's stderr once its EOF is in takes at most this.
+STDERR_DRAIN_MAX = 30.0
 # A peer that reported an error may still be writing its stderr: wait this long for its end.
 ERROR_EXIT_GRACE = 1.0
 STDERR_LINES = 3  # of a peer's stderr, the lines a failure quotes (a traceback's last is the one)
@@ -127,7 +130,7 @@ class Remote:
         error = None
         try:
             while True:
-                data = self.ch.recv(65536)
+                data = self.ch.recv(READ_ALL)
                 if not data:
                     break
                 buf += data
@@ -153,7 +156,7 @@ class Remote:
         (and the peer, blocked writing it) after a couple of MiB."""
         while True:
             try:
-                data = self.ch.recv_stderr(65536)
+                data = self.ch.recv_stderr(READ_ALL)
             except TimeoutError:  # a raw channel's consumer set a timeout: not our end
                 continue
             except OSError:
@@ -173,8 +176,14 @@ class Remote:
         if self.ch.status_event.wait(EXIT_STATUS_GRACE):
             code = self.ch.recv_exit_status()
             self.exit_status = None if code == -1 else code
-        # stderr's EOF arrives with stdout's; after a raw consumer's error it may not
-        self._err_reader.join(max(0.0, end - time.monotonic()))
+        # stderr's EOF arrives with stdout's: once it is in, all that is left is to read what
+        # paramiko holds (up to a window), so wait for that — a failure quotes the last lines,
+        # and a busy controller can take seconds over a full window. After a raw consumer's
+        # error the EOF may never come: then only what the grace allows.
+        if self.ch.eof_received:
+            self._err_reader.join(STDERR_DRAIN_MAX)
+        else:
+            self._err_reader.join(max(0.0, end - time.monotonic()))
         with self._end_lock:
             self.ended.set()
             callbacks = list(self._on_end)

@@ -28,6 +28,7 @@ import paramiko
 from labkit.fake.base import SWEEP_INTERVAL, FakeNode, ensure_host_key, node_env
 from labkit.fake.sftp import RootedSftp, SftpSubsystem
 from labkit.nodeside import killmarked
+from labkit.ssh.shell import READ_ALL
 
 # Big windows and packets: paramiko's defaults (2 MiB / 32 KiB) cap a single stream at a few
 # tens of MiB/s because of per-packet Python overhead and window-adjust round trips.
@@ -245,7 +246,7 @@ def _forward(ch: paramiko.Channel, dest: tuple[str, int]) -> None:
 
     def up() -> None:
         try:
-            while data := ch.recv(READ_CHUNK):
+            while data := ch.recv(READ_ALL):
                 s.sendall(data)
         except OSError:
             pass
@@ -394,7 +395,7 @@ class _Session:
         stdin = self.p.stdin
         try:
             while True:
-                data = self.ch.recv(READ_CHUNK)
+                data = self.ch.recv(READ_ALL)
                 if not data:
                     break
                 stdin.write(data)
