@@ -161,6 +161,7 @@ class _Chan:
         self.status_event = threading.Event()
         self.stderr_eof = threading.Event()
         self.status = -1
+        self.eof_received = False  # paramiko's: the channel's EOF is in (both streams end)
 
     def recv(self, n):
         return self.chunks.get()
@@ -179,6 +180,7 @@ class _Chan:
     def end(self, status):
         self.status = status
         self.status_event.set()
+        self.eof_received = True
         self.stderr_eof.set()
         self.chunks.put(b"")
 
