@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit import nodeside
 from labkit.ssh.process import CTL_VAR, RUN_VAR, controller_tag, proc_start_time
-from labkit.ssh.shell import READ_ALL
+from labkit.ssh.shell import READ_SIZE
 
 if TYPE_CHECKING:
     from labkit.ssh.shell import RemoteShell
@@ -129,11 +129,11 @@ def sweep(client: RemoteShell, *, controller_host: str | None = None,
         while b"\n" not in buf:
             if time.monotonic() > end:
                 raise TimeoutError(f"{client.node}: leftover sweep did not answer")
-            data = ch.recv(READ_ALL)
+            data = ch.recv(READ_SIZE)
             if not data:
                 err = b""
                 while ch.recv_stderr_ready():
-                    err += ch.recv_stderr(READ_ALL)
+                    err += ch.recv_stderr(READ_SIZE)
                 raise OSError(f"{client.node}: leftover sweep ended early: "
                               f"{err.decode(errors='replace').strip()[-300:] or 'no output'}")
             buf += data

@@ -162,6 +162,7 @@ class _Chan:
         self.stderr_eof = threading.Event()
         self.status = -1
         self.eof_received = False  # paramiko's: the channel's EOF is in (both streams end)
+        self.closed = False
 
     def recv(self, n):
         return self.chunks.get()

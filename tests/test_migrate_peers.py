@@ -283,7 +283,8 @@ def test_its_end_waits_for_a_stderr_reader_that_is_behind(lab, settings, monkeyp
     """A busy controller's stderr reader can be seconds behind when the peer ends (CI: a
     window's backlog read in 64 KiB pieces took over the 2 s grace, and the lines a failure
     quotes were 40 MB old). Once the channel's EOF is in, ``ended`` waits for the reader to
-    finish what paramiko holds. Here the reader is held back past the grace on purpose."""
+    finish what paramiko holds. Here the reader is held back until the grace has run out
+    after the EOF: the old end (at most the grace after it) came before the release."""
     from labkit.experiment import remote
     from labkit.ssh import SshClient
 
@@ -291,7 +292,7 @@ def test_its_end_waits_for_a_stderr_reader_that_is_behind(lab, settings, monkeyp
     read = remote.Remote._read_stderr
 
     def behind(self) -> None:
-        assert release.wait(60)
+        release.wait(60)
         read(self)
 
     monkeypatch.setattr(remote.Remote, "_read_stderr", behind)
@@ -306,12 +307,18 @@ def test_its_end_waits_for_a_stderr_reader_that_is_behind(lab, settings, monkeyp
     with SshClient.connect(lab.inventory().node("node1"), settings) as c:
         rem = remote.Remote(c, "node1", f"python3 -u -c {shlex.quote(code)}", "chatty peer")
         try:
+            released_first: list[bool] = []
+            rem.on_end(lambda r: released_first.append(release.is_set()))
             assert rem.next(30, "its ready line") == {"event": "ready"}
             rem.quit()
-            timer = threading.Timer(remote.EXIT_STATUS_GRACE + 1.0, release.set)
-            timer.start()
+            end = time.monotonic() + 30
+            while not rem.ch.eof_received and time.monotonic() < end:
+                time.sleep(0.01)
+            assert rem.ch.eof_received
+            time.sleep(remote.EXIT_STATUS_GRACE + 0.5)
+            release.set()
             assert rem.ended.wait(30) and rem.exit_status == 0
-            assert release.is_set()  # it did wait for the reader
+            assert released_first == [True]  # it waited for the reader, and ended once
             assert rem.stderr_lines(2) == [f"line {n - 1} " + "y" * 990, "the last words"]
         finally:
             release.set()

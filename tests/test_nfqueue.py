@@ -277,7 +277,11 @@ def test_criu_locks_left_behind_are_swept_when_the_address_is_given_up(netns) ->
     port, reused = 7084, 47001
     netlock.lock([(f"{ADDR}:{port}", f"{ADDR}:{reused}"), (f"{ADDR}:{port}", f"{ADDR}:47002")])
     netlock.lock([(f"{ADDR}:7085", f"{ADDR}:{reused}")])  # another service: not ours to touch
-    assert len(netlock.stale(ADDR, port)) == 4
+    # and a rule of someone else's that only resembles CRIU's (a comment): left alone too
+    other = ["INPUT", *netlock.lock_rules(f"{ADDR}:{port}", f"{ADDR}:47003")[0][1:-2],
+             "-m", "comment", "--comment", "it's mine", "-j", "DROP"]
+    subprocess.run(["iptables", "-w", "-I", *other], check=True, timeout=60)
+    assert netlock.stale(ADDR, port) == {f"{ADDR}:{reused}", f"{ADDR}:47002"}
     with socket.socket() as lst:
         lst.bind((ADDR, port))
         lst.listen(4)
@@ -297,8 +301,9 @@ def test_criu_locks_left_behind_are_swept_when_the_address_is_given_up(netns) ->
         assert r.returncode == 0, r.stderr
         assert r.stdout.splitlines() == [f"removed 4 CRIU lock rule(s) on {ADDR}:{port}",
                                          "absent"]
-        assert netlock.stale(ADDR, port) == []
-        assert len(netlock.stale(ADDR, 7085)) == 2
+        assert netlock.stale(ADDR, port) == set()
+        assert netlock.stale(ADDR, 7085) == {f"{ADDR}:{reused}"}
+        assert subprocess.run(["iptables", "-w", "-C", *other], timeout=60).returncode == 0
         connect()  # the same client port gets through now
 
 

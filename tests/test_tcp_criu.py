@@ -106,6 +106,7 @@ def on_nodes(lab: FakeLabHandle, argv: list[str]) -> dict[str, dict[str, Any]]:
     """ARGV on both guests (labkit run) -> each node's row (exit_code, stdout, ...)."""
     r = subprocess.run([*LABKIT, "run", "-n", "node1,node2", "--json", "--", " ".join(argv)],
                        env=lab.env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("["), r.stdout + r.stderr
     return {row["node"]: row for row in json.loads(r.stdout)}
 
 
@@ -118,11 +119,11 @@ def test_connection_survives_baseline_and_move(vmlab, tmp_path) -> None:
         rows = on_nodes(vmlab, ["iptables", "-w", "-I", *rule])
         assert all(row["exit_code"] == 0 for row in rows.values()), rows
     data = migrate(vmlab, tmp_path, "--max-rounds", "3")
+    tcp = data["tcp"]
+    assert data["ok"] and data["verified"], data.get("error")
     rows = on_nodes(vmlab, ["iptables", "-w", "-S"])
     assert all(row["exit_code"] == 0 and netlock.SOCCR_MARK not in row["stdout"]
                for row in rows.values()), rows
-    tcp = data["tcp"]
-    assert data["ok"] and data["verified"], data.get("error")
     assert tcp["kept"] is True and tcp["resets"] == 0 and tcp["errors"] == [], tcp
     # every record arrived, in order (the client checks the chain; none lost or doubled)
     assert tcp["records"] > 100 and tcp["bytes"] >= 64 * tcp["records"]

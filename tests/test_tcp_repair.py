@@ -197,11 +197,12 @@ def test_connection_moves_between_processes() -> None:
                 p.wait(10)
 
 
-def test_the_rebuilt_connection_sends_full_segments() -> None:
+def test_the_rebuilt_connection_does_not_fall_back_to_536_byte_segments() -> None:
     """The segment size is fixed at connect: a rebuild that left it to the options (which come
     after connect) sent 524-byte segments (the 536 default) where the connection had used
     65483 on loopback, and bulk data after a move crawled. It starts from the saved clamp
-    (capped at 32767, what TCP_MAXSEG accepts), less at most 40 bytes of options."""
+    (capped at 32767, what TCP_MAXSEG accepts: loopback's 65495 gives 32755; an Ethernet
+    path's 1460 is kept whole), less at most 40 bytes of options."""
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(1)

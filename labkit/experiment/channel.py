@@ -10,7 +10,7 @@ from labkit.config import Settings
 from labkit.errors import LabkitError
 from labkit.experiment.remote import Remote
 from labkit.inventory import Inventory
-from labkit.ssh.shell import READ_ALL
+from labkit.ssh.shell import READ_SIZE
 
 if TYPE_CHECKING:
     from labkit.ssh import ShellPool
@@ -43,7 +43,7 @@ def measure_channel_rate(inventory: Inventory, settings: Settings, src: str, dst
         t0 = time.monotonic()
         try:
             while True:
-                data = sp.ch.recv(READ_ALL)
+                data = sp.ch.recv(READ_SIZE)
                 if not data:
                     break
                 dp.ch.sendall(data)

@@ -4,8 +4,8 @@ the control frames it carries (round ends, the source hash, errors) are peeked a
 through, so the run can wait on them and on the destination's answers in one queue.
 
 Specific to the labkit backend's stream format (FrameScanner). It reads as the channel
-benchmark (``channel.py``) does, which measures the same path with raw bytes: everything
-buffered at once (``READ_ALL``)."""
+benchmark (``channel.py``) does, which measures the same path with raw bytes (``READ_SIZE``
+pieces)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from labkit.experiment import results as res
 from labkit.experiment.remote import WAKE, MigrationFailed, Peers, Remote, watch_peers
 from labkit.payloads import stream as st
-from labkit.ssh.shell import READ_ALL
+from labkit.ssh.shell import READ_SIZE
 
 if TYPE_CHECKING:
     import paramiko
@@ -71,7 +71,7 @@ class Pump:
         src, dst = self.src.ch, self.dst.ch
         try:
             while True:
-                data = src.recv(READ_ALL)
+                data = src.recv(READ_SIZE)
                 if not data:
                     break
                 # Queue the control frames *before* the destination can see them, so that its

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.errors import LabkitError
 from labkit.inventory import Node
-from labkit.ssh.shell import READ_ALL
+from labkit.ssh.shell import READ_SIZE
 
 if TYPE_CHECKING:
     import paramiko
@@ -112,6 +112,7 @@ class Remote:
         self._err_lock = threading.Lock()  # the tail: written by its reader, read by waiters
         self._err: Tail = Tail(STDERR_KEEP)
         self.ended = threading.Event()
+        self._closing = False  # stdout_closed has begun (under _end_lock)
         self.exit_status: int | None = None
         self.told_to_quit = False  # its end is expected: not a failure
         self.error_line: str | None = None  # the last error it reported on stdout
@@ -130,12 +131,11 @@ class Remote:
         error = None
         try:
             while True:
-                data = self.ch.recv(READ_ALL)
+                data = self.ch.recv(READ_SIZE)
                 if not data:
                     break
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
+                *lines, buf = (buf + data).split(b"\n")  # one pass: a line at a time copied the rest
+                for line in lines:
                     try:
                         obj = json.loads(line)
                     except ValueError:
@@ -156,7 +156,7 @@ class Remote:
         (and the peer, blocked writing it) after a couple of MiB."""
         while True:
             try:
-                data = self.ch.recv_stderr(READ_ALL)
+                data = self.ch.recv_stderr(READ_SIZE)
             except TimeoutError:  # a raw channel's consumer set a timeout: not our end
                 continue
             except OSError:
@@ -170,7 +170,10 @@ class Remote:
         """Its stdout ended (the reader thread's or a raw channel's consumer's call): wait a
         moment for the exit status and the end of stderr, and tell the ``on_end``
         callbacks. Idempotent."""
-        if self.ended.is_set():
+        with self._end_lock:
+            closing, self._closing = self._closing, True
+        if closing:  # the reader thread and a waiter's gone() can both get here: one ends it
+            self.ended.wait(EXIT_STATUS_GRACE + STDERR_DRAIN_MAX)
             return
         end = time.monotonic() + EXIT_STATUS_GRACE
         if self.ch.status_event.wait(EXIT_STATUS_GRACE):
@@ -180,7 +183,7 @@ class Remote:
         # paramiko holds (up to a window), so wait for that — a failure quotes the last lines,
         # and a busy controller can take seconds over a full window. After a raw consumer's
         # error the EOF may never come: then only what the grace allows.
-        if self.ch.eof_received:
+        if self.ch.eof_received or self.ch.closed:
             self._err_reader.join(STDERR_DRAIN_MAX)
         else:
             self._err_reader.join(max(0.0, end - time.monotonic()))

@@ -91,8 +91,9 @@ class TcpSession:
     # -- the address ------------------------------------------------------------------------
     def _netmove(self, node: Node, verb: str) -> None:
         run = self.run
-        # --port: first clear a packet hold a killed restore agent left (hold mode), which
-        # would drop the service's packets on that node from then on
+        # --port: first clear the packet holds (a killed restore agent's, hold mode) and CRIU
+        # connection locks (a killed criu's or driver's) left for the service, which would
+        # drop its packets on that node from then on
         cmd = payload_command(node, "netmove.py",
                               f"{verb} --address {self.address} --port {self.port}")
         r = run.pool.get(node).run(cmd, timeout=3 * run.settings.ssh_timeout)

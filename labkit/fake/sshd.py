@@ -28,7 +28,7 @@ import paramiko
 from labkit.fake.base import SWEEP_INTERVAL, FakeNode, ensure_host_key, node_env
 from labkit.fake.sftp import RootedSftp, SftpSubsystem
 from labkit.nodeside import killmarked
-from labkit.ssh.shell import READ_ALL
+from labkit.ssh.shell import READ_SIZE
 
 # Big windows and packets: paramiko's defaults (2 MiB / 32 KiB) cap a single stream at a few
 # tens of MiB/s because of per-packet Python overhead and window-adjust round trips.
@@ -246,7 +246,7 @@ def _forward(ch: paramiko.Channel, dest: tuple[str, int]) -> None:
 
     def up() -> None:
         try:
-            while data := ch.recv(READ_ALL):
+            while data := ch.recv(READ_SIZE):
                 s.sendall(data)
         except OSError:
             pass
@@ -395,7 +395,7 @@ class _Session:
         stdin = self.p.stdin
         try:
             while True:
-                data = self.ch.recv(READ_ALL)
+                data = self.ch.recv(READ_SIZE)
                 if not data:
                     break
                 stdin.write(data)

@@ -744,7 +744,7 @@ def _cmdline(pid: int) -> str:
 # ---------------------------------------------------------------- TCP connections (issue 12)
 # What CRIU 3.17.1 does with an established connection, verified in guests (docs/criu-recipe.md,
 # "A live TCP connection"): ``dump --tcp-established`` puts the socket in repair mode and adds
-# two iptables rules per connection (DROP, except packets marked SOCCR_MARK); with
+# two iptables rules per connection (DROP, except packets marked netlock.SOCCR_MARK); with
 # ``--leave-stopped`` it leaves both as they are. ``restore --tcp-established`` binds the
 # socket to its address (which must be local), turns repair off, and deletes the same two
 # rules at its end. The driver does the rest: the rules on dst before the address arrives there,

@@ -15,7 +15,7 @@ ephemeral ports)."""
 
 from __future__ import annotations
 
-import shlex
+import re
 import subprocess
 
 SOCCR_MARK = "0xc114"  # CRIU's (libsoccr) packets carry it: its lock rules let them through
@@ -83,45 +83,41 @@ def unlock(conns: list[tuple[str, str]]) -> list[str]:
     return gone
 
 
-def _value(tokens: list[str], flag: str) -> str | None:
-    return tokens[tokens.index(flag) + 1] if flag in tokens[:-1] else None
-
-
-def stale(address: str, port: int) -> list[list[str]]:
-    """Every lock rule here whose local side is ``address``:``port``, whatever its peer: the
-    ``iptables -S`` specs without their -A (ready for -D). [] where iptables is absent."""
-    found = []
-    mine = {"INPUT": ("-d", "--dport"), "OUTPUT": ("-s", "--sport")}
-    for chain, (addr_flag, port_flag) in mine.items():
+def stale(address: str, port: int) -> set[str]:
+    """The peers ("IP:PORT") of every lock here whose local side is ``address``:``port``:
+    rules in exactly the shape ``iptables -S`` prints CRIU's (legacy and nft alike), in
+    either chain. Nothing else matches, so a rule of someone else's is never touched.
+    set() where iptables is absent."""
+    a, m = re.escape(address), re.escape(SOCCR_MARK)
+    shapes = {"INPUT": re.compile(rf"-A INPUT -s (\S+)/32 -d {a}/32 -p tcp -m mark ! --mark "
+                                  rf"{m} -m tcp --sport (\d+) --dport {port} -j DROP"),
+              "OUTPUT": re.compile(rf"-A OUTPUT -s {a}/32 -d (\S+)/32 -p tcp -m mark ! --mark "
+                                   rf"{m} -m tcp --sport {port} --dport (\d+) -j DROP")}
+    peers = set()
+    for chain, shape in shapes.items():
         try:
             p = _iptables("-S", [chain])
         except FileNotFoundError:
-            return []
+            return set()
         if p.returncode != 0:
             raise LockError(f"iptables -S {chain}: {(p.stderr or p.stdout).strip()}")
         for line in p.stdout.splitlines():
-            tokens = shlex.split(line)
-            if tokens[:2] != ["-A", chain] or _value(tokens, "-j") != "DROP":
-                continue
-            if (_value(tokens, "-p") == "tcp" and _value(tokens, "!") == "--mark"
-                    and _value(tokens, "--mark") == SOCCR_MARK
-                    and _value(tokens, addr_flag) == f"{address}/32"
-                    and _value(tokens, port_flag) == str(port)):
-                found.append(tokens[1:])
-    return found
+            if hit := shape.fullmatch(line.strip()):
+                peers.add(f"{hit[1]}:{hit[2]}")
+    return peers
 
 
 def clear(address: str, port: int) -> int:
-    """Delete the stale locks of ``address``:``port`` (call it only where no migration of that
-    service is under way: a live restore's lock looks the same). -> how many went."""
+    """Delete the stale locks of ``address``:``port`` by their canonical spec (call it only
+    where no migration of that service is under way: a live restore's lock looks the
+    same). -> how many rules went."""
     removed = 0
-    while rules := stale(address, port):
-        for rule in rules:
-            if removed >= CLEAR_MAX:
-                raise LockError(f"more than {CLEAR_MAX} lock rules for {address}:{port}")
-            p = _iptables("-D", rule)
-            if p.returncode != 0:
-                raise LockError(f"iptables -D {shlex.join(rule)}: "
-                                f"{(p.stderr or p.stdout).strip()}")
-            removed += 1
+    while peers := stale(address, port):
+        gone = unlock([(f"{address}:{port}", peer) for peer in sorted(peers)])
+        if not gone:
+            raise LockError(f"iptables -D would not remove the lock of {address}:{port} with "
+                            f"{', '.join(sorted(peers))}")
+        removed += len(gone)
+        if removed > CLEAR_MAX:
+            raise LockError(f"more than {CLEAR_MAX} lock rules for {address}:{port}")
     return removed

@@ -314,7 +314,8 @@ def restore(state: dict) -> socket.socket:
         # it has then: without this, the default 536 (the saved clamp arrives with the options,
         # after connect), and the rebuilt connection sends 524-byte segments until some later
         # path event makes the kernel look again. Bulk data after a move then crawls (a
-        # loopback heir took over 20 s for 4 MB under load). The user MSS is that clamp.
+        # loopback heir took over 20 s for 4 MB under load). The user MSS is that clamp; it
+        # stays set, so a clamp over 32767 (loopback's 65495) runs at 32767 from now on.
         lo, hi = USER_MSS_RANGE
         if int(state["mss"]) >= lo:
             _set(sock, "TCP_MAXSEG", socket.IPPROTO_TCP, TCP_MAXSEG, min(int(state["mss"]), hi))

@@ -35,7 +35,7 @@ from labkit.ssh.hostkeys import check_host_key, known_key_types
 from labkit.ssh.process import RemoteProcess, kill_command, wrap
 from labkit.ssh.proxy import ProxyProcess
 from labkit.ssh.run import run_to_end
-from labkit.ssh.shell import READ_ALL, RunResult
+from labkit.ssh.shell import READ_SIZE, RunResult
 from labkit.ssh.target import Target, resolve
 from labkit.ssh.transfer import SftpFiles
 
@@ -256,9 +256,9 @@ class SshClient:
                 while True:
                     done = ch.exit_status_ready()  # read first: the output comes before it
                     while ch.recv_ready():
-                        out += ch.recv(READ_ALL)
+                        out += ch.recv(READ_SIZE)
                     while ch.recv_stderr_ready():
-                        err += ch.recv_stderr(READ_ALL)
+                        err += ch.recv_stderr(READ_SIZE)
                     del out[:-KILL_OUTPUT_MAX], err[:-KILL_OUTPUT_MAX]
                     if done or time.monotonic() >= end:
                         break

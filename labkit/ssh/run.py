@@ -12,7 +12,7 @@ import paramiko
 
 from labkit.ssh.errors import SshError
 from labkit.ssh.process import RemoteProcess
-from labkit.ssh.shell import READ_ALL, RunResult
+from labkit.ssh.shell import READ_SIZE, RunResult
 
 CHUNK = 256 * 1024
 
@@ -79,7 +79,7 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
         while True:
             got = False
             while ch.recv_ready():
-                data = ch.recv(READ_ALL)
+                data = ch.recv(READ_SIZE)
                 if not data:
                     break
                 got = True
@@ -87,7 +87,7 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
                 if on_stdout:
                     on_stdout(data)
             while ch.recv_stderr_ready():
-                data = ch.recv_stderr(READ_ALL)
+                data = ch.recv_stderr(READ_SIZE)
                 if not data:
                     break
                 got = True

@@ -20,12 +20,12 @@ if TYPE_CHECKING:
     from labkit.inventory import Node
     from labkit.ssh.process import RemoteProcess
 
-# What a channel reader asks for per call: everything paramiko holds (at most a channel's
-# window, 64 MiB). Its receive buffer is an array whose front deletion moves the rest, so
-# draining a backlog of N bytes in reads of c costs about N*N/2c bytes of copying: 40 MiB in
-# 64 KiB reads took 0.64 s idle and over 2 s on a busy machine, in one read 0.05 s. A reader
-# that falls behind would fall further behind.
-READ_ALL = 64 << 20
+# What a channel reader asks for per call. paramiko's receive buffer is an array whose front
+# deletion moves the rest, so draining a backlog of N bytes in reads of c costs about N*N/2c
+# bytes of copying: a 64 MiB backlog took 3.2 s in 64 KiB reads, 0.2 s in 1 MiB reads (and a
+# reader that falls behind would fall further behind). Larger reads buy little more and cost
+# elsewhere: sendall and line splitting copy what is left of their piece each time.
+READ_SIZE = 1 << 20
 
 
 @dataclass

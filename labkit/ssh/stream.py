@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from labkit.ssh.shell import READ_ALL, RemoteShell, RunResult
+from labkit.ssh.shell import READ_SIZE, RemoteShell, RunResult
 
 ACK_EVERY = 256 * 1024       # the remote side reports progress every this many bytes ...
 IN_FLIGHT = 2 * 1024 * 1024  # ... and we keep at most this many unacknowledged bytes in flight
@@ -68,12 +68,12 @@ def exec_streaming(shell: RemoteShell, command: str, chunks: Iterator[bytes],
             while True:
                 r, _, _ = select.select([ch], [], [], 0.5)
                 while ch.recv_stderr_ready():
-                    rep.err.extend(ch.recv_stderr(READ_ALL))
+                    rep.err.extend(ch.recv_stderr(READ_SIZE))
                 if not r and not ch.recv_ready():
                     if ch.closed or (ch.eof_received and ch.exit_status_ready()):
                         break
                     continue
-                b = ch.recv(READ_ALL)
+                b = ch.recv(READ_SIZE)
                 if not b:
                     break
                 rep.feed(b)
@@ -113,7 +113,7 @@ def exec_streaming(shell: RemoteShell, command: str, chunks: Iterator[bytes],
             return RunResult(None, bytes(rep.buf), bytes(rep.err), time.monotonic() - t0, True)
         code = proc.wait(max(1.0, min(10.0, deadline - time.monotonic())))
         while ch.recv_stderr_ready():
-            rep.err.extend(ch.recv_stderr(READ_ALL))
+            rep.err.extend(ch.recv_stderr(READ_SIZE))
         return RunResult(code, bytes(rep.buf), bytes(rep.err), time.monotonic() - t0)
     except BaseException:
         proc.kill()
