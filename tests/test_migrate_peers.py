@@ -249,6 +249,19 @@ def test_a_secret_in_a_peers_stderr_is_scrubbed_everywhere(lab, settings):
 
 
 # --- a peer that writes megabytes to stderr ------------------------------------------------------
+def chatty_peer(lines: int) -> str:
+    """The command of a peer that writes LINES numbered 1000-byte lines and "the last words"
+    to stderr, then its ready line to stdout, then waits for a line on stdin."""
+    code = ("import sys\n"
+            f"for i in range({lines}):\n"
+            "    sys.stderr.write(f'line {i} ' + 'y' * 990 + '\\n')\n"
+            "sys.stderr.write('the last words\\n')\n"
+            "sys.stderr.flush()\n"
+            "print('{\"event\": \"ready\"}', flush=True)\n"
+            "sys.stdin.readline()\n")
+    return f"python3 -u -c {shlex.quote(code)}"
+
+
 def test_a_peer_flooding_stderr_neither_stalls_nor_fills_the_controller(lab, settings):
     """Remote reads stderr as it comes and keeps its tail: a peer that writes more there than
     the channel's window (FLOOD, 96 MiB) still gets its stdout line through, the lines
@@ -258,15 +271,8 @@ def test_a_peer_flooding_stderr_neither_stalls_nor_fills_the_controller(lab, set
     from labkit.experiment.remote import STDERR_KEEP, Remote
     from labkit.ssh import SshClient
 
-    code = ("import sys\n"
-            f"for i in range({FLOOD // 1000}):\n"
-            "    sys.stderr.write(f'line {i} ' + 'y' * 990 + '\\n')\n"
-            "sys.stderr.write('the last words\\n')\n"
-            "sys.stderr.flush()\n"
-            "print('{\"event\": \"ready\"}', flush=True)\n"
-            "sys.stdin.readline()\n")
     with SshClient.connect(lab.inventory().node("node1"), settings) as c:
-        rem = Remote(c, "node1", f"python3 -u -c {shlex.quote(code)}", "chatty peer")
+        rem = Remote(c, "node1", chatty_peer(FLOOD // 1000), "chatty peer")
         try:
             assert rem.next(30, "its ready line") == {"event": "ready"}
             rem.quit()
@@ -297,15 +303,8 @@ def test_its_end_waits_for_a_stderr_reader_that_is_behind(lab, settings, monkeyp
 
     monkeypatch.setattr(remote.Remote, "_read_stderr", behind)
     n = 4000  # 4 MB: within the window, so the peer is never blocked by the held reader
-    code = ("import sys\n"
-            f"for i in range({n}):\n"
-            "    sys.stderr.write(f'line {i} ' + 'y' * 990 + '\\n')\n"
-            "sys.stderr.write('the last words\\n')\n"
-            "sys.stderr.flush()\n"
-            "print('{\"event\": \"ready\"}', flush=True)\n"
-            "sys.stdin.readline()\n")
     with SshClient.connect(lab.inventory().node("node1"), settings) as c:
-        rem = remote.Remote(c, "node1", f"python3 -u -c {shlex.quote(code)}", "chatty peer")
+        rem = remote.Remote(c, "node1", chatty_peer(n), "chatty peer")
         try:
             released_first: list[bool] = []
             rem.on_end(lambda r: released_first.append(release.is_set()))
