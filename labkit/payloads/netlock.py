@@ -18,8 +18,12 @@ from __future__ import annotations
 import re
 import subprocess
 
+if __package__:
+    from .nfqueue import IPTABLES_TIMEOUT  # one xtables-lock wait for every rule on a node
+else:  # imported by a script beside it
+    from nfqueue import IPTABLES_TIMEOUT  # type: ignore[no-redef]
+
 SOCCR_MARK = "0xc114"  # CRIU's (libsoccr) packets carry it: its lock rules let them through
-IPTABLES_TIMEOUT = 30.0
 CLEAR_MAX = 256  # stale lock rules clear() removes at most in one call
 
 

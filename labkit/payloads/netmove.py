@@ -227,17 +227,17 @@ def _clear_stale(address: str, port: int) -> bool:
     holds (nfqueue: they would queue the service's packets to nobody) and CRIU's connection
     locks (netlock: they would drop a later connection that reuses the client's port). Say
     what was done. -> False if that failed."""
+    try:
+        holds, locks = _sibling("nfqueue"), _sibling("netlock")
+    except ImportError as e:  # a netmove.py shipped alone: nothing of ours to clear
+        print(f"{e}: packet holds and CRIU locks not checked")
+        return True
     failed = False
-    for module, error, what in (("nfqueue", "HoldError", "packet hold"),
-                                ("netlock", "LockError", "CRIU lock")):
-        try:
-            mod = _sibling(module)
-        except ImportError:
-            print(f"no {module}.py beside netmove.py: {what} rules not checked")
-            continue
+    for what, mod, error in (("packet hold", holds, holds.HoldError),
+                             ("CRIU lock", locks, locks.LockError)):
         try:
             cleared = mod.clear(address, port)
-        except (getattr(mod, error), OSError) as e:
+        except (error, OSError) as e:
             print(f"netmove: clearing {what} rules on {address}:{port}: {e}", file=sys.stderr)
             failed = True
             continue
