@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +21,9 @@ from labkit import inventory as inv
 from labkit.config import Settings
 from labkit.fake.harness import SshNodeSet, start_fake_lab
 from labkit.ssh import CommandFailed, RunResult, SshClient
+from labkit.ssh.client import STREAM_WINDOW
 from labkit.ssh.output import KEEP, LINE_MAX
+from labkit.ssh.run import run_to_end
 
 REPO = Path(__file__).resolve().parent.parent
 LABKIT = [sys.executable, "-m", "labkit.cli"]
@@ -258,5 +262,35 @@ def test_power_off_mid_run_leaves_no_paramiko_line(tmp_path: Path) -> None:
                         if line.split(" ")[0] in ("node1", "node2", "node3")]
                 assert len(rows) == 3 and all("connection lost" in r for r in rows), rows
             lab.power_on_all()
+    finally:
+        lab.stop()
+
+
+def test_a_read_that_meets_the_dead_socket_first_is_a_lost_connection(tmp_path: Path) -> None:
+    """What the power-off test above met once in a CI run: the socket had died for sending
+    before paramiko's reader thread saw it go, and the run loop's next read (a read grants the
+    peer window: a send) raised EOFError, which reached the table as "connection closed
+    unexpectedly (EOF)". Made to happen every time here: the lab's process is stopped (so no
+    data and no EOF can arrive), the client's socket is shut for writing, and the loop reads
+    what paramiko holds. The result says the connection was lost, and nothing raises."""
+    lab = start_fake_lab(tmp_path, count=1, power_on=True)
+    try:
+        node = lab.inventory().node("node1")
+        with SshClient.connect(node, Settings(ssh_timeout=10.0, command_timeout=60.0)) as c:
+            proc = c.open_exec("yes | head -c 1000000000", window=STREAM_WINDOW)
+            proc.channel.shutdown_write()  # what run_to_end does first (a send: do it now)
+            held = 2 * (STREAM_WINDOW // 10)  # past paramiko's threshold for a window grant
+            end = time.monotonic() + 30
+            while len(proc.channel.in_buffer) < held:
+                assert time.monotonic() < end, len(proc.channel.in_buffer)
+                time.sleep(0.01)
+            os.kill(lab.pid, signal.SIGSTOP)
+            try:
+                c.transport.sock.shutdown(socket.SHUT_WR)
+                r = run_to_end(proc, started=time.monotonic(), deadline=time.monotonic() + 30)
+            finally:
+                os.kill(lab.pid, signal.SIGCONT)
+        assert r.connection_lost and r.exit_code is None and not r.timed_out, r
+        assert r.reason().startswith("connection lost after"), r.reason()
     finally:
         lab.stop()

@@ -10,7 +10,7 @@ from labkit.config import Settings
 from labkit.errors import LabkitError
 from labkit.experiment.remote import Remote
 from labkit.inventory import Inventory
-from labkit.ssh.shell import READ_SIZE
+from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE
 
 if TYPE_CHECKING:
     from labkit.ssh import ShellPool
@@ -55,7 +55,7 @@ def measure_channel_rate(inventory: Inventory, settings: Settings, src: str, dst
                 if not more:
                     break
                 done += more
-        except OSError as e:  # a closed channel, or the budget (socket.timeout)
+        except CHANNEL_GONE as e:  # a closed channel, a dead connection, the budget (timeout)
             for p in (dp, sp):
                 if p.ch.closed or p.ch.exit_status_ready():
                     raise p.gone(what) from None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from labkit.experiment import results as res
 from labkit.experiment.remote import WAKE, MigrationFailed, Peers, Remote, watch_peers
 from labkit.payloads import stream as st
-from labkit.ssh.shell import READ_SIZE
+from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE
 
 if TYPE_CHECKING:
     import paramiko
@@ -86,9 +86,9 @@ class Pump:
                     self.q.put(("src", ftype, obj))
                 self._forward(dst, data)
                 self.bytes += len(data)
-        except OSError as e:
+        except CHANNEL_GONE as e:
             self.src.stdout_closed()
-            self.q.put(("src-eof", 0, {"error": str(e)}))
+            self.q.put(("src-eof", 0, {"error": str(e) or "the connection was lost"}))
             return
         self.src.stdout_closed()
         self.q.put(("src-eof", 0, {"boundary": self.scanner.at_boundary}))
@@ -97,7 +97,7 @@ class Pump:
     def _forward(dst: paramiko.Channel, data: bytes) -> None:
         try:
             dst.sendall(data)
-        except OSError:
+        except CHANNEL_GONE:
             pass  # the restore agent died: its own error line says why
 
     def _dst_lines(self) -> None:

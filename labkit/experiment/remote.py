@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.errors import LabkitError
 from labkit.inventory import Node
-from labkit.ssh.shell import READ_SIZE
+from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE
 
 if TYPE_CHECKING:
     import paramiko
@@ -144,8 +144,8 @@ class Remote:
                                                   or obj.get("ok") is False):
                         self.error_line = str(obj.get("error"))
                     self.lines.put(obj)
-        except OSError as e:
-            error = str(e)
+        except CHANNEL_GONE as e:
+            error = str(e) or "the connection was lost"
         self.stdout_closed()
         self.lines.put({"event": "eof", **({"error": error} if error else {})})
 
@@ -159,7 +159,7 @@ class Remote:
                 data = self.ch.recv_stderr(READ_SIZE)
             except TimeoutError:  # a raw channel's consumer set a timeout: not our end
                 continue
-            except OSError:
+            except CHANNEL_GONE:
                 return
             if not data:  # EOF (it comes with stdout's) or the channel closed
                 return
@@ -205,8 +205,8 @@ class Remote:
         with self._lock:
             try:
                 self.ch.sendall((line + "\n").encode())
-            except OSError as e:
-                raise self.failure(f"sending it {line!r}", f"is gone ({e})",
+            except CHANNEL_GONE as e:
+                raise self.failure(f"sending it {line!r}", f"is gone ({e or 'connection lost'})",
                                    doing=f"we sent it {line!r}") from None
 
     def quit(self, line: str = "quit") -> None:

@@ -3,6 +3,7 @@ its output, feeding its stdin, and killing it on timeout or cancel."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import threading
 import time
@@ -12,7 +13,7 @@ import paramiko
 
 from labkit.ssh.errors import SshError
 from labkit.ssh.process import RemoteProcess
-from labkit.ssh.shell import READ_SIZE, RunResult
+from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE, RunResult
 
 CHUNK = 256 * 1024
 
@@ -47,6 +48,30 @@ class Tail:
         return 0 if self.keep is None else self.total - min(self._held, self.keep)
 
 
+class _Gone(Exception):
+    """The connection died under a read."""
+
+
+def _drain(ready: Callable[[], bool], read: Callable[[int], bytes], tail: Tail,
+           on_data: Callable[[bytes], None] | None) -> bool:
+    """Take what the channel holds of one stream; whether anything came. A read that raises
+    ``CHANNEL_GONE`` (its window grant met the dead socket before paramiko's reader thread saw
+    the connection go) raises ``_Gone``: the command's end is the connection's."""
+    got = False
+    while ready():
+        try:
+            data = read(READ_SIZE)
+        except CHANNEL_GONE:
+            raise _Gone from None
+        if not data:
+            break
+        got = True
+        tail.add(data)
+        if on_data:
+            on_data(data)
+    return got
+
+
 def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
                input: bytes | None = None,
                on_stdout: Callable[[bytes], None] | None = None,
@@ -74,26 +99,15 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
             proc.close()
             raise SshError(f"{node}: connection lost while starting {proc.cmd!r}") from None
     out, err = Tail(keep), Tail(keep)
-    timed_out = False
+    timed_out = gone = False
     try:
         while True:
-            got = False
-            while ch.recv_ready():
-                data = ch.recv(READ_SIZE)
-                if not data:
-                    break
-                got = True
-                out.add(data)
-                if on_stdout:
-                    on_stdout(data)
-            while ch.recv_stderr_ready():
-                data = ch.recv_stderr(READ_SIZE)
-                if not data:
-                    break
-                got = True
-                err.add(data)
-                if on_stderr:
-                    on_stderr(data)
+            try:
+                got = _drain(ch.recv_ready, ch.recv, out, on_stdout)
+                got = _drain(ch.recv_stderr_ready, ch.recv_stderr, err, on_stderr) or got
+            except _Gone:
+                gone = True
+                break
             if got:
                 continue
             if (ch.eof_received and ch.exit_status_ready()) or ch.closed:
@@ -115,11 +129,12 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
         proc.kill()
         raise
     finally:
-        ch.close()
+        with contextlib.suppress(*CHANNEL_GONE):  # a close sends too
+            ch.close()
     code = None if timed_out else (ch.recv_exit_status() if ch.exit_status_ready() else None)
     if code == -1:
         code = None  # exit-signal or no status at all
-    lost = code is None and not timed_out and proc.client.broken
+    lost = code is None and not timed_out and (gone or proc.client.broken)
     return RunResult(code, out.value(), err.value(), time.monotonic() - started, timed_out,
                      stdout_truncated=out.dropped, stderr_truncated=err.dropped,
                      connection_lost=lost)

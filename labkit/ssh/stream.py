@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from labkit.ssh.shell import READ_SIZE, RemoteShell, RunResult
+from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE, RemoteShell, RunResult
 
 ACK_EVERY = 256 * 1024       # the remote side reports progress every this many bytes ...
 IN_FLIGHT = 2 * 1024 * 1024  # ... and we keep at most this many unacknowledged bytes in flight
@@ -77,7 +77,7 @@ def exec_streaming(shell: RemoteShell, command: str, chunks: Iterator[bytes],
                 if not b:
                     break
                 rep.feed(b)
-        except (OSError, EOFError):  # paramiko raises EOFError when the connection is gone
+        except CHANNEL_GONE:
             pass
         finally:
             rep.finish()
@@ -105,7 +105,7 @@ def exec_streaming(shell: RemoteShell, command: str, chunks: Iterator[bytes],
                     break  # the node stopped early (its answer says why), or the deadline
             else:
                 ch.shutdown_write()
-        except (OSError, EOFError):
+        except CHANNEL_GONE:
             pass  # the channel went away: the node's answer (or its absence) says why
         reader.join(max(0.0, deadline - time.monotonic()))
         if reader.is_alive():
