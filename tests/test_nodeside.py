@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -254,6 +256,43 @@ def test_a_program_with_siblings_keeps_its_docstring() -> None:
     r = subprocess.run(["/bin/sh", "-c", ns.command("sweep", "--help", exec_=False)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "janitor's side on a node" in r.stdout, r.stderr
+
+
+class _Finalised:
+    """Cyclic garbage with a finalizer: a collection mid-parse runs Python code, which can
+    switch threads (how a deploy's paramiko objects met CPython 3.11's ast.parse in CI)."""
+
+    def __del__(self) -> None:
+        sum(range(50))
+
+
+def test_threads_shipping_programs_at_once_do_not_break_the_parser() -> None:
+    """A deploy's threads ship the stage agent together, so the first ``program()`` calls
+    come at once. CPython 3.11's ast.parse is not thread-safe (gh-106905): a CI deploy failed
+    a node with "SystemError: AST constructor recursion depth mismatch". Four threads build
+    the program afresh for a second under collections that run finalizers; unguarded, this
+    failed some twenty times a second here."""
+    errors: list[str] = []
+    end = time.monotonic() + 1.0
+
+    def ship() -> None:
+        while time.monotonic() < end:
+            junk = [_Finalised() for _ in range(20)]
+            for j in junk:
+                j.me = j  # type: ignore[attr-defined]
+            del junk
+            ns.program.cache_clear()
+            try:
+                ns.program("stage")
+            except SystemError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=ship) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [], f"{len(errors)} failed parses, the first: {errors[0]}"
 
 
 def test_shell_script_gets_its_arguments_quoted(tmp_path: Path) -> None:

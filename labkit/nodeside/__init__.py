@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import functools
 import shlex
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +36,19 @@ FAST_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 MAX_PROGRAM = 120 * 1024
 
 
+# CPython 3.11's ast.parse is not thread-safe: its recursion counter is the interpreter's, and a
+# finalizer that runs mid-build (a collection) can switch threads, so two parses at once raise
+# "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905). A deploy's
+# threads ship the stage agent together, so the first program() calls come at once: one parse
+# at a time.
+_PARSE = threading.Lock()
+
+
+def _parse(name: str) -> ast.Module:
+    with _PARSE:
+        return ast.parse(source(name), f"{name}.py")
+
+
 @functools.cache
 def source(name: str) -> str:
     """The text of nodeside module ``name`` (read once per process)."""
@@ -47,7 +61,7 @@ def source(name: str) -> str:
 def _siblings(name: str) -> list[str]:
     """Nodeside modules that ``name`` imports, by either spelling, in import order."""
     out: list[str] = []
-    for node in ast.walk(ast.parse(source(name), f"{name}.py")):
+    for node in ast.walk(_parse(name)):
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module == "labkit.nodeside":
             names = [a.name for a in node.names]
@@ -85,7 +99,7 @@ def program(name: str) -> str:
         head.append("del _m, _s, _t")
         # the program's docstring is no longer its first statement: keep its __doc__ (argparse
         # help and the like read it)
-        doc = ast.get_docstring(ast.parse(source(name)), clean=False)
+        doc = ast.get_docstring(_parse(name), clean=False)
         if doc is not None:
             head.append(f"__doc__ = {doc!r}")
         text = "\n".join(head) + "\n" + source(name)
