@@ -23,12 +23,18 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
-import importlib
 import ipaddress
 import os
 import socket
 import struct
 import sys
+
+if __package__:
+    from . import netlock, nfqueue
+else:  # run as a script: siblings live next to this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import netlock  # type: ignore[no-redef]
+    import nfqueue  # type: ignore[no-redef]
 
 # rtnetlink (linux/rtnetlink.h, linux/if_addr.h, linux/netlink.h)
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -227,14 +233,9 @@ def _clear_stale(address: str, port: int) -> bool:
     holds (nfqueue: they would queue the service's packets to nobody) and CRIU's connection
     locks (netlock: they would drop a later connection that reuses the client's port). Say
     what was done. -> False if that failed."""
-    try:
-        holds, locks = _sibling("nfqueue"), _sibling("netlock")
-    except ImportError as e:  # a netmove.py shipped alone: nothing of ours to clear
-        print(f"{e}: packet holds and CRIU locks not checked")
-        return True
     failed = False
-    for what, mod, error in (("packet hold", holds, holds.HoldError),
-                             ("CRIU lock", locks, locks.LockError)):
+    for what, mod, error in (("packet hold", nfqueue, nfqueue.HoldError),
+                             ("CRIU lock", netlock, netlock.LockError)):
         try:
             cleared = mod.clear(address, port)
         except (error, OSError) as e:
@@ -244,14 +245,6 @@ def _clear_stale(address: str, port: int) -> bool:
         if cleared:
             print(f"removed {cleared} {what} rule(s) on {address}:{port}")
     return not failed
-
-
-def _sibling(name: str):
-    """A payload module beside this one, whether we are labkit.payloads.netmove or a script
-    (or a sibling a script imported)."""
-    if __package__:
-        return importlib.import_module(f"{__package__}.{name}")
-    return importlib.import_module(name)
 
 
 if __name__ == "__main__":
