@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -271,7 +272,9 @@ def test_threads_shipping_programs_at_once_do_not_break_the_parser() -> None:
     come at once. CPython 3.11's ast.parse is not thread-safe (gh-106905): a CI deploy failed
     a node with "SystemError: AST constructor recursion depth mismatch". Four threads build
     the program afresh for a second under collections that run finalizers; unguarded, this
-    failed some twenty times a second here."""
+    failed some twenty times a second here. Two more threads format tracebacks, which parse
+    too; one parse of ours at a time does not keep those out, so the spurious error is tried
+    again."""
     errors: list[str] = []
     end = time.monotonic() + 1.0
 
@@ -287,7 +290,15 @@ def test_threads_shipping_programs_at_once_do_not_break_the_parser() -> None:
             except SystemError as e:
                 errors.append(str(e))
 
+    def explain() -> None:  # 3.11's traceback parses too, to place its carets
+        while time.monotonic() < end:
+            try:
+                raise ValueError(sum(range(3)) + int("1"))
+            except ValueError:
+                traceback.format_exc()
+
     threads = [threading.Thread(target=ship) for _ in range(4)]
+    threads += [threading.Thread(target=explain) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

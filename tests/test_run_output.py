@@ -24,6 +24,7 @@ from labkit.ssh import CommandFailed, RunResult, SshClient
 from labkit.ssh.client import STREAM_WINDOW
 from labkit.ssh.output import KEEP, LINE_MAX
 from labkit.ssh.run import run_to_end
+from labkit.ssh.shell import READ_SIZE
 
 REPO = Path(__file__).resolve().parent.parent
 LABKIT = [sys.executable, "-m", "labkit.cli"]
@@ -272,25 +273,29 @@ def test_a_read_that_meets_the_dead_socket_first_is_a_lost_connection(tmp_path: 
     peer window: a send) raised EOFError, which reached the table as "connection closed
     unexpectedly (EOF)". Made to happen every time here: the lab's process is stopped (so no
     data and no EOF can arrive), the client's socket is shut for writing, and the loop reads
-    what paramiko holds. The result says the connection was lost, and nothing raises."""
+    what paramiko holds. The result says the connection was lost, nothing raises, and the
+    output holds what paramiko held but the piece the failed read took."""
     lab = start_fake_lab(tmp_path, count=1, power_on=True)
     try:
         node = lab.inventory().node("node1")
         with SshClient.connect(node, Settings(ssh_timeout=10.0, command_timeout=60.0)) as c:
             proc = c.open_exec("yes | head -c 1000000000", window=STREAM_WINDOW)
             proc.channel.shutdown_write()  # what run_to_end does first (a send: do it now)
-            held = 2 * (STREAM_WINDOW // 10)  # past paramiko's threshold for a window grant
+            # a read's worth and more: the first read (past paramiko's threshold for a window
+            # grant) meets the dead socket, and what it leaves is still read
             end = time.monotonic() + 30
-            while len(proc.channel.in_buffer) < held:
+            while len(proc.channel.in_buffer) < 2 * READ_SIZE:
                 assert time.monotonic() < end, len(proc.channel.in_buffer)
                 time.sleep(0.01)
             os.kill(lab.pid, signal.SIGSTOP)
             try:
+                held = len(proc.channel.in_buffer)
                 c.transport.sock.shutdown(socket.SHUT_WR)
                 r = run_to_end(proc, started=time.monotonic(), deadline=time.monotonic() + 30)
             finally:
                 os.kill(lab.pid, signal.SIGCONT)
         assert r.connection_lost and r.exit_code is None and not r.timed_out, r
         assert r.reason().startswith("connection lost after"), r.reason()
+        assert len(r.stdout) >= held - READ_SIZE, (held, len(r.stdout))  # all but that read
     finally:
         lab.stop()

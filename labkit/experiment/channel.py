@@ -10,7 +10,8 @@ from labkit.config import Settings
 from labkit.errors import LabkitError
 from labkit.experiment.remote import Remote
 from labkit.inventory import Inventory
-from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE
+from labkit.ssh.run import CHANNEL_GONE
+from labkit.ssh.shell import READ_SIZE
 
 if TYPE_CHECKING:
     from labkit.ssh import ShellPool
@@ -59,7 +60,8 @@ def measure_channel_rate(inventory: Inventory, settings: Settings, src: str, dst
             for p in (dp, sp):
                 if p.ch.closed or p.ch.exit_status_ready():
                     raise p.gone(what) from None
-            raise LabkitError(f"channel test {src} -> {dst}: {e or type(e).__name__} after "
+            why = str(e) or ("timed out" if isinstance(e, TimeoutError) else "connection lost")
+            raise LabkitError(f"channel test {src} -> {dst}: {why} after "
                               f"{got} of {nbytes} bytes") from None
         secs = time.monotonic() - t0
         if done.strip() != b"done":

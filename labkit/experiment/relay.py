@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from labkit.experiment import results as res
 from labkit.experiment.remote import WAKE, MigrationFailed, Peers, Remote, watch_peers
 from labkit.payloads import stream as st
-from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE
+from labkit.ssh.run import CHANNEL_GONE
+from labkit.ssh.shell import READ_SIZE
 
 if TYPE_CHECKING:
     import paramiko
@@ -186,6 +187,10 @@ class Pump:
         if kind in ("src-eof", "src-bad"):
             self.src_closed = (kind, obj)
             if kind == "src-eof" and self.src.told_to_quit and src_type is None:
+                if "error" in obj:  # the connection died: the stream's end is unknown
+                    raise MigrationFailed(f"the connection to {self.src.node} was lost at the "
+                                          f"end of stream {self.tag!r}: {obj['error']}",
+                                          value={"step": what, "node": self.src.node})
                 if obj.get("boundary") is False:
                     raise MigrationFailed(f"stream from {self.src.node} ended in the middle "
                                           "of a frame", value={"step": what,

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.errors import LabkitError
 from labkit.inventory import Node
-from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE
+from labkit.ssh.run import CHANNEL_GONE
+from labkit.ssh.shell import READ_SIZE
 
 if TYPE_CHECKING:
     import paramiko
@@ -206,7 +207,7 @@ class Remote:
             try:
                 self.ch.sendall((line + "\n").encode())
             except CHANNEL_GONE as e:
-                raise self.failure(f"sending it {line!r}", f"is gone ({e or 'connection lost'})",
+                raise self.failure(f"sending it {line!r}", f"is gone ({str(e) or 'connection lost'})",
                                    doing=f"we sent it {line!r}") from None
 
     def quit(self, line: str = "quit") -> None:

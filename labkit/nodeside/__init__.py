@@ -22,6 +22,7 @@ import ast
 import functools
 import shlex
 import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,17 +37,29 @@ FAST_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 MAX_PROGRAM = 120 * 1024
 
 
-# CPython 3.11's ast.parse is not thread-safe: its recursion counter is the interpreter's, and a
-# finalizer that runs mid-build (a collection) can switch threads, so two parses at once raise
-# "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905). A deploy's
-# threads ship the stage agent together, so the first program() calls come at once: one parse
-# at a time.
+# CPython before 3.11.8 (and 3.12.2) has ast.parse not thread-safe: its recursion counter is
+# the interpreter's, and a finalizer that runs mid-build (a collection) can switch threads, so
+# two parses at once raise "SystemError: AST constructor recursion depth mismatch" (cpython
+# gh-106905). A deploy's threads ship the stage agent together, so the first program() calls
+# come at once: one parse of ours at a time. The traceback module parses too (to place its
+# carets), in whatever thread formats one (paramiko's transport thread, a logged exception), so
+# the spurious error is also tried again after a pause (the other parse is over by then), a
+# bounded number of times: the parse is pure.
 _PARSE = threading.Lock()
+PARSE_TRIES = 10
 
 
 def _parse(name: str) -> ast.Module:
-    with _PARSE:
-        return ast.parse(source(name), f"{name}.py")
+    tries = 1
+    while True:
+        try:
+            with _PARSE:
+                return ast.parse(source(name), f"{name}.py")
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or tries >= PARSE_TRIES:
+                raise
+        time.sleep(0.001 * tries)
+        tries += 1
 
 
 @functools.cache

@@ -13,9 +13,15 @@ import paramiko
 
 from labkit.ssh.errors import SshError
 from labkit.ssh.process import RemoteProcess
-from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE, RunResult
+from labkit.ssh.shell import READ_SIZE, RunResult
 
 CHUNK = 256 * 1024
+
+# What a channel call raises once the connection under it has died. paramiko raises EOFError for
+# a send on a dead socket, and a read sends too (``recv`` grants the peer window as it reads), so
+# a read or a close can raise it before paramiko's own reader thread has seen the connection go;
+# a send that waits on a key exchange the dead peer never finishes raises SSHException.
+CHANNEL_GONE: tuple[type[Exception], ...] = (OSError, EOFError, paramiko.SSHException)
 
 
 class Tail:
@@ -89,14 +95,15 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
             try:
                 ch.sendall(input)
                 ch.shutdown_write()
-            except (OSError, EOFError, paramiko.SSHException):
+            except CHANNEL_GONE:
                 pass
         threading.Thread(target=feed, daemon=True, name=f"stdin-{node}").start()
     else:
         try:
             ch.shutdown_write()  # like `ssh -n`: the command reads EOF, never hangs on stdin
-        except (OSError, EOFError, paramiko.SSHException):
-            proc.close()
+        except CHANNEL_GONE:
+            with contextlib.suppress(*CHANNEL_GONE):  # a close sends too
+                proc.close()
             raise SshError(f"{node}: connection lost while starting {proc.cmd!r}") from None
     out, err = Tail(keep), Tail(keep)
     timed_out = gone = False
@@ -131,7 +138,16 @@ def run_to_end(proc: RemoteProcess, *, started: float, deadline: float | None,
     finally:
         with contextlib.suppress(*CHANNEL_GONE):  # a close sends too
             ch.close()
-    code = None if timed_out else (ch.recv_exit_status() if ch.exit_status_ready() else None)
+    if gone:
+        # closed, the channel grants no more window: what paramiko still holds reads quietly
+        # (all but the piece the failed read took). No EOF came, so the output is short: an
+        # exit status that came ahead of it does not make the run whole.
+        with contextlib.suppress(_Gone):
+            _drain(ch.recv_ready, ch.recv, out, on_stdout)
+            _drain(ch.recv_stderr_ready, ch.recv_stderr, err, on_stderr)
+        code = None
+    else:
+        code = None if timed_out else (ch.recv_exit_status() if ch.exit_status_ready() else None)
     if code == -1:
         code = None  # exit-signal or no status at all
     lost = code is None and not timed_out and (gone or proc.client.broken)

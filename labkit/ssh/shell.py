@@ -27,11 +27,6 @@ if TYPE_CHECKING:
 # elsewhere: sendall and line splitting copy what is left of their piece each time.
 READ_SIZE = 1 << 20
 
-# What a channel call raises once the connection under it has died. paramiko raises EOFError for
-# a send on a dead socket, and a read sends too (``recv`` grants the peer window as it reads), so
-# a read or a close can raise it before paramiko's own reader thread has seen the connection go.
-CHANNEL_GONE: tuple[type[Exception], ...] = (OSError, EOFError)
-
 
 @dataclass
 class RunResult:

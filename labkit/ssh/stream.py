@@ -14,12 +14,14 @@ and also means a node that fails stops the sender within a couple of MiB.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import threading
 import time
 from collections.abc import Iterator
 
-from labkit.ssh.shell import CHANNEL_GONE, READ_SIZE, RemoteShell, RunResult
+from labkit.ssh.run import CHANNEL_GONE
+from labkit.ssh.shell import READ_SIZE, RemoteShell, RunResult
 
 ACK_EVERY = 256 * 1024       # the remote side reports progress every this many bytes ...
 IN_FLIGHT = 2 * 1024 * 1024  # ... and we keep at most this many unacknowledged bytes in flight
@@ -112,11 +114,13 @@ def exec_streaming(shell: RemoteShell, command: str, chunks: Iterator[bytes],
             proc.kill()
             return RunResult(None, bytes(rep.buf), bytes(rep.err), time.monotonic() - t0, True)
         code = proc.wait(max(1.0, min(10.0, deadline - time.monotonic())))
-        while ch.recv_stderr_ready():
-            rep.err.extend(ch.recv_stderr(READ_SIZE))
+        with contextlib.suppress(*CHANNEL_GONE):
+            while ch.recv_stderr_ready():
+                rep.err.extend(ch.recv_stderr(READ_SIZE))
         return RunResult(code, bytes(rep.buf), bytes(rep.err), time.monotonic() - t0)
     except BaseException:
         proc.kill()
         raise
     finally:
-        proc.close()
+        with contextlib.suppress(*CHANNEL_GONE):  # a close sends too
+            proc.close()
