@@ -58,7 +58,11 @@ def test_power_on_lands_after_delay_and_boots_node(make_fake_lab):
     assert c.get_power()["powerstate"] == "off"
     t0 = time.monotonic()
     c.set_power("on")
-    assert c.get_power()["powerstate"] == "off", "power must not land instantly"
+    first = c.get_power()["powerstate"]
+    # "on" at once would mean no delay; "on" read after the delay (a client starved that long
+    # on a busy machine, as in one loaded suite run) proves nothing either way
+    asked = time.monotonic() - t0
+    assert first == "off" or asked >= 0.95, f"power landed within {asked:.2f}s: no delay"
     while c.get_power()["powerstate"] != "on":
         assert time.monotonic() - t0 < 5
         time.sleep(0.02)

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-from labkit.ssh.run import CHANNEL_GONE
 from labkit.ssh.shell import READ_SIZE, RemoteShell, RunResult
 
 ACK_EVERY = 256 * 1024       # the remote side reports progress every this many bytes ...
@@ -60,6 +59,8 @@ def exec_streaming(shell: RemoteShell, command: str, chunks: Iterator[bytes],
     """Run ``command`` with ``chunks`` streamed to its stdin, at most IN_FLIGHT bytes ahead of
     its acknowledgements. Replies are read by a thread so a node that fails early cannot
     deadlock our sends; on timeout (or any exception here) the remote processes are killed."""
+    from labkit.ssh.run import CHANNEL_GONE  # paramiko's: loaded here, not with the types
+
     t0 = time.monotonic()
     proc = shell.open_exec(command)
     ch = proc.channel
