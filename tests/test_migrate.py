@@ -148,7 +148,8 @@ def test_matrix_runs_the_grid_and_summarises(lab, tmp_path):
 
 # --- the controller's event pump, without nodes -------------------------------------------------
 class _Chan:
-    """A stand-in for an SSH channel: recv() hands out queued chunks (b"" = EOF), sendall()
+    """A stand-in for an SSH channel: recv() hands out queued chunks (b"" = EOF; an exception
+    is raised, as paramiko's recv raises EOFError once the connection is gone), sendall()
     calls a hook (the "destination" answering what it was sent); end() is the process exiting
     (its status, then EOF on stdout and stderr, as the fake lab's sshd sends them)."""
 
@@ -165,7 +166,10 @@ class _Chan:
         self.closed = False
 
     def recv(self, n):
-        return self.chunks.get()
+        chunk = self.chunks.get()
+        if isinstance(chunk, BaseException):  # the connection died (paramiko: EOFError)
+            raise chunk
+        return chunk
 
     def sendall(self, data):
         if self.on_send:
@@ -302,7 +306,8 @@ def test_pump_fails_fast_and_names_what_it_waited_for(tmp_path):
 def test_pump_fails_at_once_when_the_source_ends_unasked(tmp_path):
     """The source agent ending while the run waits for the destination only (its hello) is a
     failure unless it was told to quit — it used to count as an orderly end, and the wait then
-    ran out its whole budget for a hello that could not come."""
+    ran out its whole budget for a hello that could not come. Told to quit, its connection
+    dying is a failure still: the end of its stream was not seen."""
     pump, src, dst = _pump(tmp_path)
     src.ch.end(1)
     t0 = time.monotonic()
@@ -317,6 +322,14 @@ def test_pump_fails_at_once_when_the_source_ends_unasked(tmp_path):
     dst.lines.put({"event": "serving"})
     assert pump.wait(5, "the restored workload to serve", dst_event="serving") == {
         "event": "serving"}
+
+    # told to quit, but its connection died: whether its stream was whole is unknown
+    pump, src, dst = _pump(tmp_path)
+    src.quit()
+    src.ch.chunks.put(EOFError())
+    with pytest.raises(MigrationFailed, match="the connection to node1 was lost at the end of "
+                                              "stream 't': the connection was lost"):
+        pump.wait(5, "the restored workload to serve", dst_event="serving")
 
 
 def test_every_wait_fails_when_any_peer_of_the_run_ends(tmp_path):
