@@ -34,7 +34,7 @@ from labkit.ssh.errors import CommandFailed, SshAuthError, SshError, SshUnreacha
 from labkit.ssh.hostkeys import check_host_key, known_key_types
 from labkit.ssh.process import RemoteProcess, kill_command, wrap
 from labkit.ssh.proxy import ProxyProcess
-from labkit.ssh.run import run_to_end
+from labkit.ssh.run import CHANNEL_GONE, run_to_end
 from labkit.ssh.shell import READ_SIZE, RunResult
 from labkit.ssh.target import Target, resolve
 from labkit.ssh.transfer import SftpFiles
@@ -142,7 +142,7 @@ class SshClient:
                 # guest whose sshd is not up yet) can end start_client without an error: the
                 # transport is then gone, which is the same "not up yet" as a refusal.
                 server_key = t.get_remote_server_key()
-            except (paramiko.SSHException, EOFError, OSError) as e:
+            except CHANNEL_GONE as e:
                 why = proxy.reason() if proxy else ""
                 raise SshUnreachable(f"{where}: handshake failed: {exc_text(e)}{why}") \
                     from None
@@ -204,7 +204,7 @@ class SshClient:
         ch = self._open_channel(window)
         try:
             ch.exec_command(wrap(cmd, run_id, env))
-        except (paramiko.SSHException, EOFError, OSError) as e:
+        except CHANNEL_GONE as e:
             ch.close()
             raise SshError(f"{self.node}: exec failed: {exc_text(e)}") from None
         return RemoteProcess(self, ch, run_id, cmd)
@@ -267,7 +267,7 @@ class SshClient:
                     status = ch.recv_exit_status()
             finally:
                 ch.close()
-        except (SshError, OSError, EOFError, paramiko.SSHException) as e:
+        except (SshError, *CHANNEL_GONE) as e:
             # the connection was lost meanwhile: the node's error says so already
             lost = self.broken or isinstance(e, SshUnreachable)
             level = logging.DEBUG if lost else logging.WARNING
@@ -374,7 +374,7 @@ def _authenticate(t: paramiko.Transport, target: Target, where: str, timeout: fl
             except paramiko.AuthenticationException:
                 tried.append(label)
                 continue
-            except (paramiko.SSHException, EOFError, OSError) as e:
+            except CHANNEL_GONE as e:
                 raise SshUnreachable(f"{where}: connection lost during auth: {exc_text(e)}") \
                     from None
             if t.is_authenticated():

@@ -17,7 +17,8 @@ from labkit.ssh.shell import READ_SIZE, RunResult
 
 CHUNK = 256 * 1024
 
-# What a channel call raises once the connection under it has died. paramiko raises EOFError for
+# What a paramiko call raises once the connection under it has died (every SSH call here catches
+# it: the handshake, auth, SFTP, a channel's reads and writes). paramiko raises EOFError for
 # a send on a dead socket, and a read sends too (``recv`` grants the peer window as it reads), so
 # a read or a close can raise it before paramiko's own reader thread has seen the connection go;
 # a send that waits on a key exchange the dead peer never finishes raises SSHException.

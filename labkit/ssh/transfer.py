@@ -18,6 +18,7 @@ from pathlib import Path
 import paramiko
 
 from labkit.ssh.errors import SshError, exc_text
+from labkit.ssh.run import CHANNEL_GONE
 
 SFTP_CHUNK = 128 * 1024
 
@@ -41,7 +42,7 @@ class SftpFiles:
                     ch = self._open_channel()
                     ch.invoke_subsystem("sftp")
                     self._sftp = paramiko.SFTPClient(ch)
-                except (paramiko.SSHException, EOFError, OSError) as e:
+                except CHANNEL_GONE as e:
                     raise SshError(f"{self.node}: cannot start sftp: {exc_text(e)}") from None
                 self._sftp.get_channel().settimeout(self._timeout)
             return self._sftp
@@ -85,11 +86,11 @@ class SftpFiles:
                 sftp.chmod(tmp, mode)
                 if atomic:
                     sftp.posix_rename(tmp, remote)
-            except (OSError, EOFError, paramiko.SSHException) as e:
+            except CHANNEL_GONE as e:
                 if atomic:
                     try:
                         sftp.remove(tmp)
-                    except (OSError, EOFError, paramiko.SSHException):
+                    except CHANNEL_GONE:
                         pass
                 raise SshError(f"{self.node}: upload to {remote} failed: {exc_text(e)}") \
                     from None
@@ -113,7 +114,7 @@ class SftpFiles:
                         parts.append(data)
                         got += len(data)
                     return b"".join(parts)
-            except (OSError, EOFError, paramiko.SSHException) as e:
+            except CHANNEL_GONE as e:
                 raise SshError(f"{self.node}: download of {remote} failed: {exc_text(e)}") \
                     from None
 
