@@ -113,6 +113,16 @@ def dropped(port: int):
                        timeout=60)
 
 
+def sockets_of(port: int) -> str:
+    """Both ends of the connection as ``ss -tinoem`` sees them (windows, RTO, backoff, queues):
+    what a stalled move's failure message needs."""
+    if not shutil.which("ss"):
+        return "no ss here to show the sockets"
+    r = subprocess.run(["ss", "-tinoem", f"( sport = :{port} or dport = :{port} )"],
+                       capture_output=True, text=True, timeout=10)
+    return f"ss says:\n{r.stdout}{r.stderr}"
+
+
 def wait_stopped(pid: int, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -176,7 +186,11 @@ def test_connection_moves_between_processes() -> None:
         got = bytearray()
         client.settimeout(20)
         while len(got) < want:
-            data = client.recv(1 << 20)
+            try:
+                data = client.recv(1 << 20)
+            except TimeoutError:  # once in CI (2026-12-01): say what both ends' TCP holds
+                pytest.fail(f"stalled for 20 s after {len(got)} of {want} bytes; "
+                            f"{sockets_of(port)}")
             assert data, f"EOF after {len(got)} of {want} bytes"
             got += data
         assert bytes(got) == pattern(0, want, b"srv")  # byte-exact across the move
